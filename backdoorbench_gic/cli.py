@@ -1,0 +1,47 @@
+"""``bbgic``: one subcommand per module in :mod:`backdoorbench_gic.commands`; this file only assembles them."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# each module defines add_parser(subparsers) -> parser with set_defaults(func=run)
+COMMAND_MODULES = [
+    "backdoorbench_gic.commands.listing",
+    "backdoorbench_gic.commands.inspect",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bbgic",
+        description="BackdoorBench plugin: records, auxiliary-data variants, Guided Input Calibration, defenses.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    sub.required = True
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .utils.logs import console_logging
+
+    console_logging()
+    try:
+        code = args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:
+        if getattr(args, "debug", False):
+            raise
+        print(f"bbgic {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return int(code or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""``bbgic`` subcommands, one module each, plus the argument groups they share."""

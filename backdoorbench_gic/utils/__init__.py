@@ -1,0 +1,1 @@
+"""Small shared helpers: atomic file writes, device and seed handling, run logging."""

@@ -1,0 +1,27 @@
+"""Shared fixtures: generated datasets and BackdoorBench-format records in temporary folders."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("BBGIC_NO_PROGRESS", "1")
+
+
+@pytest.fixture(scope="session")
+def bb_record(tmp_path_factory):
+    """A BackdoorBench root with CIFAR-10 pickles and a BadNets record of a width-8 PreActResNet-18."""
+    from backdoorbench_gic.testing import make_bb_record
+
+    root = tmp_path_factory.mktemp("bbroot")
+    record_dir = make_bb_record(root, "badnet_fixture", "cifar10", n_train=100, n_test=50, train_steps=0)
+    return root, record_dir
+
+
+@pytest.fixture()
+def fresh_bb_record(tmp_path):
+    """A record that a test may modify."""
+    from backdoorbench_gic.testing import make_bb_record
+
+    record_dir = make_bb_record(tmp_path, "badnet_fixture", "cifar10", n_train=60, n_test=30)
+    return tmp_path, record_dir
