@@ -3,13 +3,17 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import pkgutil
 import sys
 
-# each module defines add_parser(subparsers) -> parser with set_defaults(func=run)
-COMMAND_MODULES = [
-    "backdoorbench_gic.commands.listing",
-    "backdoorbench_gic.commands.inspect",
-]
+
+def command_modules() -> list[str]:
+    """Every module in ``backdoorbench_gic.commands`` that defines ``add_parser(subparsers)``; a new subcommand
+    is a new module there, with no edit here."""
+    from . import commands
+
+    return sorted(f"{commands.__name__}.{m.name}" for m in pkgutil.iter_modules(commands.__path__)
+                  if m.name != "common" and not m.name.startswith("_"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,8 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     sub.required = True
-    for module in COMMAND_MODULES:
-        importlib.import_module(module).add_parser(sub)
+    for module in command_modules():
+        mod = importlib.import_module(module)
+        if hasattr(mod, "add_parser"):
+            mod.add_parser(sub)
     return parser
 
 

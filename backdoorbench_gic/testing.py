@@ -29,7 +29,8 @@ def class_images(n: int, num_classes: int, height: int, width: int, channels: in
     rng = np.random.RandomState(seed)
     labels = np.arange(n) % num_classes
     rng.shuffle(labels)
-    base = rng.randint(40, 216, size=(num_classes, channels))
+    # the class look is fixed across seeds, so train and test splits share it
+    base = np.random.RandomState(12345 + num_classes).randint(40, 216, size=(num_classes, channels))
     images = np.empty((n, height, width, channels), dtype=np.uint8)
     for i, y in enumerate(labels):
         img = np.broadcast_to(base[y], (height, width, channels)).astype(np.float64)
@@ -203,11 +204,13 @@ def poison_splits(train: ImageSet, test: ImageSet, target: int = 0, ratio: float
 def make_bb_record(bb_root: str | Path, name: str = "badnet_fixture", dataset: str = "cifar10", *,
                    model_name: str = "preactresnet18", width: int | None = 8, train_steps: int = 0,
                    n_train: int = 100, n_test: int = 50, target: int = 0, ratio: float = 0.1, seed: int = 0,
-                   module_prefix: bool = False, write_summary: bool = True) -> Path:
+                   module_prefix: bool = False, write_summary: bool = True, trigger_size: int = 3) -> Path:
     """A complete BackdoorBench-format record under ``<bb_root>``: ``data/<dataset>/`` in its native layout,
     ``record/<name>/attack_result.pt`` with bd PNG trees, and ``attack_df_summary.csv`` whose ``last`` row is
     the stored model's real metrics. ``train_steps`` > 0 trains the model on the poisoned set (Adam, batch 64)
-    so that it carries a backdoor; 0 keeps random weights (enough for format tests)."""
+    so that it carries a backdoor; 0 keeps random weights (enough for format tests). The fixture images carry a
+    strong per-class colour, so a 3x3 patch is learnt slowly: tests that need a working backdoor within a few
+    seconds use ``trigger_size=8`` with ``model_name="smallcnn"`` and about 80 steps."""
     from .data.datasets import open_dataset
     from .evaluation import evaluate
     from .models import build_model
@@ -226,7 +229,8 @@ def make_bb_record(bb_root: str | Path, name: str = "badnet_fixture", dataset: s
         raise ValueError(f"make_bb_record has no fixture layout for {dataset!r}")
     ds = open_dataset(dataset, directory=data_dir)
     train, test = ds.train, ds.test
-    bd_train, bd_test = poison_splits(train, test, target=target, ratio=ratio, seed=seed)
+    trigger = lambda imgs: badnet_patch(imgs, trigger_size)  # noqa: E731
+    bd_train, bd_test = poison_splits(train, test, target=target, ratio=ratio, seed=seed, trigger=trigger)
     torch.manual_seed(seed)
     model = build_model(model_name, ds.spec.num_classes, dataset, width=width)
     if train_steps:

@@ -1,0 +1,116 @@
+"""Optimizers, schedulers and the supervised epoch loop that attacks and defenses share.
+
+Optimizer and scheduler names follow BackdoorBench's keys (``client_optimizer``: sgd / adam / adamw /
+adadelta; ``lr_scheduler``: CosineAnnealingLR / StepLR / MultiStepLR / ReduceLROnPlateau / none). One
+deliberate difference: BackdoorBench's CosineAnnealingLR uses ``T_max = 100`` whatever the epoch count
+unless ``cos_t_max`` is set; we use ``T_max = epochs`` (the schedule then decays to zero at the end of the
+run as intended) and honour ``cos_t_max`` when given.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .data.imageset import ImageSet
+from .utils.logs import progress_enabled
+from .utils.runtime import autocast, to_device
+
+
+def make_optimizer(params: Iterable[torch.nn.Parameter], cfg: Any) -> torch.optim.Optimizer:
+    """From a config with BackdoorBench keys: client_optimizer, lr, sgd_momentum, wd, adam_betas."""
+    name = str(getattr(cfg, "client_optimizer", "sgd")).lower()
+    lr, wd = float(cfg.lr), float(getattr(cfg, "wd", 0.0))
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=float(getattr(cfg, "sgd_momentum", 0.9)), weight_decay=wd)
+    betas = tuple(getattr(cfg, "adam_betas", (0.9, 0.999)))
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=wd)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=wd)
+    if name == "adadelta":
+        return torch.optim.Adadelta(params, lr=lr, weight_decay=wd)
+    raise ValueError(f"unknown client_optimizer {name!r}: use sgd, adam, adamw or adadelta")
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Any, epochs: int | None = None):
+    """Stepped once per epoch (ReduceLROnPlateau with the epoch's training loss)."""
+    name = str(getattr(cfg, "lr_scheduler", None) or "none").lower()
+    epochs = int(epochs if epochs is not None else cfg.epochs)
+    if name in ("none", ""):
+        return None
+    if name == "cosineannealinglr":
+        t_max = getattr(cfg, "cos_t_max", None) or max(epochs, 1)
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=int(t_max))
+    if name == "steplr":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=int(cfg.steplr_stepsize), gamma=float(cfg.steplr_gamma))
+    if name == "multisteplr":
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.steplr_milestones),
+                                                    gamma=float(cfg.steplr_gamma))
+    if name == "reducelronplateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer)
+    raise ValueError(f"unknown lr_scheduler {name!r}")
+
+
+def step_scheduler(scheduler, loss: float | None = None) -> None:
+    if scheduler is None:
+        return
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        scheduler.step(loss if loss is not None else 0.0)
+    else:
+        scheduler.step()
+
+
+@dataclass
+class EpochStats:
+    loss: float  # mean over batches ("train_epoch_loss_avg_over_batch")
+    acc: float  # training accuracy over samples
+    n: int
+
+    def as_row(self) -> dict[str, float]:
+        return {"train_epoch_loss_avg_over_batch": self.loss, "train_acc": self.acc}
+
+
+def train_epoch(
+    model: torch.nn.Module,
+    data: ImageSet,
+    optimizer: torch.optim.Optimizer,
+    *,
+    device: torch.device,
+    batch_size: int,
+    generator: torch.Generator,
+    augment: Callable | None = None,
+    amp: bool = True,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    batch_hook: Callable | None = None,
+    progress: bool | None = None,
+    desc: str = "train",
+) -> EpochStats:
+    """One pass of cross-entropy training over ``data`` (shuffled by ``generator``).
+
+    ``batch_hook(batch) -> batch`` can rewrite a batch before the step (on-the-fly poisoning);
+    ``loss_fn(logits, y)`` replaces cross-entropy.
+    """
+    loss_fn = loss_fn or F.cross_entropy
+    model.train()
+    total_loss, batches, correct, seen = 0.0, 0, 0, 0
+    it = data.batches(batch_size, shuffle=True, generator=generator, augment=augment, device=device)
+    n_batches = (len(data) + batch_size - 1) // batch_size
+    for batch in tqdm(it, total=n_batches, desc=desc, leave=False, disable=not progress_enabled(progress)):
+        if batch_hook is not None:
+            batch = batch_hook(batch)
+        x = to_device(batch.x, device)
+        with autocast(device, amp):
+            logits = model(x)
+            loss = loss_fn(logits.float(), batch.y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total_loss += float(loss.detach())
+        batches += 1
+        correct += int((logits.detach().argmax(1) == batch.y).sum())
+        seen += len(batch.y)
+    return EpochStats(total_loss / max(batches, 1), correct / max(seen, 1), seen)
