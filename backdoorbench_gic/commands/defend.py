@@ -1,0 +1,128 @@
+"""``bbgic defend`` (and ``run_defense.py`` with flags): one defense on one record, BackdoorBench-style.
+
+Besides the named flags, any config key of the chosen defense can be given as ``--key value`` (or
+``--key=value``; a bare ``--flag`` means true); the defense's config dataclass validates and types it, so an
+unknown key is an error that names it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .common import add_debug_arg
+
+
+def add_defense_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--result_file", required=True, help="record folder name under <bb_root>/record/, or a path")
+    p.add_argument("--defense", required=True, help="registered defense name (bbgic list defense)")
+    p.add_argument("--yaml_path", default=None, help="yaml overriding defense_configs/<defense>/<dataset>.yaml")
+    p.add_argument("--dataset", default=None, help="dataset name (default: the record's clean_data)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 or auto")
+    p.add_argument("--bb_root", default=None, help="BackdoorBench root (default: the folder above record/)")
+    p.add_argument("--reserved_type", default=None, help="auxiliary data type: train, reserved, reserved_noise, ...")
+    p.add_argument("--n_per_class", type=int, default=None, help="auxiliary images per class (instead of --ratio)")
+    p.add_argument("--output_dir", default=None, help="write results here instead of <record>/defense/<name>/<variant>")
+    p.add_argument("--variant", default=None, help="output sub-folder name (default: yaml basename or <dataset>_<type>)")
+    p.add_argument("--monitor_every", type=int, default=1,
+                   help="evaluate on the test sets every N epochs for the CSV (0: only at the end)")
+    p.add_argument("--aux_option", action="append", default=[], metavar="KEY=VALUE",
+                   help="option for the auxiliary source (repeatable), e.g. noise_wrap=true")
+    p.add_argument("--trust_checkpoint", action="store_true",
+                   help="load .pt files with weights_only=False (only for files you made or trust)")
+    p.add_argument("--dataset_dir", default=None, help="folder of the clean data, overriding the record's data_path")
+    p.add_argument("--no_progress", action="store_true", help="no progress bars")
+
+
+def parse_extra_flags(extra: list[str]) -> dict[str, object]:
+    """``--key value`` / ``--key=value`` / bare ``--flag`` pairs into a dict of strings (typed later)."""
+    out: dict[str, object] = {}
+    i = 0
+    while i < len(extra):
+        tok = extra[i]
+        if not tok.startswith("--") or len(tok) <= 2:
+            raise ValueError(f"unexpected argument {tok!r}; config keys are given as --key value")
+        key = tok[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+            i += 1
+        elif i + 1 < len(extra) and not extra[i + 1].startswith("--"):
+            value = extra[i + 1]
+            i += 2
+        else:
+            value = "true"
+            i += 1
+        out[key.replace("-", "_")] = value
+    return out
+
+
+def parse_options(items: list[str]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--aux_option needs KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def request_from_args(args: argparse.Namespace, extra: list[str]):
+    from ..pipeline import DefenseRequest
+
+    overrides = parse_extra_flags(extra)
+    if args.reserved_type is not None:
+        overrides["reserved_type"] = args.reserved_type
+    return DefenseRequest(
+        result_file=args.result_file, defense=args.defense, bb_root=args.bb_root, dataset=args.dataset,
+        yaml_path=args.yaml_path, overrides=overrides, device=args.device, output_dir=args.output_dir,
+        variant=args.variant, n_per_class=args.n_per_class, aux_options=parse_options(args.aux_option),
+        monitor_every=args.monitor_every, trust_checkpoint=args.trust_checkpoint, dataset_dir=args.dataset_dir,
+        progress=False if args.no_progress else None,
+    )
+
+
+def format_row(row: dict) -> str:
+    return (f"{row['defense']} on {row['attack']} with {row['aux_type']} ({row['aux_size']} images): "
+            f"C-Acc {row['acc_before']:.4f} -> {row['acc_after']:.4f}, ASR {row['asr_before']:.4f} -> "
+            f"{row['asr_after']:.4f}, RA {row['ra_before']:.4f} -> {row['ra_after']:.4f}, DER {row['der']:.4f}, "
+            f"RIR {row['rir']:.4f} ({row['wall_seconds']:.1f} s on {row['device']})")
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("defend", help="run one purification defense on one attack record",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_defense_args(p)
+    add_debug_arg(p)
+    p.set_defaults(func=run, accepts_extra=True)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..pipeline import run_defense
+
+    row = run_defense(request_from_args(args, getattr(args, "extra", [])))
+    print(format_row(row))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry for run_defense.py."""
+    p = argparse.ArgumentParser(prog="run_defense.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_defense_args(p)
+    add_debug_arg(p)
+    args, extra = p.parse_known_args(argv)
+    args.extra = extra
+    from ..utils.logs import console_logging
+
+    console_logging()
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:
+        if args.debug:
+            raise
+        print(f"run_defense.py: error: {exc}", file=sys.stderr)
+        return 2

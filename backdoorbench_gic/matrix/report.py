@@ -1,0 +1,226 @@
+"""``bbgic matrix report``: tables and plots from the finished cells, with no GPU and no model in sight.
+
+- ``results.csv``: the tidy table, one row per cell (fractions in [0,1]);
+- ``leaderboard_<aux>@<size>.{csv,md,tex}``: BackdoorBench's layout, rows model x attack, columns
+  defense x {C-Acc, ASR, RA, DER}, mean +- std over seeds (percent in md/tex; the csv keeps fractions);
+- ``gic_comparison.{csv,md}``: per attack, base defense, auxiliary type and size, the means without and with
+  GIC, the paired difference (mean +- standard error over seeds) and the share of the DER gap to ``reserved``
+  that GIC closes (gic-method.md section 1; only where that gap exceeds 0.02);
+- ``der_heatmap[_gic].png`` (defense x auxiliary type) and ``acc_vs_asr.png`` (one panel per defense).
+Markdown and LaTeX are written here directly (no tabulate/jinja2 dependency).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import pandas as pd
+
+from ..results import TIDY_ROW_FILE
+from ..utils.io import atomic_write_text, atomic_write_with
+
+METRICS = [("acc_after", "C-Acc"), ("asr_after", "ASR"), ("ra_after", "RA"), ("der", "DER")]
+
+
+def collect_results(output_root: str | Path) -> pd.DataFrame:
+    """Every finished cell's result.json under ``<output_root>/cells``."""
+    rows = []
+    for p in sorted(Path(output_root, "cells").rglob(TIDY_ROW_FILE)):
+        row = json.loads(p.read_text())
+        row["cell_dir"] = str(p.parent.relative_to(output_root))
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    if not df.empty:
+        for col in ("gic",):
+            if col not in df:
+                df[col] = False
+        if "defense_label" not in df:
+            df["defense_label"] = df["defense"]
+        if "aux_size_label" not in df:
+            df["aux_size_label"] = "default"
+    return df
+
+
+def _mean_std(values: pd.Series) -> tuple[float, float]:
+    v = values.dropna().astype(float)
+    if v.empty:
+        return math.nan, math.nan
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def _fmt(mean: float, std: float, percent: bool = True, sep: str = " ± ") -> str:
+    if math.isnan(mean):
+        return "-"
+    scale = 100.0 if percent else 1.0
+    return f"{mean * scale:.2f}{sep}{std * scale:.2f}"
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _tex_escape(s: object) -> str:
+    out = str(s)
+    for a, b in (("\\", "\\textbackslash{}"), ("&", "\\&"), ("%", "\\%"), ("_", "\\_"), ("#", "\\#"), ("±", "$\\pm$")):
+        out = out.replace(a, b)
+    return out
+
+
+def latex_table(header: Sequence[str], rows: Iterable[Sequence[object]], caption: str = "") -> str:
+    cols = "l" * len(header)
+    lines = ["\\begin{table}[t]", "\\centering", "\\small", f"\\begin{{tabular}}{{{cols}}}", "\\toprule",
+             " & ".join(_tex_escape(h) for h in header) + " \\\\", "\\midrule"]
+    lines += [" & ".join(_tex_escape(c) for c in r) + " \\\\" for r in rows]
+    lines += ["\\bottomrule", "\\end{tabular}"]
+    if caption:
+        lines.append(f"\\caption{{{_tex_escape(caption)}}}")
+    lines.append("\\end{table}")
+    return "\n".join(lines) + "\n"
+
+
+def leaderboard(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str], list[list[str]]]:
+    """Numeric frame (mean/std per defense x metric) plus header and rows for md/tex, for one aux setting."""
+    defenses = sorted(df.apply(lambda r: r["defense_label"] + ("+gic" if r["gic"] else ""), axis=1).unique())
+    df = df.assign(col=df.apply(lambda r: r["defense_label"] + ("+gic" if r["gic"] else ""), axis=1))
+    numeric_rows, text_rows = [], []
+    header = ["model", "attack", "no defense C-Acc", "no defense ASR", "no defense RA"]
+    for d in defenses:
+        header += [f"{d} {name}" for _, name in METRICS]
+    for (model, attack), g in df.groupby(["model", "attack"], sort=True):
+        nrow: dict[str, object] = {"model": model, "attack": attack}
+        trow: list[str] = [model, attack]
+        for col, name in (("acc_before", "C-Acc"), ("asr_before", "ASR"), ("ra_before", "RA")):
+            m, s = _mean_std(g[col])
+            nrow[f"none_{name}_mean"], nrow[f"none_{name}_std"] = m, s
+            trow.append(_fmt(m, s))
+        for d in defenses:
+            gd = g[g["col"] == d]
+            for col, name in METRICS:
+                m, s = _mean_std(gd[col]) if not gd.empty else (math.nan, math.nan)
+                nrow[f"{d}_{name}_mean"], nrow[f"{d}_{name}_std"] = m, s
+                nrow[f"{d}_n"] = len(gd)
+                trow.append(_fmt(m, s, percent=name != "DER"))
+        numeric_rows.append(nrow)
+        text_rows.append(trow)
+    return pd.DataFrame(numeric_rows), header, text_rows
+
+
+def gic_comparison(df: pd.DataFrame) -> pd.DataFrame:
+    """Without vs with GIC, paired by seed, per (attack, base defense, aux type, size)."""
+    if df.empty or "gic" not in df or df["gic"].nunique() < 2:
+        return pd.DataFrame()
+    keys = ["attack", "base_defense", "aux_type", "aux_size_label"]
+    base_col = "base_defense" if "base_defense" in df else "defense"
+    df = df.assign(base_defense=df[base_col])
+    out = []
+    for key, g in df.groupby(keys, sort=True):
+        off = g[~g["gic"]].set_index("seed")
+        on = g[g["gic"]].set_index("seed")
+        seeds = sorted(set(off.index) & set(on.index))
+        row = dict(zip(keys, key))
+        row["n_pairs"] = len(seeds)
+        for col in ("acc_after", "asr_after", "ra_after", "der"):
+            row[f"{col}_nogic"] = float(off[col].mean()) if len(off) else math.nan
+            row[f"{col}_gic"] = float(on[col].mean()) if len(on) else math.nan
+            diffs = (on.loc[seeds, col] - off.loc[seeds, col]).astype(float) if seeds else pd.Series(dtype=float)
+            row[f"{col}_diff"] = float(diffs.mean()) if len(diffs) else math.nan
+            row[f"{col}_diff_se"] = float(diffs.std(ddof=1) / math.sqrt(len(diffs))) if len(diffs) > 1 else math.nan
+        out.append(row)
+    comp = pd.DataFrame(out)
+    # DER gap to the reserved set, closed by GIC
+    ref = comp[comp["aux_type"] == "reserved"].set_index(["attack", "base_defense", "aux_size_label"])["der_nogic"]
+    closed = []
+    for _, r in comp.iterrows():
+        k = (r["attack"], r["base_defense"], r["aux_size_label"])
+        gap = ref.get(k, math.nan) - r["der_nogic"] if k in ref.index else math.nan
+        closed.append((r["der_gic"] - r["der_nogic"]) / gap if gap == gap and gap > 0.02 else math.nan)
+    comp["der_gap_to_reserved"] = [ref.get((r["attack"], r["base_defense"], r["aux_size_label"]), math.nan)
+                                   - r["der_nogic"] for _, r in comp.iterrows()]
+    comp["der_gap_closed"] = closed
+    return comp
+
+
+def write_report(output_root: str | Path, out_dir: str | Path | None = None, plots: bool = True) -> list[Path]:
+    output_root = Path(output_root)
+    out = Path(out_dir) if out_dir else output_root / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    df = collect_results(output_root)
+    if df.empty:
+        raise FileNotFoundError(f"no finished cells under {output_root / 'cells'}: run `bbgic matrix run` first")
+    written: list[Path] = []
+    written.append(atomic_write_with(out / "results.csv", lambda p: df.to_csv(p, index=False)))
+    for (aux, size), g in df.groupby(["aux_type", "aux_size_label"], sort=True):
+        tag = f"{aux}@{size}".replace(":", "_").replace("/", "_")
+        numeric, header, rows = leaderboard(g)
+        written.append(atomic_write_with(out / f"leaderboard_{tag}.csv", lambda p: numeric.to_csv(p, index=False)))
+        caption = f"auxiliary data {aux} ({size}); mean ± std over seeds; C-Acc/ASR/RA in %"
+        written.append(atomic_write_text(out / f"leaderboard_{tag}.md", f"**{caption}**\n\n" + markdown_table(header, rows)))
+        written.append(atomic_write_text(out / f"leaderboard_{tag}.tex", latex_table(header, rows, caption)))
+    comp = gic_comparison(df)
+    if not comp.empty:
+        written.append(atomic_write_with(out / "gic_comparison.csv", lambda p: comp.to_csv(p, index=False)))
+        header = ["attack", "defense", "aux", "size", "pairs", "C-Acc no GIC", "C-Acc GIC", "dC-Acc", "ASR no GIC",
+                  "ASR GIC", "dASR", "DER no GIC", "DER GIC", "dDER", "gap closed"]
+
+        def pm(m, se):
+            return "-" if m != m else (f"{m * 100:+.2f} ± {se * 100:.2f}" if se == se else f"{m * 100:+.2f}")
+
+        rows = [[r.attack, r.base_defense, r.aux_type, r.aux_size_label, r.n_pairs, f"{r.acc_after_nogic * 100:.2f}",
+                 f"{r.acc_after_gic * 100:.2f}", pm(r.acc_after_diff, r.acc_after_diff_se), f"{r.asr_after_nogic * 100:.2f}",
+                 f"{r.asr_after_gic * 100:.2f}", pm(r.asr_after_diff, r.asr_after_diff_se), f"{r.der_nogic:.3f}",
+                 f"{r.der_gic:.3f}", "-" if r.der_diff != r.der_diff else f"{r.der_diff:+.3f}",
+                 "-" if r.der_gap_closed != r.der_gap_closed else f"{r.der_gap_closed * 100:.0f}%"]
+                for r in comp.itertuples()]
+        written.append(atomic_write_text(out / "gic_comparison.md", markdown_table(header, rows)))
+    if plots:
+        written += _plots(df, out)
+    return written
+
+
+def _plots(df: pd.DataFrame, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    written = []
+    for gic, g in df.groupby("gic"):
+        pivot = g.pivot_table(index="defense_label", columns="aux_type", values="der", aggfunc="mean")
+        fig, ax = plt.subplots(figsize=(1.2 + 1.1 * pivot.shape[1], 1.0 + 0.5 * pivot.shape[0]))
+        im = ax.imshow(pivot.values, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+        ax.set_xticks(range(pivot.shape[1]), pivot.columns, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(pivot.shape[0]), pivot.index, fontsize=8)
+        for i in range(pivot.shape[0]):
+            for j in range(pivot.shape[1]):
+                v = pivot.values[i, j]
+                if v == v:
+                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if v < 0.6 else "black")
+        ax.set_title(f"DER (mean over attacks and seeds){' with GIC' if gic else ''}", fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+        fig.tight_layout()
+        target = out / f"der_heatmap{'_gic' if gic else ''}.png"
+        written.append(atomic_write_with(target, lambda p: fig.savefig(p, format="png", dpi=110)))
+        plt.close(fig)
+    defenses = sorted(df["defense_label"].unique())
+    fig, axes = plt.subplots(1, len(defenses), figsize=(3.2 * len(defenses), 3.0), squeeze=False)
+    aux_types = sorted(df["aux_type"].unique())
+    colors = {a: plt.cm.tab10(i % 10) for i, a in enumerate(aux_types)}
+    for ax, d in zip(axes[0], defenses):
+        g = df[df["defense_label"] == d]
+        for _, r in g.iterrows():
+            ax.scatter(r["asr_after"], r["acc_after"], color=colors[r["aux_type"]], marker="^" if r["gic"] else "o", s=18)
+        ax.set_title(d, fontsize=9)
+        ax.set_xlabel("ASR after")
+        ax.set_xlim(-0.02, 1.02)
+    axes[0][0].set_ylabel("C-Acc after")
+    handles = [plt.Line2D([], [], color=colors[a], marker="o", linestyle="", label=a) for a in aux_types]
+    handles += [plt.Line2D([], [], color="grey", marker="^", linestyle="", label="with GIC")]
+    fig.legend(handles=handles, fontsize=7, loc="lower center", ncol=min(6, len(handles)), bbox_to_anchor=(0.5, -0.02))
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    written.append(atomic_write_with(out / "acc_vs_asr.png", lambda p: fig.savefig(p, format="png", dpi=110)))
+    plt.close(fig)
+    return written

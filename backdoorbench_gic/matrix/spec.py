@@ -1,0 +1,295 @@
+"""The matrix run specification: a YAML file naming attacks, defenses, auxiliary types, sizes, seeds and
+with/without GIC, validated up front so no GPU time is spent on a spec that cannot finish.
+
+```yaml
+name: fmnist-small
+output_root: runs/fmnist-small        # relative paths are relative to the spec file
+bb_root: .                            # BackdoorBench root holding record/ (and data/)
+attacks:
+  - record: badnet_fm                 # an existing record/<name>/attack_result.pt ...
+  - record: blended_fm                # ... or one generated (once) from attack settings when missing
+    generate: {attack: blended, dataset: fashion-mnist_split_5_seed_0, model: preactresnet18, width: 16, epochs: 3}
+defenses:
+  - ft
+  - {name: sau, overrides: {n_rounds: 3}}
+aux: [reserved, reserved_noise]
+aux_sizes: [{ratio: 0.05}, {n_per_class: 20}]   # optional; default: the defense config's ratio
+seeds: [0, 1]
+gic: [false, true]                    # optional; true wraps each defense in GIC (gic with base=<defense>)
+defaults: {device: cpu}               # config keys for every defense (per-defense overrides win)
+gic_overrides: {}                     # config keys for the GIC wrapper
+monitor_every: 0                      # per-epoch test evaluation for the CSVs (0: final only)
+executor: {kind: local, workers: 1}   # or {kind: ray, address: auto, num_cpus: 1, num_gpus: 0}
+```
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import ConfigError
+
+
+@dataclass(frozen=True)
+class AttackEntry:
+    record: str
+    generate: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class DefenseEntry:
+    name: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """Folder-safe name; a hash of the overrides keeps differently configured entries apart."""
+        if not self.overrides:
+            return self.name
+        h = hashlib.sha1(json.dumps(self.overrides, sort_keys=True, default=str).encode()).hexdigest()[:6]
+        return f"{self.name}-{h}"
+
+
+@dataclass(frozen=True)
+class AuxSize:
+    ratio: float | None = None
+    n_per_class: int | None = None
+
+    @property
+    def label(self) -> str:
+        if self.n_per_class is not None:
+            return f"n{self.n_per_class}"
+        if self.ratio is not None:
+            return f"r{self.ratio:g}"
+        return "default"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One purification run of the matrix."""
+
+    attack: str
+    defense: DefenseEntry
+    aux: str
+    size: AuxSize
+    seed: int
+    gic: bool
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        return {"attack": self.attack, "defense": self.defense.name, "overrides": self.defense.overrides,
+                "aux": self.aux, "ratio": self.size.ratio, "n_per_class": self.size.n_per_class, "seed": self.seed,
+                "gic": self.gic}
+
+    @property
+    def cell_id(self) -> str:
+        return hashlib.sha1(json.dumps(self.identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+    @property
+    def relpath(self) -> Path:
+        defense = self.defense.label + ("+gic" if self.gic else "")
+        aux = "".join(c if c.isalnum() or c in "-_.+" else "_" for c in self.aux)
+        return Path("cells") / self.attack / defense / f"{aux}@{self.size.label}" / f"seed{self.seed}"
+
+    def describe(self) -> str:
+        return f"{self.attack} | {self.defense.label}{'+gic' if self.gic else ''} | {self.aux}@{self.size.label} | seed {self.seed}"
+
+
+@dataclass
+class MatrixSpec:
+    name: str
+    path: Path | None
+    output_root: Path
+    bb_root: Path
+    attacks: list[AttackEntry]
+    defenses: list[DefenseEntry]
+    aux: list[str]
+    aux_sizes: list[AuxSize]
+    seeds: list[int]
+    gic: list[bool]
+    defaults: dict[str, Any] = field(default_factory=dict)
+    gic_overrides: dict[str, Any] = field(default_factory=dict)
+    monitor_every: int = 0
+    executor: dict[str, Any] = field(default_factory=lambda: {"kind": "local", "workers": 1})
+    trust_checkpoint: bool = False
+
+    def cells(self) -> list[Cell]:
+        return [Cell(a.record, d, x, s, seed, g) for a, d, x, s, seed, g in
+                itertools.product(self.attacks, self.defenses, self.aux, self.aux_sizes, self.seeds, self.gic)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "output_root": str(self.output_root), "bb_root": str(self.bb_root),
+            "attacks": [{"record": a.record, **({"generate": a.generate} if a.generate else {})} for a in self.attacks],
+            "defenses": [{"name": d.name, "overrides": d.overrides} for d in self.defenses],
+            "aux": self.aux, "aux_sizes": [{"ratio": s.ratio, "n_per_class": s.n_per_class} for s in self.aux_sizes],
+            "seeds": self.seeds, "gic": self.gic, "defaults": self.defaults, "gic_overrides": self.gic_overrides,
+            "monitor_every": self.monitor_every, "executor": self.executor, "trust_checkpoint": self.trust_checkpoint,
+        }
+
+
+_TOP_KEYS = {"name", "output_root", "bb_root", "attacks", "defenses", "aux", "aux_sizes", "seeds", "gic", "defaults",
+             "gic_overrides", "monitor_every", "executor", "trust_checkpoint"}
+
+
+def _as_list(value: Any, key: str, where: str) -> list:
+    if value is None:
+        raise ConfigError(f"{where}: '{key}' is required")
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{where}: '{key}' must be a non-empty list, got {value!r}")
+    return value
+
+
+def parse_spec(data: dict[str, Any], base_dir: Path | None = None, where: str = "matrix spec") -> MatrixSpec:
+    """Structure and types only; :func:`validate_spec` checks names against registries and records on disk."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping at the top level")
+    unknown = sorted(set(data) - _TOP_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(_TOP_KEYS))}")
+    base = base_dir or Path.cwd()
+
+    def path_of(key: str, default: str) -> Path:
+        p = Path(str(data.get(key, default)))
+        return (p if p.is_absolute() else base / p).resolve()
+
+    attacks = []
+    for i, a in enumerate(_as_list(data.get("attacks"), "attacks", where)):
+        if isinstance(a, str):
+            a = {"record": a}
+        if not isinstance(a, dict) or "record" not in a or set(a) - {"record", "generate"}:
+            raise ConfigError(f"{where}: attacks[{i}] must be a record name or {{record: NAME, generate: {{...}}}}, got {a!r}")
+        gen = a.get("generate")
+        if gen is not None and not isinstance(gen, dict):
+            raise ConfigError(f"{where}: attacks[{i}].generate must be a mapping of attack settings")
+        attacks.append(AttackEntry(str(a["record"]), gen))
+    defenses = []
+    for i, d in enumerate(_as_list(data.get("defenses"), "defenses", where)):
+        if isinstance(d, str):
+            d = {"name": d}
+        if not isinstance(d, dict) or "name" not in d or set(d) - {"name", "overrides"}:
+            raise ConfigError(f"{where}: defenses[{i}] must be a name or {{name: NAME, overrides: {{...}}}}, got {d!r}")
+        overrides = d.get("overrides") or {}
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"{where}: defenses[{i}].overrides must be a mapping")
+        defenses.append(DefenseEntry(str(d["name"]), dict(overrides)))
+    aux = [str(x) for x in _as_list(data.get("aux"), "aux", where)]
+    sizes = []
+    for i, s in enumerate(data.get("aux_sizes") or [{}]):
+        if not isinstance(s, dict) or set(s) - {"ratio", "n_per_class"}:
+            raise ConfigError(f"{where}: aux_sizes[{i}] must be {{ratio: R}} or {{n_per_class: N}}, got {s!r}")
+        if s.get("ratio") is not None and s.get("n_per_class") is not None:
+            raise ConfigError(f"{where}: aux_sizes[{i}] gives both ratio and n_per_class; pick one")
+        ratio = float(s["ratio"]) if s.get("ratio") is not None else None
+        npc = int(s["n_per_class"]) if s.get("n_per_class") is not None else None
+        if ratio is not None and not 0 < ratio <= 1:
+            raise ConfigError(f"{where}: aux_sizes[{i}].ratio must be in (0, 1], got {ratio}")
+        if npc is not None and npc < 1:
+            raise ConfigError(f"{where}: aux_sizes[{i}].n_per_class must be >= 1, got {npc}")
+        sizes.append(AuxSize(ratio, npc))
+    try:
+        seeds = [int(s) for s in _as_list(data.get("seeds", [0]), "seeds", where)]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: seeds must be integers, got {data.get('seeds')!r}") from None
+    gic = data.get("gic", [False])
+    gic = [gic] if isinstance(gic, bool) else gic
+    if not isinstance(gic, list) or not all(isinstance(g, bool) for g in gic):
+        raise ConfigError(f"{where}: gic must be true, false or a list of them, got {gic!r}")
+    executor = data.get("executor") or {"kind": "local", "workers": 1}
+    if not isinstance(executor, dict) or executor.get("kind", "local") not in ("local", "ray"):
+        raise ConfigError(f"{where}: executor.kind must be 'local' or 'ray', got {executor!r}")
+    for key in ("defaults", "gic_overrides"):
+        if not isinstance(data.get(key) or {}, dict):
+            raise ConfigError(f"{where}: '{key}' must be a mapping of config keys")
+    spec = MatrixSpec(
+        name=str(data.get("name", "matrix")), path=None, output_root=path_of("output_root", "runs/matrix"),
+        bb_root=path_of("bb_root", "."), attacks=attacks, defenses=defenses, aux=aux, aux_sizes=sizes, seeds=seeds,
+        gic=list(gic), defaults=dict(data.get("defaults") or {}), gic_overrides=dict(data.get("gic_overrides") or {}),
+        monitor_every=int(data.get("monitor_every", 0)), executor=dict(executor),
+        trust_checkpoint=bool(data.get("trust_checkpoint", False)),
+    )
+    ids = [c.cell_id for c in spec.cells()]
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"{where}: the spec lists the same cell twice (duplicate attacks, defenses, aux types or seeds)")
+    return spec
+
+
+def load_spec(path: str | Path) -> MatrixSpec:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"matrix spec {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    spec = parse_spec(data, base_dir=path.parent.resolve(), where=str(path))
+    spec.path = path.resolve()
+    return spec
+
+
+def validate_spec(spec: MatrixSpec) -> list[str]:
+    """Check every name against the registries, every defense config (with its overrides), and every record
+    that is not generated; returns the problems (empty when the spec can run). Nothing is trained."""
+    from ..config import load_config
+    from ..registry import ATTACKS, DEFENSES, UnknownNameError
+    from ..records import load_attack_record
+
+    problems: list[str] = []
+    datasets: dict[str, str] = {}
+    for a in spec.attacks:
+        record_dir = spec.bb_root / "record" / a.record
+        if (record_dir / "attack_result.pt").is_file():
+            try:
+                rec = load_attack_record(record_dir, spec.bb_root, trust=spec.trust_checkpoint)
+                missing = [p for p, _, _ in rec.bd_test_state.entries.values()
+                           if not rec._resolve_png(p, rec.bd_test_state).is_file()]
+                if missing:
+                    problems.append(f"record {a.record}: {len(missing)} bd_test PNGs missing (first {missing[0]})")
+                rec.dataset().locate()
+                datasets[a.record] = rec.clean_data
+            except Exception as exc:
+                problems.append(f"record {a.record}: {type(exc).__name__}: {exc}")
+        elif a.generate is None:
+            problems.append(f"record {a.record}: no {record_dir / 'attack_result.pt'} and no 'generate' settings to make it")
+        else:
+            attack = a.generate.get("attack")
+            try:
+                ATTACKS.resolve(str(attack))
+            except UnknownNameError as exc:
+                problems.append(f"attacks[{a.record}].generate.attack: {exc}")
+            datasets[a.record] = str(a.generate.get("dataset", ""))
+    for d in spec.defenses:
+        try:
+            cls = DEFENSES.get(d.name)
+        except UnknownNameError as exc:
+            problems.append(f"defense {d.name!r}: {exc}")
+            continue
+        for ds in sorted(set(datasets.values())) or [None]:
+            for gic in spec.gic:
+                try:
+                    overrides = {**spec.defaults, **d.overrides}
+                    if gic:
+                        gcls = DEFENSES.get("gic")
+                        load_config(gcls.config_class, "gic", ds or None, None,
+                                    {**spec.gic_overrides, **overrides, "base": DEFENSES.resolve(d.name)})
+                    else:
+                        load_config(cls.config_class, DEFENSES.resolve(d.name), ds or None, None, overrides)
+                except Exception as exc:
+                    problems.append(f"defense {d.label}{' with GIC' if gic else ''} on {ds}: {exc}")
+    try:
+        from ..aux import parse_reserved_type
+    except ImportError:  # pragma: no cover
+        parse_reserved_type = None
+    for x in spec.aux:
+        if parse_reserved_type is not None:
+            try:
+                parse_reserved_type(x)
+            except Exception as exc:
+                problems.append(f"aux {x!r}: {exc}")
+    return problems

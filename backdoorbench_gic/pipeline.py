@@ -1,0 +1,176 @@
+"""One purification run end to end: record -> auxiliary set -> defense -> evaluation -> BackdoorBench files.
+
+This is the only place that ties the stages together; ``run_defense.py``, ``bbgic defend``, the matrix runner
+and the BackdoorBench patch all call :func:`run_defense`. The defense never sees test data: the pipeline
+evaluates before and after, and (when ``monitor_every`` > 0) logs test metrics per epoch through the
+defense's monitor callback, as BackdoorBench's CSVs do.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .evaluation import Metrics, compare, evaluate
+from .records import AttackRecord, load_attack_record
+from .registry import DEFENSES
+from .results import MetricLog, defense_output_dir, write_defense_result, write_tidy_row
+from .utils.io import atomic_write_json
+from .utils.logs import run_log, timestamp
+from .utils.runtime import resolve_device, seed_everything
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DefenseRequest:
+    """Everything one run needs; the fields mirror BackdoorBench's defense CLI."""
+
+    result_file: str
+    defense: str
+    bb_root: str | None = None
+    dataset: str | None = None  # default: the record's clean_data
+    yaml_path: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)  # explicit CLI flags (highest precedence)
+    device: str | None = None
+    output_dir: str | None = None  # default: <record>/defense/<defense>/<variant>
+    variant: str | None = None  # default: yaml basename, else <dataset>_<reserved_type>
+    n_per_class: int | None = None
+    aux_options: dict[str, Any] = field(default_factory=dict)
+    monitor_every: int = 1  # evaluate on the test sets every N epochs (0: only at the end)
+    trust_checkpoint: bool = False
+    dataset_dir: str | None = None
+    progress: bool | None = None
+    eval_batch_size: int = 512
+    extra_row: dict[str, Any] = field(default_factory=dict)  # copied into the tidy row (matrix cell keys)
+
+
+def _state_fingerprint(state: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha1()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def victim_metrics(record: AttackRecord, model: torch.nn.Module, device: torch.device, batch_size: int = 512) -> Metrics:
+    """The victim's own C-Acc/ASR/RA, cached next to the record (keyed by a hash of its weights), so that the
+    cells of a matrix do not re-evaluate the same victim."""
+    cache = record.record_dir / "bbgic_victim_metrics.json"
+    key = _state_fingerprint(record.state_dict)
+    if cache.is_file():
+        try:
+            data = json.loads(cache.read_text())
+            if data.get("fingerprint") == key:
+                return Metrics(**data["metrics"])
+        except (ValueError, TypeError, KeyError):
+            pass
+    m = evaluate(model, record.clean_test, record.bd_test, device=device, batch_size=batch_size)
+    try:
+        atomic_write_json(cache, {"fingerprint": key, "metrics": m.as_dict()})
+    except OSError as exc:  # a read-only record folder is fine
+        log.debug("could not cache victim metrics: %s", exc)
+    return m
+
+
+def default_variant(dataset: str, reserved_type: str, yaml_path: str | None) -> str:
+    """BackdoorBenchER names the output folder after the yaml file; without one we use the name its
+    config_edit.py would have given the yaml (``<dataset>_<reserved_type>``)."""
+    if yaml_path:
+        return Path(yaml_path).stem
+    safe = "".join(c if c.isalnum() or c in "-_.+" else "_" for c in reserved_type)
+    return f"{dataset}_{safe}"
+
+
+def run_defense(req: DefenseRequest, record: AttackRecord | None = None) -> dict[str, Any]:
+    """Run one defense on one record; returns the tidy result row (also written as result.json)."""
+    from .aux import build_aux_set
+    from .data.transforms import TrainAugment
+
+    t0 = time.perf_counter()
+    record = record or load_attack_record(req.result_file, req.bb_root, trust=req.trust_checkpoint,
+                                          dataset_dir=req.dataset_dir)
+    dataset = req.dataset or record.clean_data
+    defense_cls = DEFENSES.get(req.defense)
+    overrides = dict(req.overrides)
+    if req.device is not None:
+        overrides["device"] = req.device
+    defense = defense_cls.from_sources(dataset, req.yaml_path, overrides, name=DEFENSES.resolve(req.defense))
+    cfg = defense.config
+    device = resolve_device(cfg.device)
+    variant = req.variant or default_variant(dataset, cfg.reserved_type, req.yaml_path)
+    out_dir = Path(req.output_dir) if req.output_dir else defense_output_dir(record.record_dir, defense.name, variant)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    with run_log(out_dir / "log", timestamp()) as log_path:
+        log.info("defense %s on %s (%s), aux %s, seed %d, device %s", defense.name, record.name, dataset,
+                 cfg.reserved_type, cfg.random_seed, device)
+        log.info("config: %r", cfg)
+        generator = seed_everything(cfg.random_seed)
+        victim = record.build_model().to(device)
+        before = victim_metrics(record, victim, device, req.eval_batch_size)
+        log.info("victim: C-Acc %.4f ASR %.4f RA %.4f", before.acc, before.asr, before.ra)
+
+        t_aux = time.perf_counter()
+        aux = build_aux_set(record, cfg.reserved_type, ratio=None if req.n_per_class else cfg.ratio,
+                            n_per_class=req.n_per_class, seed=cfg.random_seed, index_file=cfg.index,
+                            victim=victim, device=device, options=req.aux_options)
+        aux_seconds = time.perf_counter() - t_aux
+        log.info("auxiliary set %s: %d images, class counts %s", cfg.reserved_type, len(aux),
+                 aux.class_counts(record.num_classes).tolist())
+
+        epoch_counter = {"n": 0}
+
+        def monitor(model: torch.nn.Module) -> dict[str, float]:
+            epoch_counter["n"] += 1
+            if req.monitor_every and epoch_counter["n"] % req.monitor_every == 0:
+                return evaluate(model, record.clean_test, record.bd_test, device=device,
+                                batch_size=req.eval_batch_size).as_row()
+            return {}
+
+        torch.manual_seed(cfg.random_seed)
+        t_def = time.perf_counter()
+        result = defense.purify(victim, aux, device=device, train_augment=TrainAugment.for_spec(record.spec),
+                                monitor=monitor, progress=req.progress)
+        defense_seconds = time.perf_counter() - t_def
+        after = evaluate(result.model, record.clean_test, record.bd_test, device=device, batch_size=req.eval_batch_size)
+        log.info("purified: C-Acc %.4f ASR %.4f RA %.4f (%.1f s)", after.acc, after.asr, after.ra, defense_seconds)
+
+        history = MetricLog(result.history)
+        if history.rows:
+            history.rows[-1].update(after.as_row())  # the 'last' row holds the final numbers
+        else:
+            history.add({"epoch": 0, **after.as_row()})
+        net = result.model.net if hasattr(result.model, "net") else result.model
+        write_defense_result(out_dir, csv_prefix=defense.prefix, model_name=record.model_name,
+                             num_classes=record.num_classes, state_dict=net.state_dict(), history=history,
+                             index=aux.indices.tolist())
+        row: dict[str, Any] = {
+            "attack": record.name,
+            "model": record.model_name,
+            "dataset": dataset,
+            "defense": defense.name,
+            "aux_type": cfg.reserved_type,
+            "aux_size": len(aux),
+            "seed": cfg.random_seed,
+            **compare(before, after),
+            "aux_seconds": aux_seconds,
+            "defense_seconds": defense_seconds,
+            "wall_seconds": time.perf_counter() - t0,
+            "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+            "host": platform.node(),
+            "torch": torch.__version__,
+            "log": os.path.relpath(log_path, out_dir),
+            **{f"extra_{k}": v for k, v in result.extras.items() if isinstance(v, (int, float, str, bool))},
+            **req.extra_row,
+        }
+        write_tidy_row(out_dir, row)
+    return row

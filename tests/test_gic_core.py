@@ -1,0 +1,178 @@
+"""GIC's calibrators, objectives and fitting loop (no defense involved)."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from backdoorbench_gic.data.imageset import ImageSet
+from backdoorbench_gic.gic.calibrators import FAMILIES, bound_perturbation, build_calibrator, project
+from backdoorbench_gic.gic.drift import drift_report
+from backdoorbench_gic.gic.fit import GICConfig, apply_calibrator, fit_calibrator, frozen
+from backdoorbench_gic.gic.objectives import BNStatistics, NoBatchNormError, dataset_bn_divergence, layer_weights
+from backdoorbench_gic.models import build_model
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_budget_holds_for_random_inputs_and_parameters(family, norm):
+    torch.manual_seed(0)
+    delta = 0.05 if norm == "linf" else 0.7
+    for trial in range(5):
+        cal = build_calibrator(family, (3, 8, 8), delta, norm, hidden=4)
+        with torch.no_grad():
+            for p in cal.parameters():
+                p.normal_(0, 3.0 * (trial + 1))  # far from the identity init
+        x = torch.rand(16, 3, 8, 8)
+        x[0] = 0.0
+        x[1] = 1.0  # boundaries, where clipping acts
+        d = cal(x) - x
+        norms = d.abs().amax(dim=(1, 2, 3)) if norm == "linf" else d.flatten(1).norm(dim=1)
+        assert (norms <= delta + 1e-6).all(), f"{family}/{norm}: max {norms.max():.6f} > {delta}"
+        assert cal(x).min() >= 0 and cal(x).max() <= 1
+
+
+def test_bound_helpers_by_hand():
+    v = torch.tensor([[[[3.0, 4.0]]]])  # ||v|| = 5
+    p = bound_perturbation(v, 1.0, "l2")
+    assert torch.allclose(p.norm(), torch.tanh(torch.tensor(5.0)))
+    assert torch.allclose(p / p.norm(), v / 5)
+    assert torch.allclose(bound_perturbation(torch.zeros(1, 1, 1, 2), 0.1, "linf"), torch.zeros(1, 1, 1, 2))
+    q = project(torch.tensor([[[[0.6, 0.8]]]]) * 2, 1.0, "l2")  # norm 2 -> 1
+    assert torch.allclose(q, torch.tensor([[[[0.6, 0.8]]]]))
+    assert torch.equal(project(torch.tensor([[[[0.3, -0.5]]]]), 0.2, "linf"), torch.tensor([[[[0.2, -0.2]]]]))
+
+
+def test_generator_and_prompt_start_as_identity():
+    x = torch.rand(4, 1, 6, 6)
+    for family in FAMILIES:
+        assert torch.allclose(build_calibrator(family, (1, 6, 6), 0.1)(x), x)
+
+
+@pytest.fixture(scope="module")
+def victim_and_data():
+    """A small BN victim whose running statistics are those of its 'training' data."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(1, 1, 12, 12, generator=g)
+    train = (base * 0.6 + 0.2 + 0.1 * torch.randn(400, 1, 12, 12, generator=g)).clamp(0, 1)
+    labels = torch.arange(400) % 4
+    train[labels == 1, :, :4] += 0.2
+    train = train.clamp(0, 1)
+    victim = build_model("smallcnn", 4, "mnist", width=8)
+    victim.train()
+    for m in victim.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average: running stats = training-data statistics
+    with torch.no_grad():
+        for i in range(0, 400, 100):
+            victim(train[i:i + 100])
+    victim.eval()
+    return victim, ImageSet(train, labels)
+
+
+def test_bn_divergence_near_zero_on_training_data_and_growing_with_noise(victim_and_data):
+    victim, train = victim_and_data
+    own, per_layer = dataset_bn_divergence(victim, train.images)
+    assert own < 1e-3 and len(per_layer) == 5  # smallcnn has five BN layers
+    values = []
+    g = torch.Generator().manual_seed(1)
+    for std in (0.05, 0.1, 0.2, 0.4):
+        noisy = (train.images + std * torch.randn(train.images.shape, generator=g)).clamp(0, 1)
+        values.append(dataset_bn_divergence(victim, noisy)[0])
+    assert own < values[0] and all(a < b for a, b in zip(values, values[1:])), values
+
+
+def test_fit_reduces_divergence_and_never_touches_the_victim(victim_and_data):
+    victim, train = victim_and_data
+    shifted = train.with_images((train.images * 0.6).clamp(0, 1))  # darker: a brightness shift
+    before_weights = copy.deepcopy(victim.state_dict())
+    flags = [p.requires_grad for p in victim.parameters()]
+    cfg = GICConfig(delta=32 / 255, gic_steps=60, gic_batch_size=64, gic_lr=0.05, gic_patience=0)
+    fit = fit_calibrator(victim, shifted, cfg, device=torch.device("cpu"), seed=0, progress=False)
+    cal = apply_calibrator(fit.calibrator, shifted, torch.device("cpu"))
+    d0 = dataset_bn_divergence(victim, shifted.images)[0]
+    d1 = dataset_bn_divergence(victim, cal.images)[0]
+    assert d1 < 0.7 * d0, (d0, d1)
+    assert (cal.images - shifted.images).abs().max() <= 32 / 255 + 1e-6
+    for k, v in victim.state_dict().items():
+        assert torch.equal(v, before_weights[k]), k
+    assert [p.requires_grad for p in victim.parameters()] == flags and not victim.training
+    assert fit.steps == 60 and len(fit.history) == 60 and "bn" in fit.history[0]
+    # only g's parameters were optimised
+    assert all(p.grad is None for p in victim.parameters())
+
+
+def test_fit_is_deterministic_under_a_seed(victim_and_data):
+    victim, train = victim_and_data
+    cfg = GICConfig(family="prompt+generator", gic_steps=10, gic_batch_size=32, gic_patience=0)
+    a = fit_calibrator(victim, train, cfg, device=torch.device("cpu"), seed=3, progress=False)
+    b = fit_calibrator(victim, train, cfg, device=torch.device("cpu"), seed=3, progress=False)
+    for (ka, va), (kb, vb) in zip(a.calibrator.state_dict().items(), b.calibrator.state_dict().items()):
+        assert torch.equal(va, vb), ka
+
+
+def test_early_stopping_stops_a_flat_objective(victim_and_data):
+    victim, train = victim_and_data
+    cfg = GICConfig(gic_steps=500, gic_patience=5, gic_batch_size=400, gic_lr=1e-9)
+    fit = fit_calibrator(victim, train, cfg, device=torch.device("cpu"), progress=False)
+    assert fit.steps < 500
+
+
+def test_auto_delta_picks_from_the_grid(victim_and_data):
+    victim, train = victim_and_data
+    shifted = train.with_images((train.images * 0.5).clamp(0, 1))
+    cfg = GICConfig(delta="auto", auto_delta_grid=[2 / 255, 8 / 255, 32 / 255], auto_delta_steps=15,
+                    gic_steps=5, gic_batch_size=100, gic_patience=0)
+    fit = fit_calibrator(victim, shifted, cfg, device=torch.device("cpu"), progress=False)
+    assert fit.delta in cfg.auto_delta_grid and len(fit.delta_search) == 3
+    reductions = [r["reduction"] for r in fit.delta_search]
+    best = max(reductions)
+    chosen = next(r for r in fit.delta_search if r["delta"] == fit.delta)
+    assert chosen["reduction"] >= 0.9 * best
+    assert all(r["reduction"] < 0.9 * best for r in fit.delta_search if r["delta"] < fit.delta)
+
+
+def test_bn_objective_refused_without_batchnorm():
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    with pytest.raises(NoBatchNormError, match="infomax"):
+        BNStatistics(net)
+
+
+def test_layer_weights():
+    assert torch.allclose(layer_weights(2, "uniform"), torch.tensor([0.5, 0.5]))
+    assert torch.allclose(layer_weights(2, "early"), torch.tensor([2 / 3, 1 / 3]))
+    assert torch.allclose(layer_weights(2, [3, 1]), torch.tensor([0.75, 0.25]))
+    with pytest.raises(ValueError):
+        layer_weights(3, [1, 2])
+
+
+def test_config_validation_names_the_key():
+    from backdoorbench_gic.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match="'delta'"):
+        build_config(GICConfig, [({"delta": -0.1}, "cli")])
+    with pytest.raises(ConfigError, match="'family'"):
+        build_config(GICConfig, [({"family": "magic"}, "cli")])
+    assert build_config(GICConfig, [({"delta": "auto"}, "cli")]).delta == "auto"
+
+
+def test_drift_report_flags_concentration():
+    class Fixed(nn.Module):
+        """Predicts class 2 when the mean pixel is above 0.5, else the class in pixel (0,0)."""
+
+        def forward(self, x):
+            bright = x.mean(dim=(1, 2, 3)) > 0.5
+            cls = torch.where(bright, torch.full_like(bright, 2, dtype=torch.long), (x[:, 0, 0, 0] * 3).round().long())
+            return nn.functional.one_hot(cls, 4).float()
+
+    imgs = torch.zeros(8, 1, 2, 2)
+    imgs[:, 0, 0, 0] = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1]) / 3
+    raw = ImageSet(imgs, [0, 1, 0, 1, 0, 1, 0, 1])
+    cal = raw.with_images(torch.ones_like(imgs))  # everything bright -> class 2
+    rep = drift_report(Fixed(), raw, cal, 4, torch.device("cpu"))
+    assert rep.drift_class == 2 and rep.drift_share == 1.0 and rep.concentrated
+    assert rep.raw_pred_share[:2] == [0.5, 0.5]
+    same = drift_report(Fixed(), raw, raw, 4, torch.device("cpu"))
+    assert not same.concentrated
