@@ -1,0 +1,134 @@
+"""Plumbing the purification defenses share: seeded generators, per-epoch history rows, the outer optimizer
+of the adversarial defenses, and norm-bounded perturbation arithmetic.
+
+Perturbations (SAU's per-sample PGD, i-BAU's universal trigger) are measured in the same units as
+BackdoorBench's, which perturbs *normalised* tensors, while our inputs are pixels in [0,1] with the
+normalisation inside :class:`~backdoorbench_gic.models.VictimModel`. A perturbation ``d`` in normalised units
+is therefore applied to pixels as ``clamp(x + d * std, 0, 1)``: ``x_norm + d`` is exactly BackdoorBench's
+perturbed input, and the clamp keeps the image valid (it can only shrink the perturbation, so the bound still
+holds). ``budget_space: pixel`` measures the budget in pixels instead (``std`` taken as 1). All of this
+arithmetic runs in float32, outside autocast.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Literal
+
+import torch
+
+from ..models.wrapper import head_of
+from ..training import make_optimizer
+
+log = logging.getLogger(__name__)
+
+NormType = Literal["L_inf", "L2"]
+BudgetSpace = Literal["normalized", "pixel"]
+
+
+def make_seeded_generator(seed: int) -> torch.Generator:
+    """A CPU generator for data order, augmentation and random initialisations (no global RNG is touched)."""
+    g = torch.Generator()
+    g.manual_seed(int(seed))
+    return g
+
+
+def history_row(epoch: int, loss: float, acc: float, model: torch.nn.Module, monitor=None) -> dict[str, Any]:
+    """One BackdoorBench-style row; the monitor's numbers are logged, never used."""
+    row: dict[str, Any] = {"epoch": epoch, "train_epoch_loss_avg_over_batch": float(loss), "train_acc": float(acc)}
+    if monitor is not None:
+        was_training = model.training
+        row.update(monitor(model))
+        model.train(was_training)
+    return row
+
+
+def classifier_head(model: torch.nn.Module) -> torch.nn.Linear:
+    """The final linear layer of a :class:`VictimModel` (``.head``) or of a bare network."""
+    head = getattr(model, "head", None)
+    if isinstance(head, torch.nn.Linear):
+        return head
+    net = getattr(model, "net", model)
+    return head_of(net)[1]
+
+
+def outer_optimizer(params, cfg: Any) -> torch.optim.Optimizer:
+    """BackdoorBench's sau and i-bau pick their outer optimizer with ``optim`` (not ``client_optimizer``)."""
+    return make_optimizer(params, dataclasses.replace(cfg, client_optimizer=str(cfg.optim).lower()))
+
+
+def input_scale(model: torch.nn.Module, budget_space: str, device: torch.device) -> torch.Tensor:
+    """Pixel size of one normalised unit per channel (``std``, shape 1 x C x 1 x 1), or 1 in pixel space."""
+    std = getattr(model, "std", None)
+    if budget_space == "pixel" or std is None:
+        if budget_space != "pixel":
+            log.warning("model has no normalisation constants; measuring the perturbation budget in pixels")
+        return torch.ones(1, 1, 1, 1, device=device)
+    return std.detach().to(device=device, dtype=torch.float32)
+
+
+def perturb_pixels(x: torch.Tensor, delta: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x`` (pixels) plus ``delta`` (normalised units), clamped to valid pixels."""
+    return (x.float() + delta.float() * scale).clamp(0.0, 1.0)
+
+
+def flat_norm(t: torch.Tensor, norm_type: str) -> torch.Tensor:
+    """Per-sample norm over all but the first dimension."""
+    flat = t.reshape(t.shape[0], -1).float()
+    return flat.abs().amax(1) if norm_type == "L_inf" else flat.norm(dim=1)
+
+
+def project(delta: torch.Tensor, norm_type: str, radius: float) -> torch.Tensor:
+    """Project each sample of ``delta`` onto the ``norm_type`` ball of ``radius``."""
+    if norm_type == "L_inf":
+        return delta.clamp(-radius, radius)
+    norms = flat_norm(delta, "L2").clamp_min(1e-12)
+    factor = (radius / norms).clamp(max=1.0).view(-1, *([1] * (delta.dim() - 1)))
+    return delta * factor
+
+
+def ascent_step(delta: torch.Tensor, grad: torch.Tensor, norm_type: str, step: float) -> torch.Tensor:
+    """Steepest ascent of length ``step`` in the given norm: sign step for L_inf, normalised gradient for L2."""
+    if norm_type == "L_inf":
+        return delta + step * grad.sign()
+    norms = flat_norm(grad, "L2").clamp_min(1e-12).view(-1, *([1] * (grad.dim() - 1)))
+    return delta + step * grad / norms
+
+
+def init_delta(shape: tuple[int, ...], how: str, norm_type: str, radius: float, generator: torch.Generator,
+               device: torch.device) -> torch.Tensor:
+    """PGD start: ``zero``; ``random`` (uniform in the L_inf box / a random direction inside the L2 ball);
+    ``max`` (a random point on the boundary: random signs times the radius for L_inf, a random direction at
+    full length for L2)."""
+    if how == "zero":
+        return torch.zeros(shape, device=device)
+    if norm_type == "L_inf":
+        u = torch.rand(shape, generator=generator) * 2 - 1
+        d = u.sign() * radius if how == "max" else u * radius
+        return d.to(device)
+    d = torch.randn(shape, generator=generator)
+    d = d / flat_norm(d, "L2").clamp_min(1e-12).view(-1, *([1] * (d.dim() - 1))) * radius
+    if how == "random":
+        d = d * torch.rand(shape[0], generator=generator).view(-1, *([1] * (d.dim() - 1)))
+    return d.to(device)
+
+
+def keep_valid(x: torch.Tensor, delta: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Shrink a per-sample ``delta`` so that ``x + delta * scale`` lies in [0,1] (keeps PGD iterates honest)."""
+    return (perturb_pixels(x, delta, scale) - x.float()) / scale
+
+
+@torch.no_grad()
+def freeze_bn_stats(model: torch.nn.Module) -> list[tuple[torch.nn.modules.batchnorm._BatchNorm, float | None]]:
+    """Stop BatchNorm running-statistics updates (for extra forward passes); returns what to restore."""
+    saved = []
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.training:
+            saved.append((m, m.momentum))
+            m.momentum = 0.0
+    return saved
+
+
+def restore_bn_stats(saved) -> None:
+    for m, momentum in saved:
+        m.momentum = momentum

@@ -1,0 +1,335 @@
+"""The purification defenses (ft, ft-sam, fst, sau, i-bau) on a small victim that really carries a backdoor."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from backdoorbench_gic.config import ConfigError, read_yaml
+from backdoorbench_gic.data.imageset import ImageSet
+from backdoorbench_gic.data.transforms import TrainAugment
+from backdoorbench_gic.defenses import FST, IBAU, SAU, Defense, PurifyResult
+from backdoorbench_gic.defenses._common import flat_norm, input_scale, project
+from backdoorbench_gic.defenses.fst import reinit_head
+from backdoorbench_gic.evaluation import evaluate
+from backdoorbench_gic.models import VictimModel, build_model
+from backdoorbench_gic.registry import DEFENSES
+from backdoorbench_gic.resources import defense_configs_dir
+
+NAMES = ["ft", "ft-sam", "fst", "sau", "i-bau"]
+CPU = torch.device("cpu")
+# one short epoch / round (two batches) on a 32-image auxiliary set
+QUICK = {
+    "ft": dict(epochs=1, batch_size=16),
+    "ft-sam": dict(epochs=1, batch_size=16),
+    "fst": dict(epochs=1, batch_size=16),
+    "sau": dict(n_rounds=1, batch_size=16, adv_steps=1),
+    "i-bau": dict(n_rounds=1, batch_size=16, inner_steps=1, K=1),
+}
+
+
+@pytest.fixture(scope="session")
+def victim(tmp_path_factory):
+    """A smallcnn on the CIFAR-10 fixture with a working 8x8-patch backdoor (target 0)."""
+    from backdoorbench_gic.records import load_attack_record
+    from backdoorbench_gic.testing import make_bb_record
+
+    root = tmp_path_factory.mktemp("defenses")
+    record_dir = make_bb_record(root, "r", n_train=300, n_test=100, train_steps=80, model_name="smallcnn", width=16,
+                                trigger_size=8)
+    rec = load_attack_record(record_dir)
+    model = rec.build_model().eval()
+    return {"model": model, "aux": rec.clean_train, "clean_test": rec.clean_test, "bd_test": rec.bd_test,
+            "before": evaluate(model, rec.clean_test, rec.bd_test)}
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.net.state_dict().items()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# registration and the interface
+# ---------------------------------------------------------------------------------------------------------
+def test_registered_with_backdoorbench_prefixes_and_augmentation():
+    expected = {"ft": ("ft", True), "ft-sam": ("d-sam", True), "fst": ("fst", False), "sau": ("sau", False),
+                "i-bau": ("i-bau", True)}
+    for name, (prefix, augment) in expected.items():
+        cls = DEFENSES.get(name)
+        assert issubclass(cls, Defense)
+        d = cls()
+        assert d.name == name and d.prefix == prefix and cls.augment is augment
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_short_run_is_loadable_deterministic_and_leaves_the_input_alone(victim, name):
+    model, aux = victim["model"], victim["aux"].subset(range(32))
+    before = _state(model)
+    calls = []
+
+    def monitor(net):
+        calls.append(net.training)
+        return {"test_acc": 0.5}
+
+    d = DEFENSES.get(name)(**QUICK[name], random_seed=3)
+    aug = TrainAugment(4, True)
+    r1 = d.purify(model, aux, device=CPU, train_augment=aug, monitor=monitor, progress=False)
+    r2 = d.purify(model, aux, device=CPU, train_augment=aug, progress=False)
+    assert isinstance(r1, PurifyResult) and r1.model is not model and not r1.model.training
+    # the input model is unchanged
+    for k, v in model.net.state_dict().items():
+        assert torch.equal(v, before[k]), f"{name} modified the input model ({k})"
+    # the bare state dict loads strictly into a fresh network of the same architecture
+    fresh = build_model("smallcnn", 10, "cifar10", width=16)  # the fixture victim's architecture
+    fresh.net.load_state_dict(r1.model.net.state_dict(), strict=True)
+    # something was learnt, and two runs with one seed agree exactly
+    s1, s2 = r1.model.net.state_dict(), r2.model.net.state_dict()
+    assert any(not torch.equal(s1[k], before[k]) for k in s1 if s1[k].is_floating_point())
+    for k in s1:
+        assert torch.equal(s1[k], s2[k]), f"{name} is not deterministic under a seed ({k})"
+    # one history row per epoch/round, in BackdoorBench's columns, with the monitor's numbers added
+    assert len(r1.history) == 1 and len(calls) == 1
+    row = r1.history[0]
+    assert row["epoch"] == 0 and row["test_acc"] == 0.5
+    assert 0.0 <= row["train_acc"] <= 1.0
+    assert torch.isfinite(torch.tensor(row["train_epoch_loss_avg_over_batch"]))
+    assert "test_acc" not in r2.history[0]  # no monitor, no test numbers
+
+
+def test_different_seeds_give_different_weights(victim):
+    aux = victim["aux"].subset(range(64))
+    a = DEFENSES.get("ft")(epochs=1, batch_size=16, random_seed=0).purify(victim["model"], aux, device=CPU,
+                                                                          train_augment=TrainAugment(4, True))
+    b = DEFENSES.get("ft")(epochs=1, batch_size=16, random_seed=1).purify(victim["model"], aux, device=CPU,
+                                                                          train_augment=TrainAugment(4, True))
+    assert not torch.equal(a.model.net.stem[0].weight, b.model.net.stem[0].weight)
+
+
+def test_zero_epochs_returns_an_unchanged_copy(victim):
+    r = DEFENSES.get("fst")(epochs=0).purify(victim["model"], victim["aux"], device=CPU)
+    assert r.history == [] and r.model is not victim["model"]
+    # FST re-initialises the head even with no training; everything else is the victim's
+    same = {k for k, v in r.model.net.state_dict().items() if torch.equal(v, victim["model"].net.state_dict()[k])}
+    assert same == set(victim["model"].net.state_dict()) - {"linear.weight", "linear.bias"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# perturbation bounds
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("norm_type,radius", [("L_inf", 0.2), ("L2", 2.0)])
+def test_project_respects_the_ball(norm_type, radius):
+    torch.manual_seed(0)
+    d = torch.randn(8, 3, 5, 5) * 3
+    p = project(d, norm_type, radius)
+    assert (flat_norm(p, norm_type) <= radius * (1 + 1e-6)).all()
+    small = d * 1e-4
+    assert torch.allclose(project(small, norm_type, radius), small)
+
+
+@pytest.mark.parametrize("norm_type,radius,space,init", [
+    ("L_inf", 0.2, "normalized", "max"), ("L_inf", 0.05, "pixel", "random"), ("L2", 1.5, "normalized", "max"),
+    ("L2", 0.5, "pixel", "zero")])
+def test_sau_shared_adversarial_examples_respect_the_budget(victim, norm_type, radius, space, init):
+    model = victim["model"]
+    sau = SAU(trigger_norm=radius, adv_lr=radius / 2, adv_steps=3, norm_type=norm_type, budget_space=space,
+              pgd_init=init)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(12, 3, 32, 32, generator=g)
+    y = torch.randint(0, 10, (12,), generator=g)
+    x_adv = sau.shared_adversarial_examples(model, model, x, y, generator=g)
+    assert x_adv.shape == x.shape and not x_adv.requires_grad
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    scale = input_scale(model, space, CPU)
+    if space == "normalized":
+        assert torch.allclose(scale.flatten(), model.std.flatten())
+    else:
+        assert (scale == 1).all()
+    measured = flat_norm((x_adv - x) / scale, norm_type)
+    assert (measured <= radius * (1 + 1e-5)).all(), measured.max()
+    assert (measured > 0).all()  # the PGD moved every sample
+
+
+@pytest.mark.parametrize("norm_type,radius", [("L2", 3.0), ("L_inf", 0.1)])
+def test_ibau_universal_perturbation_respects_the_budget(victim, norm_type, radius):
+    g = torch.Generator().manual_seed(1)
+    data = ImageSet(torch.rand(40, 3, 32, 32, generator=g), torch.randint(0, 10, (40,), generator=g))
+    ibau = IBAU(pert_norm=radius, inner_lr=radius, inner_steps=3, norm_type=norm_type, batch_size=16)
+    delta = ibau.universal_perturbation(victim["model"], data, device=CPU)
+    assert delta.shape == (1, 3, 32, 32)
+    assert 0 < float(flat_norm(delta, norm_type)[0]) <= radius * (1 + 1e-5)
+    # one step of this size reaches the boundary of the ball
+    assert float(flat_norm(delta, norm_type)[0]) == pytest.approx(radius, rel=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FST's head
+# ---------------------------------------------------------------------------------------------------------
+def test_fst_reinitialises_the_head_at_the_original_norm(victim):
+    net = build_model("smallcnn", 10, "cifar10", width=16)
+    net.load_state_dict(victim["model"].state_dict())
+    head = net.head
+    old = head.weight.detach().clone()
+    w_ori = reinit_head(head, torch.Generator().manual_seed(0))
+    new = head.weight.detach()
+    assert torch.equal(w_ori, old)
+    assert float(new.norm()) == pytest.approx(float(old.norm()), rel=1e-5)
+    assert not torch.allclose(new, old)
+    cos = float((new * old).sum() / (new.norm() * old.norm()))
+    assert abs(cos) < 0.5  # a fresh direction, not a rescaled copy
+
+
+class _CustomNet(nn.Module):
+    """A network whose head is not called ``linear``: found through ``head_name``."""
+
+    head_name = "classifier.fc"
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(8, 10))
+        self.classifier.fc = self.classifier[1]
+
+    def forward_features(self, x):
+        return self.body(x).flatten(1)
+
+    def forward(self, x):
+        return self.classifier.fc(self.forward_features(x))
+
+
+def test_fst_works_with_any_head_and_keeps_its_norm(victim):
+    torch.manual_seed(0)
+    model = VictimModel(_CustomNet(), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    norm = float(model.head.weight.detach().norm())
+    r = FST(epochs=2, batch_size=32, alpha=0.5).purify(model, victim["aux"].subset(range(64)), device=CPU)
+    assert r.extras["head_norm"] == pytest.approx(norm, rel=1e-5)
+    # the constraint ||w|| = ||w_ori|| holds after training
+    assert float(r.model.head.weight.detach().norm()) == pytest.approx(norm, rel=1e-4)
+    assert r.extras["head_alignment"] < 0.5
+    _CustomNet().load_state_dict(r.model.net.state_dict(), strict=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# configuration
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("bad,key,text", [
+    ({"learning_rate": 0.1}, "learning_rate", "unknown key"),
+    ({"epochs": -1}, "epochs", ">= 0"),
+    ({"ratio": 1.5}, "ratio", "<= 1"),
+    ({"batch_size": "many"}, "batch_size", "expected an int"),
+    ({"lr": 0}, "lr", "> 0"),
+])
+def test_bad_common_keys_fail_at_construction(name, bad, key, text):
+    with pytest.raises(ConfigError) as exc:
+        DEFENSES.get(name)(**bad)
+    assert f"'{key}'" in str(exc.value) and text in str(exc.value)
+
+
+@pytest.mark.parametrize("name,bad,key", [
+    ("ft-sam", {"rho_max": 1.0, "rho_min": 2.0}, "rho_min"),
+    ("ft-sam", {"label_smoothing": 1.0}, "label_smoothing"),
+    ("ft-sam", {"adaptive": "sometimes"}, "adaptive"),
+    ("fst", {"alpha": -0.1}, "alpha"),
+    ("sau", {"trigger_norm": -0.2}, "trigger_norm"),
+    ("sau", {"pgd_init": "middle"}, "pgd_init"),
+    ("sau", {"norm_type": "L1"}, "norm_type"),
+    ("sau", {"optim": "rmsprop"}, "optim"),
+    ("sau", {"outer_steps": 0}, "outer_steps"),
+    ("sau", {"n_rounds": -3}, "n_rounds"),
+    ("i-bau", {"K": -1}, "K"),
+    ("i-bau", {"pert_norm": 0}, "pert_norm"),
+    ("i-bau", {"fp_lr": 0}, "fp_lr"),
+])
+def test_bad_method_keys_fail_at_construction(name, bad, key):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        DEFENSES.get(name)(**bad)
+
+
+def test_bad_yaml_and_cli_values_name_the_key_and_source(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("n_rounds: 2\nadv_step: 3\n")
+    with pytest.raises(ConfigError) as exc:
+        DEFENSES.get("sau").from_sources("cifar10", yaml_path=str(bad))
+    assert "'adv_step'" in str(exc.value) and str(bad) in str(exc.value) and "adv_steps" in str(exc.value)
+    with pytest.raises(ConfigError, match="'trigger_norm'.*command line"):
+        DEFENSES.get("sau").from_sources("cifar10", cli={"trigger_norm": "-1"})
+
+
+def _yaml_files():
+    root = defense_configs_dir()
+    return [(name, p) for name in NAMES for p in sorted((root / name).glob("*.yaml"))]
+
+
+def test_every_defense_has_all_dataset_yamls():
+    root = defense_configs_dir()
+    for name in NAMES:
+        present = {p.stem for p in (root / name).glob("*.yaml")}
+        wanted = {"config", "cifar10", "cifar100", "gtsrb", "tiny", "fashion-mnist", "mnist", "digits"}
+        assert wanted <= present, f"{name}: missing {sorted(wanted - present)}"
+        cfg, c10 = (read_yaml(root / name / f) for f in ("config.yaml", "cifar10.yaml"))
+        assert cfg == c10, f"{name}: config.yaml differs from cifar10.yaml"
+
+
+@pytest.mark.parametrize("name,path", _yaml_files(), ids=lambda v: v if isinstance(v, str) else Path(v).name)
+def test_every_yaml_loads(name, path):
+    cls = DEFENSES.get(name)
+    dataset = None if path.stem == "config" else path.stem
+    packaged = cls.from_sources(dataset)  # through the packaged lookup
+    explicit = cls.from_sources(None, yaml_path=str(path))  # and as --yaml_path
+    assert packaged.config == explicit.config
+    for key, value in read_yaml(path).items():  # every key reaches the config unchanged
+        assert getattr(explicit.config, key) == value, key
+
+
+def test_backdoorbench_defaults_per_dataset():
+    get = lambda n, ds: DEFENSES.get(n).from_sources(ds).config  # noqa: E731
+    assert get("fst", "cifar10").alpha == 0.2 and get("fst", "gtsrb").alpha == 0.1
+    assert get("fst", "cifar100").alpha == 0.001 and get("fst", "tiny").alpha == 0.001
+    assert get("fst", "tiny").epochs == 200 and get("fst", "tiny").lr_scheduler == "ReduceLROnPlateau"
+    assert get("ft", "tiny").epochs == 200 and get("ft", "cifar10").epochs == 100
+    assert get("sau", "tiny").n_rounds == 20 and get("sau", "cifar10").n_rounds == 100
+    sam = get("ft-sam", "gtsrb")
+    assert (sam.rho_max, sam.rho_min, sam.label_smoothing, sam.adaptive) == (2.0, 2.0, 0.1, True)
+    ib = get("i-bau", "cifar10")
+    assert (ib.n_rounds, ib.K, ib.lr, ib.optim, ib.wd) == (5, 5, 1e-4, "Adam", 0.0)
+    sau = get("sau", "cifar10")
+    assert (sau.trigger_norm, sau.adv_lr, sau.adv_steps, sau.pgd_init, sau.train_mode) == (0.2, 0.2, 5, "max", False)
+    assert (sau.beta_1, sau.beta_2, sau.lmd_1, sau.lmd_2, sau.lmd_3) == (0.01, 1.0, 1.0, 0.0, 1.0)
+    # the CPU settings are tuned down
+    for ds in ("fashion-mnist", "mnist", "digits"):
+        assert get("ft", ds).epochs <= 20 and get("sau", ds).n_rounds <= 3 and get("i-bau", ds).n_rounds <= 2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# behaviour: purification lowers the attack success rate
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name,overrides", [
+    ("ft-sam", dict(epochs=4, batch_size=64)),
+    ("fst", dict(epochs=8, batch_size=64)),
+    ("sau", dict(n_rounds=2, batch_size=64, adv_steps=2, lr=1e-3)),
+])
+def test_purification_lowers_asr(victim, name, overrides):
+    before = victim["before"]
+    assert before.asr >= 0.9, "the fixture victim lost its backdoor"
+    aug = TrainAugment(4, True)
+    r = DEFENSES.get(name)(**overrides).purify(victim["model"], victim["aux"].subset(range(160)), device=CPU,
+                                               train_augment=aug, progress=False)
+    after = evaluate(r.model, victim["clean_test"], victim["bd_test"])
+    assert after.asr <= before.asr - 0.5, (name, before, after)
+    assert after.acc >= before.acc - 0.2, (name, before, after)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", NAMES)
+def test_runs_on_cuda_with_bf16_autocast(victim, name):
+    cuda = torch.device("cuda")
+    model = victim["model"]
+    before = _state(model)
+    r = DEFENSES.get(name)(**QUICK[name], amp=True).purify(model, victim["aux"].subset(range(32)), device=cuda,
+                                                            train_augment=TrainAugment(4, True), progress=False)
+    assert next(r.model.parameters()).device.type == "cuda"
+    state = {k: v.cpu() for k, v in r.model.net.state_dict().items()}
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    build_model("smallcnn", 10, "cifar10", width=16).net.load_state_dict(state, strict=True)
+    assert all(torch.equal(v, before[k]) for k, v in model.net.state_dict().items())
