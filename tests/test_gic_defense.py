@@ -1,0 +1,114 @@
+"""The gic defense: key routing, aliases, calibration handed to the base defense, caching, per-source g."""
+import pytest
+import torch
+
+from backdoorbench_gic.config import ConfigError
+from backdoorbench_gic.data.imageset import ImageSet
+from backdoorbench_gic.defenses.base import Defense, PurifyResult
+from backdoorbench_gic.gic import defense as gic_defense
+from backdoorbench_gic.gic.defense import GICDefense, split_keys
+from backdoorbench_gic.records import load_attack_record
+from backdoorbench_gic.registry import DEFENSES
+from backdoorbench_gic.testing import make_bb_record
+
+
+@pytest.fixture(scope="module")
+def victim_record(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gicdef")
+    d = make_bb_record(root, "r", n_train=200, n_test=60, train_steps=40, model_name="smallcnn", width=8, trigger_size=8)
+    return load_attack_record(d)
+
+
+class Spy(Defense):
+    """Records what it was given; returns the model unchanged."""
+
+    seen: list = []
+
+    def purify(self, model, aux, *, device, train_augment=None, monitor=None, progress=None):
+        Spy.seen.append(aux)
+        return PurifyResult(model, [{"epoch": 0}])
+
+
+@pytest.fixture()
+def spy_registered():
+    DEFENSES.add("spy", Spy, force=True)
+    Spy.seen = []
+    yield
+    DEFENSES._builders.pop("spy", None)
+
+
+def test_keys_are_routed_by_name():
+    gic, base = split_keys({"delta": 0.1, "base": "sau", "n_rounds": 3, "random_seed": 4, "lr": 0.5})
+    assert gic == {"delta": 0.1, "base": "sau", "random_seed": 4, "lr": 0.5}
+    assert base == {"n_rounds": 3, "random_seed": 4, "lr": 0.5}
+
+
+def test_from_sources_builds_the_base_with_its_own_yaml_and_overrides():
+    d = GICDefense.from_sources("fashion-mnist", None, {"base": "sau", "n_rounds": 2, "delta": 8 / 255,
+                                                        "device": "cpu"})
+    assert d.base.name == "sau" and d.base.config.n_rounds == 2 and d.config.delta == pytest.approx(8 / 255)
+    assert d.base.config.adv_steps == 3  # from defense_configs/sau/fashion-mnist.yaml
+    assert d.name == "gic-sau" and d.prefix == "gic-sau"
+
+
+def test_unknown_key_is_still_an_error_naming_it():
+    with pytest.raises(ConfigError, match="'n_roundz'"):
+        GICDefense.from_sources("fashion-mnist", None, {"base": "sau", "n_roundz": 2})
+    with pytest.raises(ConfigError, match="'base'"):
+        GICDefense.from_sources("fashion-mnist", None, {"base": "gic"})
+
+
+def test_aliases_exist_for_every_builtin_defense():
+    for base in ("ft", "ft-sam", "fst", "sau", "i-bau"):
+        cls = DEFENSES.get(f"gic-{base}")
+        assert issubclass(cls, GICDefense)
+        assert cls.from_sources("fashion-mnist", None, {"device": "cpu"}).base.name == base
+
+
+def test_base_gets_calibrated_data_within_budget(victim_record, spy_registered, tmp_path, monkeypatch):
+    monkeypatch.setenv("BBGIC_CACHE_DIR", str(tmp_path / "cache"))
+    victim = victim_record.build_model()
+    aux = victim_record.clean_train.subset(torch.arange(60))
+    shifted = aux.with_images((aux.float_images() * 0.5).clamp(0, 1))
+    d = GICDefense.from_sources(None, None, {"base": "spy", "gic_steps": 20, "gic_batch_size": 30, "delta": 16 / 255,
+                                             "device": "cpu"})
+    result = d.purify(victim, shifted, device=torch.device("cpu"))
+    given = Spy.seen[-1]
+    assert isinstance(given, ImageSet) and not given.is_uint8
+    assert torch.equal(given.labels, shifted.labels) and torch.equal(given.indices, shifted.indices)
+    diff = (given.images - shifted.float_images()).abs().amax()
+    assert 0 < diff <= 16 / 255 + 1e-6
+    ex = result.extras
+    assert ex["bn_div_after"] < ex["bn_div_before"] and ex["gic_cached"] == 0.0
+    assert {"drift_class", "drift_share", "gic_seconds", "base_seconds"} <= set(ex)
+
+
+def test_fitted_g_is_reused_across_base_defenses(victim_record, spy_registered, tmp_path, monkeypatch):
+    monkeypatch.setenv("BBGIC_CACHE_DIR", str(tmp_path / "cache"))
+    gic_defense._MEMORY_CACHE.clear()
+    victim = victim_record.build_model()
+    aux = victim_record.clean_train.subset(torch.arange(40))
+    cli = {"gic_steps": 5, "gic_batch_size": 20, "device": "cpu"}
+    first = GICDefense.from_sources(None, None, {**cli, "base": "spy"}).calibrate(victim, aux, device=torch.device("cpu"))
+    assert first[1]["gic_cached"] == 0.0 and len(list((tmp_path / "cache").glob("*.pt"))) == 1
+    second = GICDefense.from_sources(None, None, {**cli, "base": "ft"}).calibrate(victim, aux, device=torch.device("cpu"))
+    assert second[1]["gic_cached"] == 1.0
+    assert torch.equal(first[0].images, second[0].images)
+    gic_defense._MEMORY_CACHE.clear()  # from disk now
+    third = GICDefense.from_sources(None, None, {**cli, "base": "ft"}).calibrate(victim, aux, device=torch.device("cpu"))
+    assert third[1]["gic_cached"] == 1.0 and torch.allclose(third[0].images, first[0].images)
+
+
+def test_per_source_fits_one_g_per_provenance(victim_record, tmp_path, monkeypatch):
+    monkeypatch.setenv("BBGIC_CACHE_DIR", str(tmp_path / "cache"))
+    victim = victim_record.build_model()
+    a = victim_record.clean_train.subset(torch.arange(30))
+    a = ImageSet(a.images, a.labels, source_names=["reserved"])
+    b = ImageSet((a.float_images() * 0.4).clamp(0, 1), a.labels, source_names=["dark"])
+    mix = ImageSet.concat([a, b])
+    cli = {"gic_steps": 10, "gic_batch_size": 30, "device": "cpu", "base": "ft", "per_source": True, "gic_cache": False}
+    cal, info = GICDefense.from_sources(None, None, cli).calibrate(victim, mix, device=torch.device("cpu"))
+    assert "gic_delta[reserved]" in info and "gic_delta[dark]" in info
+    assert cal.source_names == ["reserved", "dark"] and torch.equal(cal.sources, mix.sources)
+    one = GICDefense.from_sources(None, None, {**cli, "per_source": False}).calibrate(victim, mix, device=torch.device("cpu"))
+    assert not torch.allclose(one[0].images, cal.images)
