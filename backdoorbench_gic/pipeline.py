@@ -92,7 +92,7 @@ def default_variant(dataset: str, reserved_type: str, yaml_path: str | None) -> 
 
 def run_defense(req: DefenseRequest, record: AttackRecord | None = None) -> dict[str, Any]:
     """Run one defense on one record; returns the tidy result row (also written as result.json)."""
-    from .aux import build_aux_set
+    from .auxdata import build_aux_set
     from .data.transforms import TrainAugment
 
     t0 = time.perf_counter()

@@ -186,6 +186,6 @@ MODELS = Registry("model", locations=["backdoorbench_gic.models"])
 DATASETS = Registry("dataset", locations=["backdoorbench_gic.data.datasets"])
 ATTACKS = Registry("attack", locations=["backdoorbench_gic.attacks"])
 DEFENSES = Registry("defense", locations=["backdoorbench_gic.defenses", "backdoorbench_gic.gic.defense"])
-AUX_SOURCES = Registry("aux_source", locations=["backdoorbench_gic.aux"])
+AUX_SOURCES = Registry("aux_source", locations=["backdoorbench_gic.auxdata"])
 
 ALL_REGISTRIES = (MODELS, DATASETS, ATTACKS, DEFENSES, AUX_SOURCES)

@@ -9,7 +9,7 @@ from backdoorbench_gic.data.imageset import ImageSet
 from backdoorbench_gic.gic.calibrators import FAMILIES, bound_perturbation, build_calibrator, project
 from backdoorbench_gic.gic.drift import drift_report
 from backdoorbench_gic.gic.fit import GICConfig, apply_calibrator, fit_calibrator, frozen
-from backdoorbench_gic.gic.objectives import BNStatistics, NoBatchNormError, dataset_bn_divergence, layer_weights
+from backdoorbench_gic.bnstats import BNBatchStats, NoBatchNormError, dataset_bn_divergence, layer_weights
 from backdoorbench_gic.models import build_model
 
 
@@ -137,13 +137,13 @@ def test_auto_delta_picks_from_the_grid(victim_and_data):
 def test_bn_objective_refused_without_batchnorm():
     net = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
     with pytest.raises(NoBatchNormError, match="infomax"):
-        BNStatistics(net)
+        BNBatchStats(net)
 
 
 def test_layer_weights():
-    assert torch.allclose(layer_weights(2, "uniform"), torch.tensor([0.5, 0.5]))
-    assert torch.allclose(layer_weights(2, "early"), torch.tensor([2 / 3, 1 / 3]))
-    assert torch.allclose(layer_weights(2, [3, 1]), torch.tensor([0.75, 0.25]))
+    assert torch.allclose(layer_weights(2, "uniform"), torch.tensor([0.5, 0.5], dtype=torch.float64))
+    assert torch.allclose(layer_weights(2, "early"), torch.tensor([2 / 3, 1 / 3], dtype=torch.float64))
+    assert torch.allclose(layer_weights(2, [3, 1]), torch.tensor([0.75, 0.25], dtype=torch.float64))
     with pytest.raises(ValueError):
         layer_weights(3, [1, 2])
 

@@ -33,7 +33,7 @@ from ..utils.io import atomic_torch_save
 from .calibrators import Calibrator, build_calibrator
 from .drift import drift_report
 from .fit import GICConfig, apply_calibrator, fit_calibrator
-from .objectives import NoBatchNormError, dataset_bn_divergence
+from ..bnstats import NoBatchNormError, dataset_bn_divergence
 
 log = logging.getLogger(__name__)
 
@@ -199,9 +199,9 @@ class GICDefense(Defense):
         info["gic_total_seconds"] = time.perf_counter() - t0
         if cfg.obj_bn > 0:
             try:
-                info["bn_div_before"] = dataset_bn_divergence(victim, aux.images, device, layer_scheme=cfg.bn_layer_weights)[0]
-                info["bn_div_after"] = dataset_bn_divergence(victim, calibrated.images, device,
-                                                             layer_scheme=cfg.bn_layer_weights)[0]
+                # D_BN exactly as bbgic aux-quality reports it (symmetric KL, uniform over layers)
+                info["bn_div_before"] = dataset_bn_divergence(victim, aux.images, device)[0]
+                info["bn_div_after"] = dataset_bn_divergence(victim, calibrated.images, device)[0]
             except NoBatchNormError:
                 pass
         num_classes = int(victim.head.out_features)

@@ -7,7 +7,7 @@ what keeps a step near one victim forward+backward) and restored afterwards; its
 bf16 autocast and channels_last on CUDA; the same code on the CPU.
 
 ``delta: auto`` picks the budget from the auxiliary data alone: short fits over a grid of budgets, scored by
-the dataset-level BN divergence after calibration; the smallest budget that achieves at least (1 - tol) of
+the dataset-level BN divergence after calibration (the D_BN of ``bbgic aux-quality``); the smallest budget that achieves at least (1 - tol) of
 the best divergence reduction wins. No labels of the test set and no test data are involved.
 """
 from __future__ import annotations
@@ -27,7 +27,8 @@ from ..data.imageset import ImageSet
 from ..utils.logs import progress_enabled
 from ..utils.runtime import autocast, make_generator
 from .calibrators import FAMILIES, NORMS, Calibrator, build_calibrator
-from .objectives import GICObjective, ObjectiveWeights, dataset_bn_divergence
+from ..bnstats import DISTANCES, dataset_bn_divergence
+from .objectives import GICObjective, ObjectiveWeights
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ class GICConfig:
     obj_infomax: float = 0.0
     obj_drift: float = 0.0
     bn_layer_weights: str | list[float] = "uniform"
+    bn_distance: str = "kl"  # kl | w2 (see backdoorbench_gic.bnstats)
     gic_lr: float = 0.05
     gic_steps: int = 100
     gic_batch_size: int = 128
@@ -58,6 +60,8 @@ class GICConfig:
     gic_cache: bool = True
 
     def validate(self) -> None:
+        require(self.bn_distance in DISTANCES, "bn_distance",
+                f"must be one of {', '.join(DISTANCES)}, got {self.bn_distance!r}")
         require(self.family in FAMILIES, "family", f"must be one of {', '.join(FAMILIES)}, got {self.family!r}")
         require(self.norm in NORMS, "norm", f"must be one of {', '.join(NORMS)}, got {self.norm!r}")
         if isinstance(self.delta, str):
@@ -86,7 +90,7 @@ class GICConfig:
     def key(self) -> dict[str, Any]:
         """The settings that determine a fitted g (for caching)."""
         return {k: getattr(self, k) for k in ("family", "norm", "delta", "obj_bn", "obj_ce", "obj_infomax", "obj_drift",
-                                              "bn_layer_weights", "gic_lr", "gic_steps", "gic_batch_size", "gic_patience",
+                                              "bn_layer_weights", "bn_distance", "gic_lr", "gic_steps", "gic_batch_size", "gic_patience",
                                               "generator_hidden", "per_source", "auto_delta_grid", "auto_delta_steps",
                                               "auto_delta_tol")}
 
@@ -151,7 +155,8 @@ def fit_calibrator(victim: torch.nn.Module, aux: ImageSet, cfg: GICConfig, *, de
         return FitResult(calibrator.eval(), history, 0, time.perf_counter() - t0, delta, delta_search)
     num_classes = _num_classes(victim)
     with frozen(victim):
-        objective = GICObjective(victim, cfg.weights, cfg.bn_layer_weights, _label_prior(aux, num_classes))
+        objective = GICObjective(victim, cfg.weights, cfg.bn_layer_weights, _label_prior(aux, num_classes),
+                                 cfg.bn_distance)
         opt = torch.optim.Adam(calibrator.parameters(), lr=cfg.gic_lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
         ema, best, since_best = None, math.inf, 0

@@ -1,12 +1,11 @@
 """What g is trained to do, through the frozen victim (eval mode).
 
 - ``bn``: BatchNorm-statistics alignment. The victim's running statistics summarise its training data; for
-  each BN layer l and channel c we compare the batch mean/std of the layer's input on g(x) with the running
-  ones through the 2-Wasserstein distance of the two 1-D Gaussians, scaled by the running variance so layers
-  of any scale weigh alike:
-      d_l = mean_c [ (mu_c - mu^_c)^2 + (sigma_c - sigma^_c)^2 ] / (sigma^_c^2 + eps)
-  and the objective is the weighted mean of d_l over layers (weights ``uniform``, ``early`` (1/(l+1)) or
-  ``late`` ((l+1)), or an explicit list). 0 means the batch looks, layer by layer, like the training data.
+  each BN layer the batch moments of the layer's input on g(x) are compared with the running ones channel by
+  channel (:mod:`backdoorbench_gic.bnstats`: symmetric Gaussian KL by default, or the variance-scaled
+  2-Wasserstein distance), averaged over channels and then over layers with weights ``uniform``, ``early``,
+  ``late`` or an explicit list. It is the same divergence ``bbgic aux-quality`` reports as D_BN, computed per
+  batch instead of over the whole set. 0 means the batch looks, layer by layer, like the training data.
 - ``ce``: cross-entropy of the victim on g(x) against the auxiliary labels.
 - ``infomax``: label-free information maximisation, mean per-sample prediction entropy minus the entropy of
   the batch-mean prediction.
@@ -24,77 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-EPS = 1e-5
-
-
-class NoBatchNormError(ValueError):
-    """The BN objective needs BatchNorm layers the victim does not have."""
-
-
-def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-            and m.running_mean is not None]
-
-
-def layer_weights(n: int, scheme: str | Sequence[float]) -> torch.Tensor:
-    if isinstance(scheme, str):
-        idx = torch.arange(n, dtype=torch.float32)
-        if scheme == "uniform":
-            w = torch.ones(n)
-        elif scheme == "early":
-            w = 1.0 / (idx + 1)
-        elif scheme == "late":
-            w = idx + 1
-        else:
-            raise ValueError(f"unknown BN layer weighting {scheme!r}: use uniform, early, late or a list")
-    else:
-        w = torch.as_tensor(list(scheme), dtype=torch.float32)
-        if len(w) != n:
-            raise ValueError(f"{len(w)} BN layer weights given for a victim with {n} BatchNorm layers")
-    return w / w.sum()
-
-
-class BNStatistics:
-    """Forward hooks that record, per BN layer, the batch mean and variance of the layer's input."""
-
-    def __init__(self, model: nn.Module):
-        self.layers = batchnorm_layers(model)
-        if not self.layers:
-            raise NoBatchNormError(
-                f"the victim ({type(model).__name__}) has no BatchNorm layers with running statistics, so the BN "
-                "alignment objective has nothing to align to; use the 'ce' (needs labels) or 'infomax' "
-                "(label-free) objective instead, e.g. objective weights bn: 0, infomax: 1")
-        self.means: list[torch.Tensor | None] = [None] * len(self.layers)
-        self.vars: list[torch.Tensor | None] = [None] * len(self.layers)
-        self._handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.layers)]
-
-    def _hook(self, i: int):
-        def hook(module, inputs, output):
-            x = inputs[0]
-            dims = [d for d in range(x.dim()) if d != 1]
-            var, mean = torch.var_mean(x.float(), dim=dims, unbiased=False)
-            self.means[i], self.vars[i] = mean, var
-        return hook
-
-    def divergences(self) -> torch.Tensor:
-        """d_l for each layer (see the module docstring), from the last forward pass."""
-        out = []
-        for layer, mu, var in zip(self.layers, self.means, self.vars):
-            rm, rv = layer.running_mean.float(), layer.running_var.float()
-            w2 = (mu - rm) ** 2 + (torch.sqrt(var + EPS) - torch.sqrt(rv + EPS)) ** 2
-            out.append((w2 / (rv + EPS)).mean())
-        return torch.stack(out)
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-    def __enter__(self) -> "BNStatistics":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
+from ..bnstats import BNBatchStats, NoBatchNormError, dataset_bn_divergence, layer_weights  # noqa: F401
 
 
 @dataclass
@@ -120,12 +49,12 @@ class GICObjective:
     """Weighted sum of the objectives on a calibrated batch; returns the loss and its parts."""
 
     def __init__(self, victim: nn.Module, weights: ObjectiveWeights, bn_layer_weights: str | Sequence[float] = "uniform",
-                 label_prior: torch.Tensor | None = None):
+                 label_prior: torch.Tensor | None = None, bn_distance: str = "kl"):
         weights.validate()
         self.victim = victim
         self.weights = weights
-        self.stats = BNStatistics(victim) if weights.bn > 0 else None
-        self.layer_w = layer_weights(len(self.stats.layers), bn_layer_weights) if self.stats else None
+        self.stats = BNBatchStats(victim, bn_distance) if weights.bn > 0 else None
+        self.layer_w = layer_weights(len(self.stats.layers), bn_layer_weights).float() if self.stats else None
         self.label_prior = label_prior
 
     def __call__(self, x_cal: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, float]]:
@@ -153,48 +82,3 @@ class GICObjective:
     def close(self) -> None:
         if self.stats is not None:
             self.stats.remove()
-
-
-@torch.no_grad()
-def dataset_bn_divergence(victim: nn.Module, images: torch.Tensor, device: torch.device | str = "cpu",
-                          batch_size: int = 256, layer_scheme: str | Sequence[float] = "uniform") -> tuple[float, list[float]]:
-    """The BN divergence of a whole image set, from exact dataset-level moments accumulated over batches
-    (not an average of noisy per-batch values). Returns (weighted total, per-layer values)."""
-    device = torch.device(device)
-    victim.eval()
-    layers = batchnorm_layers(victim)
-    if not layers:
-        raise NoBatchNormError("the victim has no BatchNorm layers: the BN divergence is undefined for it")
-    sums = [None] * len(layers)
-    sq = [None] * len(layers)
-    counts = [0] * len(layers)
-
-    def hook(i):
-        def fn(module, inputs, output):
-            x = inputs[0].float()
-            dims = [d for d in range(x.dim()) if d != 1]
-            n = x.numel() // x.shape[1]
-            s, s2 = x.sum(dim=dims).double(), (x * x).sum(dim=dims).double()
-            sums[i] = s if sums[i] is None else sums[i] + s
-            sq[i] = s2 if sq[i] is None else sq[i] + s2
-            counts[i] += n
-        return fn
-
-    handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(layers)]
-    try:
-        for start in range(0, images.shape[0], batch_size):
-            x = images[start:start + batch_size].to(device)
-            x = x.float().div(255.0) if x.dtype == torch.uint8 else x.float()
-            victim(x)
-    finally:
-        for h in handles:
-            h.remove()
-    per_layer = []
-    for layer, s, s2, n in zip(layers, sums, sq, counts):
-        mu = (s / n).float()
-        var = (s2 / n - (s / n) ** 2).clamp_min(0).float()
-        rm, rv = layer.running_mean.float(), layer.running_var.float()
-        w2 = (mu - rm) ** 2 + (torch.sqrt(var + EPS) - torch.sqrt(rv + EPS)) ** 2
-        per_layer.append(float((w2 / (rv + EPS)).mean()))
-    w = layer_weights(len(per_layer), layer_scheme)
-    return float((torch.tensor(per_layer) * w).sum()), per_layer

@@ -283,7 +283,7 @@ def validate_spec(spec: MatrixSpec) -> list[str]:
                 except Exception as exc:
                     problems.append(f"defense {d.label}{' with GIC' if gic else ''} on {ds}: {exc}")
     try:
-        from ..aux import parse_reserved_type
+        from ..auxdata import parse_reserved_type
     except ImportError:  # pragma: no cover
         parse_reserved_type = None
     for x in spec.aux:
