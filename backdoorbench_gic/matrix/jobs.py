@@ -22,14 +22,14 @@ _RECORD_CACHE: dict[tuple[str, str], Any] = {}
 
 def cell_payload(cell: Cell, spec_dict: dict[str, Any]) -> dict[str, Any]:
     return {"kind": "cell", "cell": {"attack": cell.attack, "defense": cell.defense.name,
-                                     "overrides": cell.defense.overrides, "aux": cell.aux, "ratio": cell.size.ratio,
+                                     "overrides": cell.defense.overrides, "display": cell.defense.display, "aux": cell.aux, "ratio": cell.size.ratio,
                                      "n_per_class": cell.size.n_per_class, "seed": cell.seed, "gic": cell.gic},
             "spec": spec_dict}
 
 
 def cell_from_payload(payload: dict[str, Any]) -> Cell:
     c = payload["cell"]
-    return Cell(c["attack"], DefenseEntry(c["defense"], dict(c["overrides"])), c["aux"],
+    return Cell(c["attack"], DefenseEntry(c["defense"], dict(c["overrides"]), c.get("display")), c["aux"],
                 AuxSize(c["ratio"], c["n_per_class"]), int(c["seed"]), bool(c["gic"]))
 
 
@@ -62,7 +62,7 @@ def execute_cell(payload: dict[str, Any], output_dir: Path) -> dict[str, Any]:
         result_file=cell.attack, defense=defense, bb_root=spec["bb_root"], overrides=overrides,
         output_dir=str(output_dir), n_per_class=cell.size.n_per_class, monitor_every=int(spec.get("monitor_every", 0)),
         trust_checkpoint=bool(spec.get("trust_checkpoint", False)), progress=False,
-        extra_row={"cell_id": cell.cell_id, "gic": cell.gic, "defense_label": cell.defense.label,
+        extra_row={"cell_id": cell.cell_id, "gic": cell.gic, "defense_label": cell.defense.shown,
                    "base_defense": DEFENSES.resolve(cell.defense.name), "aux_size_label": cell.size.label,
                    "matrix": spec.get("name", "")},
     )
@@ -118,7 +118,7 @@ def unpack_into(result: dict[str, Any], staging: Path) -> None:
 
 def generate_record(payload: dict[str, Any]) -> dict[str, Any]:
     """Make a missing attack record from the spec's ``generate`` settings (resumable: skipped when present)."""
-    from ..attacks import run_attack_from_settings
+    from ..attacks import run_attack
 
     bb_root = Path(payload["spec"]["bb_root"])
     name = payload["record"]
@@ -126,7 +126,7 @@ def generate_record(payload: dict[str, Any]) -> dict[str, Any]:
         return {"status": "skipped", "record": name}
     settings = dict(payload["generate"])
     try:
-        run_attack_from_settings(settings, save_folder_name=name, bb_root=bb_root)
+        run_attack({**settings, "save_folder_name": name}, bb_root=bb_root, progress=False)
     except Exception:
         return {"status": "failed", "record": name, "error": traceback.format_exc()}
     return {"status": "done", "record": name}

@@ -46,14 +46,20 @@ class AttackEntry:
 class DefenseEntry:
     name: str
     overrides: dict[str, Any] = field(default_factory=dict)
+    display: str | None = None  # the name tables use; set by parse_spec (a user 'label', else the name)
 
     @property
     def label(self) -> str:
-        """Folder-safe name; a hash of the overrides keeps differently configured entries apart."""
+        """Folder-safe name; a hash of the overrides keeps differently configured entries apart, so changing
+        an entry's overrides never reuses results computed with the old ones."""
         if not self.overrides:
             return self.name
         h = hashlib.sha1(json.dumps(self.overrides, sort_keys=True, default=str).encode()).hexdigest()[:6]
         return f"{self.name}-{h}"
+
+    @property
+    def shown(self) -> str:
+        return self.display or self.name
 
 
 @dataclass(frozen=True)
@@ -127,7 +133,8 @@ class MatrixSpec:
         return {
             "name": self.name, "output_root": str(self.output_root), "bb_root": str(self.bb_root),
             "attacks": [{"record": a.record, **({"generate": a.generate} if a.generate else {})} for a in self.attacks],
-            "defenses": [{"name": d.name, "overrides": d.overrides} for d in self.defenses],
+            "defenses": [{"name": d.name, "overrides": d.overrides, **({"label": d.display} if d.display else {})}
+                         for d in self.defenses],
             "aux": self.aux, "aux_sizes": [{"ratio": s.ratio, "n_per_class": s.n_per_class} for s in self.aux_sizes],
             "seeds": self.seeds, "gic": self.gic, "defaults": self.defaults, "gic_overrides": self.gic_overrides,
             "monitor_every": self.monitor_every, "executor": self.executor, "trust_checkpoint": self.trust_checkpoint,
@@ -173,12 +180,20 @@ def parse_spec(data: dict[str, Any], base_dir: Path | None = None, where: str = 
     for i, d in enumerate(_as_list(data.get("defenses"), "defenses", where)):
         if isinstance(d, str):
             d = {"name": d}
-        if not isinstance(d, dict) or "name" not in d or set(d) - {"name", "overrides"}:
-            raise ConfigError(f"{where}: defenses[{i}] must be a name or {{name: NAME, overrides: {{...}}}}, got {d!r}")
+        if not isinstance(d, dict) or "name" not in d or set(d) - {"name", "overrides", "label"}:
+            raise ConfigError(f"{where}: defenses[{i}] must be a name or {{name: NAME, label: SHOWN AS, overrides: "
+                              f"{{...}}}}, got {d!r}")
         overrides = d.get("overrides") or {}
         if not isinstance(overrides, dict):
             raise ConfigError(f"{where}: defenses[{i}].overrides must be a mapping")
-        defenses.append(DefenseEntry(str(d["name"]), dict(overrides)))
+        defenses.append(DefenseEntry(str(d["name"]), dict(overrides), d.get("label")))
+    names = [d.name for d in defenses]
+    defenses = [d if d.display or names.count(d.name) == 1 else DefenseEntry(d.name, d.overrides, d.label)
+                for d in defenses]
+    shown = [d.shown for d in defenses]
+    if len(set(shown)) != len(shown):
+        raise ConfigError(f"{where}: two defense entries would share the name {sorted(s for s in shown if shown.count(s) > 1)[0]!r} "
+                          "in the tables; give them distinct 'label' keys")
     aux = [str(x) for x in _as_list(data.get("aux"), "aux", where)]
     sizes = []
     for i, s in enumerate(data.get("aux_sizes") or [{}]):
@@ -237,7 +252,7 @@ def validate_spec(spec: MatrixSpec) -> list[str]:
     """Check every name against the registries, every defense config (with its overrides), and every record
     that is not generated; returns the problems (empty when the spec can run). Nothing is trained."""
     from ..config import load_config
-    from ..registry import ATTACKS, DEFENSES, UnknownNameError
+    from ..registry import DEFENSES, UnknownNameError
     from ..records import load_attack_record
 
     problems: list[str] = []
@@ -258,12 +273,13 @@ def validate_spec(spec: MatrixSpec) -> list[str]:
         elif a.generate is None:
             problems.append(f"record {a.record}: no {record_dir / 'attack_result.pt'} and no 'generate' settings to make it")
         else:
-            attack = a.generate.get("attack")
             try:
-                ATTACKS.resolve(str(attack))
-            except UnknownNameError as exc:
-                problems.append(f"attacks[{a.record}].generate.attack: {exc}")
-            datasets[a.record] = str(a.generate.get("dataset", ""))
+                from ..attacks import build_attack
+
+                cfg = build_attack({**a.generate, "save_folder_name": a.record}).config
+                datasets[a.record] = cfg.dataset
+            except Exception as exc:  # unknown attack name, unknown key, bad value: say which
+                problems.append(f"attacks[{a.record}].generate: {exc}")
     for d in spec.defenses:
         try:
             cls = DEFENSES.get(d.name)

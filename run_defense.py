@@ -1,0 +1,25 @@
+#!/usr/bin/env python
+"""BackdoorBench-style entry point.
+
+    python run_defense.py                      # the embedded demo: backdoor a victim on scikit-learn's digits,
+                                               # purify it with FT (and GIC+FT) on reserved and shifted data
+    python run_defense.py --dataset fashion-mnist        # the demo on another dataset
+    python run_defense.py --result_file R --defense ft [--yaml_path Y --dataset D --device cuda:0 ...]
+                                               # one defense on one record (as BackdoorBench's defense scripts)
+"""
+import sys
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--result_file" in argv or any(a.startswith("--result_file=") for a in argv):
+        from backdoorbench_gic.commands.defend import main as defend_main
+
+        return defend_main(argv)
+    from backdoorbench_gic.demo import main as demo_main
+
+    return demo_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

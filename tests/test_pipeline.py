@@ -1,0 +1,103 @@
+"""One defense end to end: record -> auxiliary set -> defense -> evaluation -> BackdoorBench files."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from backdoorbench_gic.cli import main as bbgic
+from backdoorbench_gic.models import build_model
+from backdoorbench_gic.pipeline import DefenseRequest, default_variant, run_defense
+from backdoorbench_gic.testing import make_bb_record
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    r = tmp_path_factory.mktemp("pipe")
+    make_bb_record(r, "victim", n_train=200, n_test=60, train_steps=60, model_name="smallcnn", width=8, trigger_size=8)
+    return r
+
+
+def test_run_defense_writes_backdoorbench_layout_and_tidy_row(root):
+    row = run_defense(DefenseRequest(result_file="victim", defense="ft", bb_root=str(root), device="cpu",
+                                     overrides={"reserved_type": "train", "ratio": 0.25, "epochs": 2, "batch_size": 25},
+                                     monitor_every=1, progress=False))
+    out = root / "record" / "victim" / "defense" / "ft" / "cifar10_train"
+    for name in ("defense_result.pt", "ft_df.csv", "ft_df_summary.csv", "result.json", "result.csv", "log/index.txt"):
+        assert (out / name).is_file(), name
+    assert (out / "checkpoint").is_dir() and list((out / "log").glob("*.log"))
+    saved = torch.load(out / "defense_result.pt", weights_only=True)
+    assert list(saved) == ["model_name", "num_classes", "model"] and saved["model_name"] == "smallcnn"
+    build_model("smallcnn", 10, in_channels=3, width=8).load_state_dict(saved["model"], strict=True)
+    index = [int(x) for x in (out / "log" / "index.txt").read_text().split()]
+    assert len(index) == row["aux_size"] == 50 and len(set(index)) == 50
+    df = pd.read_csv(out / "ft_df.csv", index_col=0)
+    assert len(df) == 2 and {"test_acc", "test_asr", "test_ra", "train_epoch_loss_avg_over_batch"} <= set(df.columns)
+    summary = pd.read_csv(out / "ft_df_summary.csv", index_col=0)
+    assert summary.loc["last", "test_acc"] == pytest.approx(row["acc_after"])
+    assert summary.loc["last", "test_asr"] == pytest.approx(row["asr_after"])
+    stored = json.loads((out / "result.json").read_text())
+    for key in ("attack", "defense", "aux_type", "seed", "acc_before", "asr_before", "ra_before", "acc_after",
+                "asr_after", "ra_after", "der", "rir", "wall_seconds", "device"):
+        assert key in stored, key
+    assert stored["der"] == pytest.approx((max(0, row["asr_before"] - row["asr_after"])
+                                           - max(0, row["acc_before"] - row["acc_after"]) + 1) / 2)
+    # the victim's own numbers are cached next to the record and reused
+    assert (root / "record" / "victim" / "bbgic_victim_metrics.json").is_file()
+
+
+def test_same_seed_same_numbers_and_monitor_off(root, tmp_path):
+    rows = [run_defense(DefenseRequest(result_file="victim", defense="fst", bb_root=str(root), device="cpu",
+                                       output_dir=str(tmp_path / f"o{i}"), monitor_every=0, progress=False,
+                                       overrides={"reserved_type": "train", "ratio": 0.2, "epochs": 1, "batch_size": 20}))
+            for i in range(2)]
+    assert rows[0]["acc_after"] == rows[1]["acc_after"] and rows[0]["asr_after"] == rows[1]["asr_after"]
+    a = torch.load(tmp_path / "o0" / "defense_result.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "o1" / "defense_result.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_variant_names_follow_backdoorbenchER():
+    assert default_variant("cifar10", "reserved_noise", None) == "cifar10_reserved_noise"
+    assert default_variant("cifar10", "reserved", "./config/defense/ft/cifar10_reserved.yaml") == "cifar10_reserved"
+    assert default_variant("fmnist", "mix:reserved+synthetic:inversion", None) == "fmnist_mix_reserved+synthetic_inversion"
+
+
+def test_cli_defend_accepts_config_keys_as_flags_and_rejects_unknown(root, tmp_path, capsys):
+    code = bbgic(["defend", "--result_file", "victim", "--bb_root", str(root), "--defense", "ft", "--device", "cpu",
+                  "--reserved_type", "train", "--ratio", "0.2", "--epochs", "1", "--batch_size=20", "--no_progress",
+                  "--output_dir", str(tmp_path / "out"), "--monitor_every", "0"])
+    assert code == 0 and "DER" in capsys.readouterr().out
+    code = bbgic(["defend", "--result_file", "victim", "--bb_root", str(root), "--defense", "ft", "--device", "cpu",
+                  "--epochz", "3", "--output_dir", str(tmp_path / "bad")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "'epochz'" in err and "Did you mean epochs" in err
+    assert not (tmp_path / "bad" / "defense_result.pt").exists()
+
+
+def test_run_defense_script_with_backdoorbench_flags(root, tmp_path):
+    out = subprocess.run([sys.executable, str(REPO / "run_defense.py"), "--result_file", "victim", "--bb_root", str(root),
+                          "--defense", "ft", "--device", "cpu", "--dataset", "cifar10", "--reserved_type", "train",
+                          "--ratio", "0.2", "--epochs", "1", "--output_dir", str(tmp_path / "o"), "--monitor_every", "0",
+                          "--no_progress"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "o" / "defense_result.pt").is_file()
+
+
+def test_gic_defense_through_the_pipeline(root, tmp_path, monkeypatch):
+    monkeypatch.setenv("BBGIC_CACHE_DIR", str(tmp_path / "cache"))
+    row = run_defense(DefenseRequest(result_file="victim", defense="gic", bb_root=str(root), device="cpu",
+                                     monitor_every=0, progress=False,
+                                     overrides={"base": "ft", "reserved_type": "train", "ratio": 0.2, "epochs": 1,
+                                                "batch_size": 20, "gic_steps": 5, "gic_batch_size": 20}))
+    out = root / "record" / "victim" / "defense" / "gic-ft" / "cifar10_train"
+    assert (out / "gic-ft_df_summary.csv").is_file() and (out / "defense_result.pt").is_file()
+    assert row["defense"] == "gic-ft" and row["extra_gic_steps"] == 5.0
+    assert "extra_bn_div_after" in row and "extra_drift_share" in row
