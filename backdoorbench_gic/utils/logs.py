@@ -33,12 +33,14 @@ def progress_enabled(progress: bool | None = None) -> bool:
 def console_logging(level: int = logging.INFO) -> None:
     """Used by the CLI entry points only: print package INFO lines to stderr once."""
     logger = logging.getLogger(PACKAGE_LOGGER)
-    if not any(getattr(h, "_bbgic_console", False) for h in logger.handlers):
-        h = logging.StreamHandler(sys.stderr)
-        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-        h._bbgic_console = True  # type: ignore[attr-defined]
-        logger.addHandler(h)
-    logger.setLevel(level)
+    handler = next((h for h in logger.handlers if getattr(h, "_bbgic_console", False)), None)
+    if handler is None:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        handler._bbgic_console = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    handler.setLevel(level)  # run logs lower the logger's level to DEBUG for their file; the console keeps its own
+    logger.setLevel(min(level, logger.level) if logger.level else level)
 
 
 @contextlib.contextmanager
