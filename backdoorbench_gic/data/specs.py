@@ -43,8 +43,9 @@ _SPECS = {
     "mnist": DatasetSpec("mnist", 10, (28, 28, 1), (0.5,), (0.5,)),
     # ours, not BackdoorBench's: MNIST's constants, so the two grey-scale sets behave alike
     "fashion-mnist": DatasetSpec("fashion-mnist", 10, (28, 28, 1), (0.5,), (0.5,)),
-    # ours: scikit-learn's 8x8 digits upsampled (bilinear) to 16x16, MNIST's constants
-    "digits": DatasetSpec("digits", 10, (16, 16, 1), (0.5,), (0.5,)),
+    # ours: scikit-learn's 8x8 digits upsampled (bilinear) to 16x16, MNIST's constants; the crop padding scales
+    # with the image (BackdoorBench's 4 px at 32 px is 2 px here), or a shifted crop would hide the corner trigger
+    "digits": DatasetSpec("digits", 10, (16, 16, 1), (0.5,), (0.5,), crop_padding=2),
     # ours: Fashion-MNIST zero-padded to 32x32 and repeated to 3 channels, for full-size PreActResNet-18 runs
     "fashion-mnist-3x32": DatasetSpec("fashion-mnist-3x32", 10, (32, 32, 3), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
 }

@@ -60,7 +60,9 @@ class LocalExecutor:
     def __init__(self, workers: int | None = None, threads_per_worker: int | None = None):
         self.gpus = J.visible_gpus()
         self.workers = int(workers) if workers else max(1, len(self.gpus))
-        self.threads = threads_per_worker
+        # CPU workers share the cores: torch's OpenMP threads spin while they wait, so oversubscribing the
+        # cores (every worker using all of them) is many times slower, not a little
+        self.threads = threads_per_worker or (None if self.gpus else max(1, (os.cpu_count() or 1) // self.workers))
 
     def run(self, payloads: list[dict[str, Any]], on_result: Handler, desc: str = "jobs") -> None:
         if not payloads:
