@@ -38,7 +38,7 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     # 1,797 images: a 20 % reserved split leaves ~1,440 for the victim; the defense gets 20 % of that (~290)
-    "digits": Preset(20, "preactresnet18", 16, 12, 64, 0.01, 0.2, 20, "reserved_noise"),
+    "digits": Preset(20, "preactresnet18", 16, 20, 32, 0.02, 0.2, 20, "reserved_noise"),
     "mnist": Preset(5, "preactresnet18", 16, 2, 128, 0.01, 0.05, 10, "reserved_noise"),
     "fashion-mnist": Preset(5, "preactresnet18", 16, 3, 128, 0.01, 0.05, 10, "reserved_noise"),
 }
