@@ -52,6 +52,11 @@ def patch_files() -> dict[str, bytes]:
             for p in sorted(root.rglob("*")) if p.is_file() and "__pycache__" not in p.parts}
 
 
+def _mode(rel: str) -> int:
+    """The permissions a file gets, here and in the git patch: scripts executable, the rest plain."""
+    return 0o755 if rel.endswith(".py") else 0o644
+
+
 def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -88,6 +93,9 @@ def install(path: str | os.PathLike, force: bool = False) -> PatchReport:
         target = root / rel
         if target.exists() and rel not in owned and not force:
             raise CheckoutError(f"{target} exists and was not written by bbgic patch; pass --force to overwrite it")
+        if (rel in owned and target.is_file() and _sha(target.read_bytes()) not in (owned[rel], _sha(files[rel]))
+                and not force):
+            raise CheckoutError(f"{target} was modified after installation; pass --force to overwrite it")
     created_dirs = set(manifest.get("dirs", []))
     for rel, data in files.items():
         target = root / rel
@@ -98,8 +106,7 @@ def install(path: str | os.PathLike, force: bool = False) -> PatchReport:
             report.skipped.append(rel)
         else:
             atomic_write_bytes(target, data)
-            if rel.endswith(".py"):
-                target.chmod(0o755)
+            target.chmod(_mode(rel))  # the atomic writer's temporary file is private (0600)
             report.installed.append(rel)
         owned[rel] = _sha(data)
     atomic_write_json(root / MANIFEST, {"tool": "backdoorbench-gic", "version": __version__, "files": owned,
@@ -167,8 +174,11 @@ def unified_patch() -> str:
     chunks = []
     for rel, data in patch_files().items():
         text = data.decode("utf-8")
-        lines = text.splitlines()
-        mode = "100755" if rel.endswith(".py") else "100644"
+        # split on "\n" only: str.splitlines also breaks at form feeds and other separators, which git does not
+        lines = text.split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+        mode = f"100{_mode(rel):o}"
         chunks.append(f"diff --git a/{rel} b/{rel}\nnew file mode {mode}\n--- /dev/null\n+++ b/{rel}\n"
                       f"@@ -0,0 +1,{len(lines)} @@\n" + "".join(f"+{line}\n" for line in lines)
                       + ("" if text.endswith("\n") else "\\ No newline at end of file\n"))
@@ -182,4 +192,5 @@ def patch_file_path() -> Path:
 def write_patch_file(target: Path | None = None) -> Path:
     target = target or patch_file_path()
     atomic_write_bytes(target, unified_patch().encode("utf-8"))
+    target.chmod(0o644)
     return target

@@ -112,3 +112,44 @@ def test_per_source_fits_one_g_per_provenance(victim_record, tmp_path, monkeypat
     assert cal.source_names == ["reserved", "dark"] and torch.equal(cal.sources, mix.sources)
     one = GICDefense.from_sources(None, None, {**cli, "per_source": False}).calibrate(victim, mix, device=torch.device("cpu"))
     assert not torch.allclose(one[0].images, cal.images)
+
+
+GIC_DATASETS = ("config", "cifar10", "cifar100", "gtsrb", "tiny", "fashion-mnist", "mnist", "digits")
+
+
+@pytest.mark.parametrize("stem", GIC_DATASETS)
+def test_packaged_gic_yaml_is_used_and_leaves_the_base_defense_alone(stem, tmp_path, monkeypatch):
+    import shutil
+    from dataclasses import fields
+
+    from backdoorbench_gic import config as config_mod
+    from backdoorbench_gic.config import default_yaml_for, read_yaml
+    from backdoorbench_gic.gic.defense import GIC_KEYS, GICDefenseConfig
+    from backdoorbench_gic.resources import defense_configs_dir, patches_dir
+
+    dataset = None if stem == "config" else stem
+    packaged = defense_configs_dir() / "gic" / f"{stem}.yaml"
+    assert default_yaml_for("gic", dataset) == packaged
+    values = read_yaml(packaged)
+    assert set(values) <= GIC_KEYS, "a common key in the gic yaml would override the base defense's own yaml"
+    assert "base" not in values, "a packaged base would override the gic-<base> aliases"
+    defaults = {f.name: f.default for f in fields(GICDefenseConfig) if f.name in values}
+    assert values == defaults  # the packaged values are GICConfig's defaults (universal L-inf prompt, BN, 16/255)
+    assert values["delta"] == 16 / 255 and values["gic_lr"] == 0.05 and values["gic_steps"] == 100
+    d = GICDefense.from_sources(dataset)
+    assert all(getattr(d.config, k) == v for k, v in values.items())
+    # gic with base ft trains exactly as ft does; an alias still picks its base
+    assert d.base.name == "ft" and d.base.config == DEFENSES.get("ft").from_sources(dataset).config
+    assert DEFENSES.get("gic-sau").from_sources(dataset).base.config == DEFENSES.get("sau").from_sources(dataset).config
+    # BackdoorBench's copies (bbgic patch) carry the same GIC values
+    bb_yaml = patches_dir() / "backdoorbench" / "config" / "defense" / "gic" / f"{stem}.yaml"
+    if bb_yaml.is_file():
+        theirs = read_yaml(bb_yaml)
+        assert {k: theirs[k] for k in values if k in theirs} == {k: values[k] for k in values if k in theirs}
+
+    # and the lookup really reads that file: a changed copy changes the config
+    copy = tmp_path / "defense_configs"
+    shutil.copytree(defense_configs_dir(), copy)
+    (copy / "gic" / f"{stem}.yaml").write_text(packaged.read_text().replace("gic_steps: 100", "gic_steps: 7"))
+    monkeypatch.setattr(config_mod, "defense_configs_dir", lambda: copy)
+    assert GICDefense.from_sources(dataset).config.gic_steps == 7
