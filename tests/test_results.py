@@ -65,3 +65,15 @@ def test_metric_log_summary_nan_flags():
     assert s.loc["last", "a"] == 3.0 and s.loc["valid_max", "b"] == 2.0
     assert bool(s.loc["exist_nan_value", "b"]) and not bool(s.loc["exist_nan_value", "a"])
     assert math.isnan(log.dataframe().loc[0, "b"])
+
+
+def test_atomic_writes_get_the_usual_file_mode_not_mkstemps_0600(tmp_path):
+    """Results shared with a group (a benchmark folder, a BackdoorBench checkout) must not come out private."""
+    import os
+
+    from backdoorbench_gic.utils.io import atomic_write_text
+
+    mask = os.umask(0)
+    os.umask(mask)
+    p = atomic_write_text(tmp_path / "a.txt", "x")
+    assert (p.stat().st_mode & 0o777) == (0o666 & ~mask) != 0o600

@@ -14,9 +14,21 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)  # the only way to read it; done once at import, before any worker threads exist
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_read_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path next to ``target``; on success it is renamed onto ``target``."""
+    """Yield a temporary path next to ``target``; on success it is renamed onto ``target``.
+
+    mkstemp creates the file 0600; the result gets the mode a plain ``open()`` would have given it (0666 minus
+    the umask), so results stay readable by the group that shares a benchmark folder."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix + ".tmp", dir=target.parent)
@@ -27,6 +39,7 @@ def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         with open(tmp_path, "rb+") as fh:
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp_path, _FILE_MODE)
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():
