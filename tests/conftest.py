@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
 os.environ.setdefault("BBGIC_NO_PROGRESS", "1")
+# GIC fits and inversions are cached by content: keep the tests' caches out of the user's home
+os.environ.setdefault("BBGIC_CACHE_DIR", tempfile.mkdtemp(prefix="bbgic_test_cache_"))
 
 
 @pytest.fixture(scope="session")

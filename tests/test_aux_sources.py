@@ -165,7 +165,7 @@ def test_float_sets_are_quantised_with_a_warning_or_refused(mnist, tmp_path, cap
 
 
 def test_inversion_is_seeded_and_in_range(mnist):
-    opts = {"inversion_steps": 4, "inversion_batch_size": 20}
+    opts = {"inversion_steps": 4, "inversion_batch_size": 20, "inversion_cache": False}
     a = build_aux_set(mnist, "synthetic:inversion", n_per_class=2, seed=0, options=opts)
     b = build_aux_set(mnist, "synthetic:inversion", n_per_class=2, seed=0, options=opts)
     c = build_aux_set(mnist, "synthetic:inversion", n_per_class=2, seed=1, options=opts)
@@ -175,6 +175,32 @@ def test_inversion_is_seeded_and_in_range(mnist):
     assert a.class_counts(10).tolist() == [2] * 10 and a.source_names == ["synthetic:inversion"]
     with pytest.raises(AuxDataError, match="steps must be >= 1"):
         build_aux_set(mnist, "synthetic:inversion", n_per_class=1, options={"inversion_steps": 0})
+
+
+def test_inversion_cache_reuses_identical_requests_only(mnist, tmp_path, monkeypatch):
+    """A matrix asks for the same inversion once per defense: the second request is read back, not recomputed;
+    another seed or setting is a new entry, and a damaged entry is recomputed rather than trusted."""
+    from backdoorbench_gic.auxdata import inversion
+
+    monkeypatch.setenv("BBGIC_CACHE_DIR", str(tmp_path / "cache"))
+    calls = []
+    real = inversion.invert_victim
+    monkeypatch.setattr(inversion, "invert_victim", lambda *a, **k: calls.append(k["seed"]) or real(*a, **k))
+    opts = {"inversion_steps": 3, "inversion_batch_size": 20}
+    a = build_aux_set(mnist, "synthetic:inversion", n_per_class=2, seed=0, options=opts)
+    b = build_aux_set(mnist, "synthetic:inversion", n_per_class=2, seed=0, options=opts)
+    assert calls == [0] and torch.equal(a.images, b.images) and a.labels.tolist() == b.labels.tolist()
+    build_aux_set(mnist, "synthetic:inversion", n_per_class=2, seed=1, options=opts)
+    build_aux_set(mnist, "synthetic:inversion", n_per_class=2, seed=0, options={**opts, "inversion_steps": 4})
+    assert calls == [0, 1, 0]
+    entries = sorted((tmp_path / "cache" / "inversion").glob("*.pt"))
+    assert len(entries) == 3
+    for e in entries:
+        e.write_bytes(b"not a checkpoint")
+    c = build_aux_set(mnist, "synthetic:inversion", n_per_class=2, seed=0, options=opts)
+    assert calls == [0, 1, 0, 0] and torch.equal(c.images, a.images)
+    build_aux_set(mnist, "synthetic:inversion", n_per_class=2, seed=0, options={**opts, "inversion_cache": False})
+    assert calls == [0, 1, 0, 0, 0]
 
 
 def test_inversion_moves_toward_the_running_statistics(mnist):

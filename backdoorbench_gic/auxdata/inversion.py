@@ -193,3 +193,61 @@ def invert_victim(model: torch.nn.Module, num_classes: int, per_class: int, chw:
             p.requires_grad_(r)
         model.train(was_training)
     return out.clamp_(0.0, 1.0), labels, last
+
+
+def inversion_cache_key(model: torch.nn.Module, num_classes: int, per_class: int, chw: tuple[int, int, int],
+                        seed: int, config: InversionConfig) -> str:
+    """Content key of one inversion: the victim's weights, what is asked for, and every setting."""
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    h = hashlib.sha1()
+    net = model.net if hasattr(model, "net") else model
+    for k, v in sorted(net.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    h.update(json.dumps({"num_classes": num_classes, "per_class": per_class, "chw": list(chw), "seed": int(seed),
+                         **asdict(config)}, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:20]
+
+
+def cached_invert_victim(model: torch.nn.Module, num_classes: int, per_class: int, chw: tuple[int, int, int], *,
+                         seed: int = 0, config: InversionConfig | None = None, device: torch.device | str = "cpu",
+                         cache_dir=None) -> tuple[torch.Tensor, np.ndarray, dict]:
+    """:func:`invert_victim` behind a content cache: a matrix asks for the same inversion once per defense and
+    with/without GIC; synthesising it again each time would cost minutes per cell on a CPU.
+
+    The cache holds plain tensors only (loaded with ``weights_only=True``); ``cache_dir=None`` disables it."""
+    from pathlib import Path
+
+    from ..utils.io import atomic_torch_save
+
+    cfg = config or InversionConfig()
+    if cache_dir is None:
+        return invert_victim(model, num_classes, per_class, chw, seed=seed, config=cfg, device=device)
+    path = Path(cache_dir) / f"{inversion_cache_key(model, num_classes, per_class, chw, seed, cfg)}.pt"
+    if path.is_file():
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+            log.info("synthetic:inversion: reusing %s", path)
+            return data["images"], data["labels"].numpy(), {k: float(v) for k, v in data["stats"].items()}
+        except Exception as exc:  # a damaged cache entry is recomputed, never trusted
+            log.warning("ignoring unreadable inversion cache %s (%s)", path, exc)
+    images, labels, stats = invert_victim(model, num_classes, per_class, chw, seed=seed, config=cfg, device=device)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_torch_save({"images": images, "labels": torch.as_tensor(labels),
+                           "stats": {k: torch.tensor(float(v)) for k, v in stats.items()}}, path)
+    except OSError as exc:
+        log.debug("could not cache the inversion: %s", exc)
+    return images, labels, stats
+
+
+def inversion_cache_dir():
+    """``$BBGIC_CACHE_DIR/inversion`` (default ``~/.cache/backdoorbench_gic/gic/inversion``), beside GIC's fits."""
+    import os
+    from pathlib import Path
+
+    root = os.environ.get("BBGIC_CACHE_DIR", Path.home() / ".cache" / "backdoorbench_gic" / "gic")
+    return Path(root) / "inversion"

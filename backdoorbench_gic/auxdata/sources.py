@@ -338,7 +338,8 @@ def external_source(ctx: AuxContext, arg: str | None) -> Pool:
                                     "(DeepInversion's norms)"),
     "inversion_tv_weight": (1e-2, "inversion: weight of the total-variation prior"),
     "inversion_l2_weight": (1e-4, "inversion: weight of the l2 prior"),
-    "inversion_jitter": (2, "inversion: random shift (pixels) per step")})
+    "inversion_jitter": (2, "inversion: random shift (pixels) per step"),
+    "inversion_cache": (True, "inversion: reuse an identical earlier inversion from $BBGIC_CACHE_DIR/inversion")})
 def synthetic_source(ctx: AuxContext, arg: str | None) -> Pool:
     """Unseen, OOD synthetic: synthetic:<ImageFolder>, or synthetic:inversion (images synthesised from the victim)."""
     name = str(arg)
@@ -346,7 +347,7 @@ def synthetic_source(ctx: AuxContext, arg: str | None) -> Pool:
         src = f"synthetic:{name}"
         folder = resolve_user_path(name, ctx, src)
         return Pool.from_imageset(_folder_imageset(ctx, folder, src, ctx.opt("label_map")), src, str(folder))
-    from .inversion import InversionConfig, invert_victim
+    from .inversion import InversionConfig, cached_invert_victim, inversion_cache_dir
 
     per_class = ctx.requested_per_class()
     if per_class < 1:
@@ -363,8 +364,11 @@ def synthetic_source(ctx: AuxContext, arg: str | None) -> Pool:
         cfg.validate()
     except ValueError as exc:
         raise AuxDataError(str(exc)) from None
-    images, labels, stats = invert_victim(ctx.victim(), ctx.num_classes, per_class, ctx.chw, seed=ctx.seed, config=cfg,
-                                          device=ctx.device)
+    use_cache = ctx.opt("inversion_cache", True)
+    use_cache = use_cache if isinstance(use_cache, bool) else str(use_cache).lower() not in ("0", "false", "no", "off")
+    cache = inversion_cache_dir() if use_cache else None
+    images, labels, stats = cached_invert_victim(ctx.victim(), ctx.num_classes, per_class, ctx.chw, seed=ctx.seed,
+                                                 config=cfg, device=ctx.device, cache_dir=cache)
     log.info("synthetic:inversion: %d images (%d per class), last batch: victim accuracy %.3f, BN loss %.3f",
              len(labels), per_class, stats.get("acc", float("nan")), stats.get("bn", float("nan")))
     src = "synthetic:inversion"
