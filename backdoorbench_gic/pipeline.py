@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from .data.imageset import ImageSet
 from .evaluation import Metrics, compare, evaluate
 from .records import AttackRecord, load_attack_record
 from .registry import DEFENSES
@@ -50,6 +52,9 @@ class DefenseRequest:
     dataset_dir: str | None = None
     progress: bool | None = None
     eval_batch_size: int = 512
+    # evaluate on a fixed subset of at most this many clean and this many poisoned test images (None: all).
+    # For CPU-scale matrices only: the subset is the same for every cell and is recorded in the row.
+    eval_limit: int | None = None
     extra_row: dict[str, Any] = field(default_factory=dict)  # copied into the tidy row (matrix cell keys)
 
 
@@ -61,10 +66,28 @@ def _state_fingerprint(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
-def victim_metrics(record: AttackRecord, model: torch.nn.Module, device: torch.device, batch_size: int = 512) -> Metrics:
-    """The victim's own C-Acc/ASR/RA, cached next to the record (keyed by a hash of its weights), so that the
-    cells of a matrix do not re-evaluate the same victim."""
-    cache = record.record_dir / "bbgic_victim_metrics.json"
+def eval_sets(record: AttackRecord, limit: int | None) -> tuple[ImageSet, ImageSet | None]:
+    """(clean test, poisoned test), or fixed subsets of at most ``limit`` images each: positions drawn once with
+    seed 0, so every cell of a matrix (and the victim) is measured on the same images."""
+    clean, bd = record.clean_test, record.bd_test
+    if not limit:
+        return clean, bd
+
+    def pick(data: ImageSet) -> ImageSet:
+        if len(data) <= limit:
+            return data
+        pos = np.sort(np.random.default_rng(0).permutation(len(data))[:limit])
+        return data.subset(pos, name=f"{data.name}[{limit}]")
+
+    return pick(clean), (pick(bd) if bd is not None else None)
+
+
+def victim_metrics(record: AttackRecord, model: torch.nn.Module, device: torch.device, batch_size: int = 512,
+                   eval_limit: int | None = None) -> Metrics:
+    """The victim's own C-Acc/ASR/RA, cached next to the record (keyed by a hash of its weights and the test
+    subset), so that the cells of a matrix do not re-evaluate the same victim."""
+    suffix = f"_eval{eval_limit}" if eval_limit else ""
+    cache = record.record_dir / f"bbgic_victim_metrics{suffix}.json"
     key = _state_fingerprint(record.state_dict)
     if cache.is_file():
         try:
@@ -73,7 +96,8 @@ def victim_metrics(record: AttackRecord, model: torch.nn.Module, device: torch.d
                 return Metrics(**data["metrics"])
         except (ValueError, TypeError, KeyError):
             pass
-    m = evaluate(model, record.clean_test, record.bd_test, device=device, batch_size=batch_size)
+    clean_test, bd_test = eval_sets(record, eval_limit)
+    m = evaluate(model, clean_test, bd_test, device=device, batch_size=batch_size)
     try:
         atomic_write_json(cache, {"fingerprint": key, "metrics": m.as_dict()})
     except OSError as exc:  # a read-only record folder is fine
@@ -116,7 +140,8 @@ def run_defense(req: DefenseRequest, record: AttackRecord | None = None) -> dict
         log.info("config: %r", cfg)
         generator = seed_everything(cfg.random_seed)
         victim = record.build_model().to(device)
-        before = victim_metrics(record, victim, device, req.eval_batch_size)
+        before = victim_metrics(record, victim, device, req.eval_batch_size, req.eval_limit)
+        clean_test, bd_test = eval_sets(record, req.eval_limit)
         log.info("victim: C-Acc %.4f ASR %.4f RA %.4f", before.acc, before.asr, before.ra)
 
         t_aux = time.perf_counter()
@@ -132,8 +157,7 @@ def run_defense(req: DefenseRequest, record: AttackRecord | None = None) -> dict
         def monitor(model: torch.nn.Module) -> dict[str, float]:
             epoch_counter["n"] += 1
             if req.monitor_every and epoch_counter["n"] % req.monitor_every == 0:
-                return evaluate(model, record.clean_test, record.bd_test, device=device,
-                                batch_size=req.eval_batch_size).as_row()
+                return evaluate(model, clean_test, bd_test, device=device, batch_size=req.eval_batch_size).as_row()
             return {}
 
         torch.manual_seed(cfg.random_seed)
@@ -141,7 +165,7 @@ def run_defense(req: DefenseRequest, record: AttackRecord | None = None) -> dict
         result = defense.purify(victim, aux, device=device, train_augment=TrainAugment.for_spec(record.spec),
                                 monitor=monitor, progress=req.progress)
         defense_seconds = time.perf_counter() - t_def
-        after = evaluate(result.model, record.clean_test, record.bd_test, device=device, batch_size=req.eval_batch_size)
+        after = evaluate(result.model, clean_test, bd_test, device=device, batch_size=req.eval_batch_size)
         log.info("purified: C-Acc %.4f ASR %.4f RA %.4f (%.1f s)", after.acc, after.asr, after.ra, defense_seconds)
 
         history = MetricLog(result.history)
@@ -162,6 +186,8 @@ def run_defense(req: DefenseRequest, record: AttackRecord | None = None) -> dict
             "aux_size": len(aux),
             "seed": cfg.random_seed,
             **compare(before, after),
+            "eval_n_clean": len(clean_test),
+            "eval_n_bd": len(bd_test) if bd_test is not None else 0,
             "aux_seconds": aux_seconds,
             "defense_seconds": defense_seconds,
             "wall_seconds": time.perf_counter() - t0,

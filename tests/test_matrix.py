@@ -76,6 +76,25 @@ def test_spec_structure_errors_name_the_key(bb_root, tmp_path):
         load_spec(write_spec(tmp_path / "s.yaml", bb_root, "o", defences=["ft"]))
     with pytest.raises(ConfigError, match="ratio"):
         load_spec(write_spec(tmp_path / "s.yaml", bb_root, "o", aux_sizes=[{"ratio": 2}]))
+    with pytest.raises(ConfigError, match="eval_limit must be a positive"):
+        load_spec(write_spec(tmp_path / "s.yaml", bb_root, "o", eval_limit=-5))
+    with pytest.raises(ConfigError, match="'aux_options' must be a mapping"):
+        load_spec(write_spec(tmp_path / "s.yaml", bb_root, "o", aux_options=["inversion_steps", 5]))
+
+
+def test_spec_eval_limit_and_aux_options_reach_every_cell(bb_root, tmp_path):
+    spec = load_spec(write_spec(tmp_path / "s.yaml", bb_root, str(tmp_path / "out"), seeds=[0],
+                                defenses=[{"name": "ft", "overrides": {"epochs": 1, "batch_size": 20}}],
+                                aux=["synthetic:inversion"], aux_sizes=[{"n_per_class": 2}], eval_limit=20,
+                                aux_options={"inversion_steps": 2, "inversion_batch_size": 20}))
+    assert run_matrix(spec).counts == {"done": 1}
+    row = collect_results(tmp_path / "out").iloc[0]
+    assert row["eval_n_clean"] == 20 and row["aux_size"] == 20
+    bad = load_spec(write_spec(tmp_path / "s2.yaml", bb_root, str(tmp_path / "out2"), seeds=[0],
+                               defenses=[{"name": "ft", "overrides": {"epochs": 1, "batch_size": 20}}],
+                               aux=["synthetic:inversion"], aux_sizes=[{"n_per_class": 2}],
+                               aux_options={"inversion_steps": 0}))
+    assert run_matrix(bad).counts == {"failed": 1}  # the option reached the source, which refused it
 
 
 def _wait_for(predicate, timeout: float, what: str):

@@ -101,3 +101,27 @@ def test_gic_defense_through_the_pipeline(root, tmp_path, monkeypatch):
     assert (out / "gic-ft_df_summary.csv").is_file() and (out / "defense_result.pt").is_file()
     assert row["defense"] == "gic-ft" and row["extra_gic_steps"] == 5.0
     assert "extra_bn_div_after" in row and "extra_drift_share" in row
+
+
+def test_eval_limit_measures_every_run_on_the_same_fixed_subset(root, tmp_path):
+    """CPU-scale matrices evaluate on a fixed subset: the same images for the victim and every cell, the sizes
+    in the row, and a victim cache that never mixes subset and full numbers."""
+    from backdoorbench_gic.evaluation import evaluate
+    from backdoorbench_gic.pipeline import eval_sets
+    from backdoorbench_gic.records import load_attack_record
+
+    record = load_attack_record(root / "record" / "victim", root)
+    a_clean, a_bd = eval_sets(record, 25)
+    b_clean, b_bd = eval_sets(record, 25)
+    assert len(a_clean) == 25 and len(a_bd) == 25
+    assert torch.equal(a_clean.indices, b_clean.indices) and torch.equal(a_bd.indices, b_bd.indices)
+    assert eval_sets(record, None)[0] is record.clean_test and len(eval_sets(record, 10_000)[0]) == len(record.clean_test)
+    req = dict(result_file="victim", defense="ft", bb_root=str(root), device="cpu", monitor_every=0, progress=False,
+               overrides={"reserved_type": "train", "ratio": 0.25, "epochs": 1, "batch_size": 25})
+    row = run_defense(DefenseRequest(**req, output_dir=str(tmp_path / "sub"), eval_limit=25))
+    full = run_defense(DefenseRequest(**req, output_dir=str(tmp_path / "full")))
+    assert row["eval_n_clean"] == 25 and full["eval_n_clean"] == len(record.clean_test)
+    victim = record.build_model().eval()
+    expected = evaluate(victim, a_clean, a_bd)
+    assert row["acc_before"] == pytest.approx(expected.acc) and row["asr_before"] == pytest.approx(expected.asr)
+    assert (root / "record" / "victim" / "bbgic_victim_metrics_eval25.json").is_file()

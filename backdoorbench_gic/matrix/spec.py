@@ -18,6 +18,8 @@ seeds: [0, 1]
 gic: [false, true]                    # optional; true wraps each defense in GIC (gic with base=<defense>)
 defaults: {device: cpu}               # config keys for every defense (per-defense overrides win)
 gic_overrides: {}                     # config keys for the GIC wrapper
+aux_options: {}                       # auxiliary-source options for every cell (e.g. inversion_steps: 50)
+eval_limit: null                      # CPU-scale runs: a fixed subset of N clean and N poisoned test images
 monitor_every: 0                      # per-epoch test evaluation for the CSVs (0: final only)
 executor: {kind: local, workers: 1}   # or {kind: ray, address: auto, num_cpus: 1, num_gpus: 0}
 ```
@@ -121,6 +123,8 @@ class MatrixSpec:
     gic: list[bool]
     defaults: dict[str, Any] = field(default_factory=dict)
     gic_overrides: dict[str, Any] = field(default_factory=dict)
+    aux_options: dict[str, Any] = field(default_factory=dict)
+    eval_limit: int | None = None
     monitor_every: int = 0
     executor: dict[str, Any] = field(default_factory=lambda: {"kind": "local", "workers": 1})
     trust_checkpoint: bool = False
@@ -137,12 +141,13 @@ class MatrixSpec:
                          for d in self.defenses],
             "aux": self.aux, "aux_sizes": [{"ratio": s.ratio, "n_per_class": s.n_per_class} for s in self.aux_sizes],
             "seeds": self.seeds, "gic": self.gic, "defaults": self.defaults, "gic_overrides": self.gic_overrides,
+            "aux_options": self.aux_options, "eval_limit": self.eval_limit,
             "monitor_every": self.monitor_every, "executor": self.executor, "trust_checkpoint": self.trust_checkpoint,
         }
 
 
 _TOP_KEYS = {"name", "output_root", "bb_root", "attacks", "defenses", "aux", "aux_sizes", "seeds", "gic", "defaults",
-             "gic_overrides", "monitor_every", "executor", "trust_checkpoint"}
+             "gic_overrides", "aux_options", "eval_limit", "monitor_every", "executor", "trust_checkpoint"}
 
 
 def _as_list(value: Any, key: str, where: str) -> list:
@@ -219,13 +224,17 @@ def parse_spec(data: dict[str, Any], base_dir: Path | None = None, where: str = 
     executor = data.get("executor") or {"kind": "local", "workers": 1}
     if not isinstance(executor, dict) or executor.get("kind", "local") not in ("local", "ray"):
         raise ConfigError(f"{where}: executor.kind must be 'local' or 'ray', got {executor!r}")
-    for key in ("defaults", "gic_overrides"):
+    eval_limit = data.get("eval_limit")
+    if eval_limit is not None and (isinstance(eval_limit, bool) or not isinstance(eval_limit, int) or eval_limit < 1):
+        raise ConfigError(f"{where}: eval_limit must be a positive number of test images or null, got {eval_limit!r}")
+    for key in ("defaults", "gic_overrides", "aux_options"):
         if not isinstance(data.get(key) or {}, dict):
             raise ConfigError(f"{where}: '{key}' must be a mapping of config keys")
     spec = MatrixSpec(
         name=str(data.get("name", "matrix")), path=None, output_root=path_of("output_root", "runs/matrix"),
         bb_root=path_of("bb_root", "."), attacks=attacks, defenses=defenses, aux=aux, aux_sizes=sizes, seeds=seeds,
         gic=list(gic), defaults=dict(data.get("defaults") or {}), gic_overrides=dict(data.get("gic_overrides") or {}),
+        aux_options=dict(data.get("aux_options") or {}), eval_limit=eval_limit,
         monitor_every=int(data.get("monitor_every", 0)), executor=dict(executor),
         trust_checkpoint=bool(data.get("trust_checkpoint", False)),
     )
