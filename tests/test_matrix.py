@@ -82,6 +82,16 @@ def test_spec_structure_errors_name_the_key(bb_root, tmp_path):
         load_spec(write_spec(tmp_path / "s.yaml", bb_root, "o", aux_options=["inversion_steps", 5]))
 
 
+def test_gic_cells_validate_base_specific_keys_through_the_base(bb_root, tmp_path):
+    """A base defense's own key (sau's n_rounds) is valid in a GIC cell; a misspelt one is still caught."""
+    ok = load_spec(write_spec(tmp_path / "s.yaml", bb_root, "o", gic=[False, True],
+                              defenses=[{"name": "sau", "overrides": {"n_rounds": 1}}]))
+    assert validate_spec(ok) == []
+    bad = load_spec(write_spec(tmp_path / "s.yaml", bb_root, "o", gic=[True],
+                               defenses=[{"name": "sau", "overrides": {"n_roundz": 1}}]))
+    assert any("n_roundz" in p and "GIC" in p for p in validate_spec(bad))
+
+
 def test_spec_eval_limit_and_aux_options_reach_every_cell(bb_root, tmp_path):
     spec = load_spec(write_spec(tmp_path / "s.yaml", bb_root, str(tmp_path / "out"), seeds=[0],
                                 defenses=[{"name": "ft", "overrides": {"epochs": 1, "batch_size": 20}}],

@@ -197,13 +197,13 @@ class GICDefense(Defense):
             info.setdefault("calibrator", cal)
         calibrated = aux.with_images(images, name=f"{aux.name}+gic")
         info["gic_total_seconds"] = time.perf_counter() - t0
-        if cfg.obj_bn > 0:
-            try:
-                # D_BN exactly as bbgic aux-quality reports it (symmetric KL, uniform over layers)
-                info["bn_div_before"] = dataset_bn_divergence(victim, aux.images, device)[0]
-                info["bn_div_after"] = dataset_bn_divergence(victim, calibrated.images, device)[0]
-            except NoBatchNormError:
-                pass
+        try:
+            # D_BN exactly as bbgic aux-quality reports it (symmetric KL, uniform over layers), whatever the
+            # objective: the label-free alignment signal that compares calibrators
+            info["bn_div_before"] = dataset_bn_divergence(victim, aux.images, device)[0]
+            info["bn_div_after"] = dataset_bn_divergence(victim, calibrated.images, device)[0]
+        except NoBatchNormError:
+            pass
         num_classes = int(victim.head.out_features)
         drift = drift_report(victim, aux, calibrated, num_classes, device, cfg.drift_warn_ratio)
         info.update(drift.as_row())

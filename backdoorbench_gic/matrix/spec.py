@@ -260,7 +260,6 @@ def load_spec(path: str | Path) -> MatrixSpec:
 def validate_spec(spec: MatrixSpec) -> list[str]:
     """Check every name against the registries, every defense config (with its overrides), and every record
     that is not generated; returns the problems (empty when the spec can run). Nothing is trained."""
-    from ..config import load_config
     from ..registry import DEFENSES, UnknownNameError
     from ..records import load_attack_record
 
@@ -298,13 +297,15 @@ def validate_spec(spec: MatrixSpec) -> list[str]:
         for ds in sorted(set(datasets.values())) or [None]:
             for gic in spec.gic:
                 try:
+                    # built exactly as a cell builds it, so GIC's key routing (its own keys to GIC, the base's to
+                    # the base) and both configs' validation apply here too
                     overrides = {**spec.defaults, **d.overrides}
                     if gic:
-                        gcls = DEFENSES.get("gic")
-                        load_config(gcls.config_class, "gic", ds or None, None,
-                                    {**spec.gic_overrides, **overrides, "base": DEFENSES.resolve(d.name)})
+                        DEFENSES.get("gic").from_sources(
+                            ds or None, None, {**spec.gic_overrides, **overrides, "base": DEFENSES.resolve(d.name)},
+                            name="gic")
                     else:
-                        load_config(cls.config_class, DEFENSES.resolve(d.name), ds or None, None, overrides)
+                        cls.from_sources(ds or None, None, overrides, name=DEFENSES.resolve(d.name))
                 except Exception as exc:
                     problems.append(f"defense {d.label}{' with GIC' if gic else ''} on {ds}: {exc}")
     try:
