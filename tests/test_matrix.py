@@ -105,6 +105,15 @@ def test_spec_eval_limit_and_aux_options_reach_every_cell(bb_root, tmp_path):
                                aux=["synthetic:inversion"], aux_sizes=[{"n_per_class": 2}],
                                aux_options={"inversion_steps": 0}))
     assert run_matrix(bad).counts == {"failed": 1}  # the option reached the source, which refused it
+    # per-type options reach only their type: train would refuse an inversion option
+    both = load_spec(write_spec(tmp_path / "s3.yaml", bb_root, str(tmp_path / "out3"), seeds=[0],
+                                defenses=[{"name": "ft", "overrides": {"epochs": 1, "batch_size": 20}}],
+                                aux=["train", "synthetic:inversion"], aux_sizes=[{"n_per_class": 2}],
+                                aux_options_for={"synthetic:inversion": {"inversion_steps": 0}}))
+    counts = run_matrix(both).counts
+    assert counts == {"done": 1, "failed": 1}
+    with pytest.raises(Exception, match="not in aux"):
+        load_spec(write_spec(tmp_path / "s4.yaml", bb_root, "o", aux_options_for={"reserved_x": {}}))
 
 
 def _wait_for(predicate, timeout: float, what: str):

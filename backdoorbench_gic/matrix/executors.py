@@ -32,7 +32,23 @@ def _dispatch(payload: dict[str, Any]) -> dict[str, Any]:
     raise ValueError(f"unknown job kind {payload['kind']!r}")
 
 
-def _worker_main(task_q, result_q, env: dict[str, str], threads: int | None) -> None:
+def _die_with_parent() -> None:
+    """Linux: ask the kernel to SIGKILL this worker when the driver dies, so a killed run leaves no orphan that
+    keeps pulling queued cells (and races the next run for them). Elsewhere the ppid check below does it."""
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
+
+
+def _worker_main(task_q, result_q, env: dict[str, str], threads: int | None, parent: int | None = None) -> None:
+    _die_with_parent()
+    if parent is not None and os.getppid() != parent:  # the driver died before the signal was armed
+        return
     os.environ.update(env)
     import torch
 
@@ -40,7 +56,7 @@ def _worker_main(task_q, result_q, env: dict[str, str], threads: int | None) -> 
         torch.set_num_threads(threads)
     while True:
         item = task_q.get()
-        if item is None:
+        if item is None or (parent is not None and os.getppid() != parent):
             return
         key, payload = item
         try:
@@ -86,7 +102,8 @@ class LocalExecutor:
 
         def start(slot: int) -> None:
             task_q = ctx.Queue()
-            proc = ctx.Process(target=_worker_main, args=(task_q, result_q, J.worker_env(slot, self.gpus), self.threads),
+            proc = ctx.Process(target=_worker_main,
+                               args=(task_q, result_q, J.worker_env(slot, self.gpus), self.threads, os.getpid()),
                                daemon=True)
             proc.start()
             slots[slot] = {"proc": proc, "tasks": task_q, "job": None}

@@ -61,7 +61,8 @@ def execute_cell(payload: dict[str, Any], output_dir: Path) -> dict[str, Any]:
     req = DefenseRequest(
         result_file=cell.attack, defense=defense, bb_root=spec["bb_root"], overrides=overrides,
         output_dir=str(output_dir), n_per_class=cell.size.n_per_class, monitor_every=int(spec.get("monitor_every", 0)),
-        aux_options=dict(spec.get("aux_options") or {}), eval_limit=spec.get("eval_limit"),
+        aux_options={**(spec.get("aux_options") or {}), **((spec.get("aux_options_for") or {}).get(cell.aux) or {})},
+        eval_limit=spec.get("eval_limit"),
         trust_checkpoint=bool(spec.get("trust_checkpoint", False)), progress=False,
         extra_row={"cell_id": cell.cell_id, "gic": cell.gic, "defense_label": cell.defense.shown,
                    "base_defense": DEFENSES.resolve(cell.defense.name), "aux_size_label": cell.size.label,

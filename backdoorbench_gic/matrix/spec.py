@@ -19,6 +19,7 @@ gic: [false, true]                    # optional; true wraps each defense in GIC
 defaults: {device: cpu}               # config keys for every defense (per-defense overrides win)
 gic_overrides: {}                     # config keys for the GIC wrapper
 aux_options: {}                       # auxiliary-source options for every cell (e.g. inversion_steps: 50)
+aux_options_for: {}                   # per auxiliary type, over aux_options: {reserved_noise: {shift_base: train}}
 eval_limit: null                      # CPU-scale runs: a fixed subset of N clean and N poisoned test images
 monitor_every: 0                      # per-epoch test evaluation for the CSVs (0: final only)
 executor: {kind: local, workers: 1}   # or {kind: ray, address: auto, num_cpus: 1, num_gpus: 0}
@@ -124,6 +125,7 @@ class MatrixSpec:
     defaults: dict[str, Any] = field(default_factory=dict)
     gic_overrides: dict[str, Any] = field(default_factory=dict)
     aux_options: dict[str, Any] = field(default_factory=dict)
+    aux_options_for: dict[str, dict[str, Any]] = field(default_factory=dict)
     eval_limit: int | None = None
     monitor_every: int = 0
     executor: dict[str, Any] = field(default_factory=lambda: {"kind": "local", "workers": 1})
@@ -141,13 +143,13 @@ class MatrixSpec:
                          for d in self.defenses],
             "aux": self.aux, "aux_sizes": [{"ratio": s.ratio, "n_per_class": s.n_per_class} for s in self.aux_sizes],
             "seeds": self.seeds, "gic": self.gic, "defaults": self.defaults, "gic_overrides": self.gic_overrides,
-            "aux_options": self.aux_options, "eval_limit": self.eval_limit,
+            "aux_options": self.aux_options, "aux_options_for": self.aux_options_for, "eval_limit": self.eval_limit,
             "monitor_every": self.monitor_every, "executor": self.executor, "trust_checkpoint": self.trust_checkpoint,
         }
 
 
 _TOP_KEYS = {"name", "output_root", "bb_root", "attacks", "defenses", "aux", "aux_sizes", "seeds", "gic", "defaults",
-             "gic_overrides", "aux_options", "eval_limit", "monitor_every", "executor", "trust_checkpoint"}
+             "gic_overrides", "aux_options", "aux_options_for", "eval_limit", "monitor_every", "executor", "trust_checkpoint"}
 
 
 def _as_list(value: Any, key: str, where: str) -> list:
@@ -227,14 +229,20 @@ def parse_spec(data: dict[str, Any], base_dir: Path | None = None, where: str = 
     eval_limit = data.get("eval_limit")
     if eval_limit is not None and (isinstance(eval_limit, bool) or not isinstance(eval_limit, int) or eval_limit < 1):
         raise ConfigError(f"{where}: eval_limit must be a positive number of test images or null, got {eval_limit!r}")
-    for key in ("defaults", "gic_overrides", "aux_options"):
+    for key in ("defaults", "gic_overrides", "aux_options", "aux_options_for"):
         if not isinstance(data.get(key) or {}, dict):
             raise ConfigError(f"{where}: '{key}' must be a mapping of config keys")
+    per_type = dict(data.get("aux_options_for") or {})
+    for name, opts in per_type.items():
+        if name not in aux:
+            raise ConfigError(f"{where}: aux_options_for names {name!r}, which is not in aux {aux}")
+        if not isinstance(opts, dict):
+            raise ConfigError(f"{where}: aux_options_for.{name} must be a mapping of source options")
     spec = MatrixSpec(
         name=str(data.get("name", "matrix")), path=None, output_root=path_of("output_root", "runs/matrix"),
         bb_root=path_of("bb_root", "."), attacks=attacks, defenses=defenses, aux=aux, aux_sizes=sizes, seeds=seeds,
         gic=list(gic), defaults=dict(data.get("defaults") or {}), gic_overrides=dict(data.get("gic_overrides") or {}),
-        aux_options=dict(data.get("aux_options") or {}), eval_limit=eval_limit,
+        aux_options=dict(data.get("aux_options") or {}), aux_options_for=per_type, eval_limit=eval_limit,
         monitor_every=int(data.get("monitor_every", 0)), executor=dict(executor),
         trust_checkpoint=bool(data.get("trust_checkpoint", False)),
     )
