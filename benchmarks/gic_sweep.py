@@ -1,0 +1,90 @@
+"""GIC design-space sweep: calibrator family x objective x budget delta, one factor at a time around the
+default, each in front of the same FT (benchmarks/gic_sweep.yaml). Reports, per configuration, the label-free
+signals a user could choose on (BatchNorm-statistics divergence of g(aux), the drift monitor, fit time) and,
+beside them, the test outcome against the efficacy run's uncalibrated FT cells on the same victims, draws and
+seeds. The default is picked on the label-free columns; the test columns only show what that choice costs.
+
+    python benchmarks/gic_sweep.py                  # runs the sweep matrix (resumable), then analyses
+    python benchmarks/gic_sweep.py --report_only
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from efficacy import machine, md_table  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
+
+
+def analyse(sweep: pd.DataFrame, base: pd.DataFrame) -> str:
+    keys = ["attack", "aux_type", "aux_size_label", "seed"]
+    ref = base[(~base["gic"]) & (base["base_defense"] == "ft")].set_index(keys)[["acc_after", "asr_after", "der"]]
+    s = sweep.join(ref, on=keys, rsuffix="_nogic")
+    for c in ("acc_after", "asr_after", "der"):
+        s[f"d_{c}"] = s[c] - s[f"{c}_nogic"]
+    s["shifted"] = s["aux_type"] != "reserved"
+    rows = []
+    order = list(dict.fromkeys(sweep["defense_label"]))
+    for label in order:
+        g = s[s["defense_label"] == label]
+        sh, res = g[g["shifted"]], g[~g["shifted"]]
+        rows.append([label, len(g),
+                     f"{sh['extra_bn_div_before'].mean():.3f} -> {sh['extra_bn_div_after'].mean():.3f}",
+                     f"{sh['extra_drift_ratio'].mean():.2f}", f"{g['extra_drift_flag'].mean() * 100:.0f} %",
+                     f"{g['extra_gic_seconds'].mean():.1f}",
+                     f"{sh['d_acc_after'].mean() * 100:+.2f}", f"{sh['d_asr_after'].mean() * 100:+.2f}",
+                     f"{sh['d_der'].mean():+.4f}", f"{res['d_acc_after'].mean() * 100:+.2f}",
+                     f"{res['d_der'].mean():+.4f}"])
+    table = md_table(["configuration", "cells", "D_BN shifted aux -> g(aux)", "drift ratio", "drift flagged",
+                      "fit s", "dC-Acc shifted (pts)", "dASR shifted (pts)", "dDER shifted", "dC-Acc reserved (pts)",
+                      "dDER reserved"], rows)
+    per_aux = []
+    for (label, aux), g in s.groupby(["defense_label", "aux_type"], sort=False):
+        per_aux.append([label, aux, f"{g['extra_bn_div_after'].mean():.3f}", f"{g['d_acc_after'].mean() * 100:+.2f}",
+                        f"{g['d_asr_after'].mean() * 100:+.2f}", f"{g['d_der'].mean():+.4f}"])
+    detail = md_table(["configuration", "aux", "D_BN g(aux)", "dC-Acc (pts)", "dASR (pts)", "dDER"], per_aux)
+    return table + "\n\nPer auxiliary type:\n\n" + detail
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--spec", default=str(HERE / "gic_sweep.yaml"))
+    p.add_argument("--baseline_spec", default=str(HERE / "efficacy.yaml"), help="where the uncalibrated FT cells are")
+    p.add_argument("--report_only", action="store_true")
+    p.add_argument("--out", default=str(HERE / "results"))
+    args = p.parse_args(argv)
+
+    from backdoorbench_gic.matrix import collect_results, load_spec, run_matrix
+    from backdoorbench_gic.utils.io import atomic_write_text
+    from backdoorbench_gic.utils.logs import console_logging
+
+    console_logging()
+    spec, base_spec = load_spec(args.spec), load_spec(args.baseline_spec)
+    t0 = time.time()
+    if not args.report_only:
+        print(f"matrix: {run_matrix(spec).counts}")
+    sweep, base = collect_results(spec.output_root), collect_results(base_spec.output_root)
+    if sweep.empty or base.empty:
+        print("the sweep or its baseline has no finished cells: run both first", file=sys.stderr)
+        return 1
+    text = analyse(sweep, base)
+    cmd = "python benchmarks/gic_sweep.py " + " ".join(sys.argv[1:])
+    header = (f"## GIC design-space sweep: `{spec.name}`\n\n{len(sweep)} cells; machine: {machine()}; command "
+              f"`{cmd.strip()}`; {dt.datetime.now():%Y-%m-%d %H:%M}"
+              + ("" if args.report_only else f"; ran {(time.time() - t0) / 60:.1f} min")
+              + ". d = with this GIC minus uncalibrated FT on the same victim, draw and seed (efficacy run). "
+                "Shifted = reserved_gaussian_blur, reserved_rotation, reserved_noise.")
+    out = Path(args.out)
+    atomic_write_text(out / f"gic_sweep_{spec.name}.md", header + "\n\n" + text + "\n")
+    print(header + "\n\n" + text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
