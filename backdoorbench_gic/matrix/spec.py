@@ -132,8 +132,10 @@ class MatrixSpec:
     trust_checkpoint: bool = False
 
     def cells(self) -> list[Cell]:
-        return [Cell(a.record, d, x, s, seed, g) for a, d, x, s, seed, g in
-                itertools.product(self.attacks, self.defenses, self.aux, self.aux_sizes, self.seeds, self.gic)]
+        """Seed-major order: a run cut short (or still going) holds whole seeds of the full design, so its
+        paired with/without-GIC comparisons are usable at any point."""
+        return [Cell(a.record, d, x, s, seed, g) for seed, a, d, x, s, g in
+                itertools.product(self.seeds, self.attacks, self.defenses, self.aux, self.aux_sizes, self.gic)]
 
     def to_dict(self) -> dict[str, Any]:
         return {
