@@ -34,11 +34,13 @@ class Preset:
     aux_ratio: float  # share of the victim's training set given to the defense (BackdoorBenchER's rule)
     ft_epochs: int
     shift: str
+    ft_lr: float = 0.01
 
 
 PRESETS: dict[str, Preset] = {
     # 1,797 images: a 20 % reserved split leaves ~1,440 for the victim; the defense gets 20 % of that (~290)
-    "digits": Preset(20, "preactresnet18", 16, 20, 32, 0.02, 0.2, 20, "reserved_noise"),
+    # FT at lr 0.01 leaves this BadNets victim at ASR ~0.75-0.78 after 20-60 epochs (measured): 0.05 purifies
+    "digits": Preset(20, "preactresnet18", 16, 20, 32, 0.02, 0.2, 60, "reserved_noise", ft_lr=0.05),
     "mnist": Preset(5, "preactresnet18", 16, 2, 128, 0.01, 0.05, 10, "reserved_noise"),
     "fashion-mnist": Preset(5, "preactresnet18", 16, 3, 128, 0.01, 0.05, 10, "reserved_noise"),
 }
@@ -98,7 +100,8 @@ def run_demo(dataset: str = "digits", bb_root: str | Path = "bbgic_demo", device
     for i, (defense, aux) in enumerate(runs, start=1):
         _stage(3, n, f"purify ({i}/{len(runs)}): {defense} on {aux}")
         req = DefenseRequest(result_file=record, defense=defense, bb_root=str(bb_root), device=device,
-                             overrides={"reserved_type": aux, "ratio": preset.aux_ratio, "epochs": preset.ft_epochs},
+                             overrides={"reserved_type": aux, "ratio": preset.aux_ratio, "epochs": preset.ft_epochs,
+                                        "lr": preset.ft_lr},
                              monitor_every=0)
         rows.append(run_defense(req))
     _stage(4, n, f"done in {time.perf_counter() - t0:.0f} s")

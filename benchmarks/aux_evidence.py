@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         if not qpath.is_file():
             print(f"missing {qpath}: run benchmarks/aux_quality.py on {attack} first", file=sys.stderr)
             continue
-        q = pd.read_csv(qpath).rename(columns={"name": "aux_type"}).set_index("aux_type")
+        q = pd.read_csv(qpath).rename(columns={"reserved_type": "aux_type", "name": "aux_type"}).set_index("aux_type")
         for defense, g in df[df["attack"] == attack].groupby("base_defense"):
             m = g.groupby("aux_type")[["acc_after", "asr_after", "der"]].mean()
             if "reserved" not in m.index:
