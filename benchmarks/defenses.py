@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append([r.attack, r.aux_type, r.defense, r.aux_size, f"{r.acc_after * 100:.2f}", f"{r.asr_after * 100:.2f}",
                      f"{r.ra_after * 100:.2f}", f"{r.der:.3f}", f"{drop * 100:+.2f}", f"{r.defense_seconds:.0f}",
                      f"{r.wall_seconds:.0f}", "success" if ok else "-"])
-        if r.aux_type in ("reserved", "train") and r.attack.startswith("badnet") and r.defense in MUST_PASS:
+        if r.aux_type in ("reserved", "train") and "badnet" in r.attack and r.defense in MUST_PASS:
             verdicts.append(f"{r.defense}: ASR {r.asr_after * 100:.2f} %, C-Acc drop {drop * 100:.2f} pts -> "
                             + ("ok" if ok else "MISS"))
     cmd = "python benchmarks/defenses.py " + " ".join(sys.argv[1:])

@@ -22,15 +22,15 @@ sys.path.insert(0, str(HERE))
 from efficacy import machine, md_table  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
 
 
-def analyse(sweep: pd.DataFrame, base: pd.DataFrame) -> str:
+def analyse(sweep: pd.DataFrame, base: pd.DataFrame, order: list[str] | None = None) -> str:
     keys = ["attack", "aux_type", "aux_size_label", "seed"]
     ref = base[(~base["gic"]) & (base["base_defense"] == "ft")].set_index(keys)[["acc_after", "asr_after", "der"]]
-    s = sweep.join(ref, on=keys, rsuffix="_nogic")
+    s = sweep.join(ref.add_suffix("_nogic"), on=keys)
     for c in ("acc_after", "asr_after", "der"):
         s[f"d_{c}"] = s[c] - s[f"{c}_nogic"]
     s["shifted"] = s["aux_type"] != "reserved"
     rows = []
-    order = list(dict.fromkeys(sweep["defense_label"]))
+    order = [o for o in (order or []) if o in set(sweep["defense_label"])] or list(dict.fromkeys(sweep["defense_label"]))
     for label in order:
         g = s[s["defense_label"] == label]
         sh, res = g[g["shifted"]], g[~g["shifted"]]
@@ -45,7 +45,7 @@ def analyse(sweep: pd.DataFrame, base: pd.DataFrame) -> str:
                       "fit s", "dC-Acc shifted (pts)", "dASR shifted (pts)", "dDER shifted", "dC-Acc reserved (pts)",
                       "dDER reserved"], rows)
     per_aux = []
-    for (label, aux), g in s.groupby(["defense_label", "aux_type"], sort=False):
+    for (label, aux), g in sorted(s.groupby(["defense_label", "aux_type"]), key=lambda kv: (order.index(kv[0][0]), kv[0][1])):
         per_aux.append([label, aux, f"{g['extra_bn_div_after'].mean():.3f}", f"{g['d_acc_after'].mean() * 100:+.2f}",
                         f"{g['d_asr_after'].mean() * 100:+.2f}", f"{g['d_der'].mean():+.4f}"])
     detail = md_table(["configuration", "aux", "D_BN g(aux)", "dC-Acc (pts)", "dASR (pts)", "dDER"], per_aux)
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     if sweep.empty or base.empty:
         print("the sweep or its baseline has no finished cells: run both first", file=sys.stderr)
         return 1
-    text = analyse(sweep, base)
+    text = analyse(sweep, base, [d.shown for d in spec.defenses])
     cmd = "python benchmarks/gic_sweep.py " + " ".join(sys.argv[1:])
     header = (f"## GIC design-space sweep: `{spec.name}`\n\n{len(sweep)} cells; machine: {machine()}; command "
               f"`{cmd.strip()}`; {dt.datetime.now():%Y-%m-%d %H:%M}"
