@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_with(out / f"{stem}.csv", lambda path: df.to_csv(path, index=False))
     plot_quality(df, out / f"{stem}.png", title=f"{record.name}: auxiliary-data alignment")
     md = [f"# Auxiliary-data alignment: {record.name}", "",
-          f"record {record.record_dir} ({record.model_name}, {record.clean_data}, target {record.target}); "
+          f"record `{record.name}` ({record.model_name}, {record.clean_data}, target {record.target}); "
           f"sampling {'n_per_class ' + str(n_per_class) if n_per_class else 'ratio ' + str(ratio)}, seed {args.seed}; "
           f"reference {reference}; options {options or '-'}; {machine()}; {wall:.1f} s"
           + ("; demo fixture: numbers describe generated data, not a real dataset" if args.demo else ""), "",

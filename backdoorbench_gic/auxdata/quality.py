@@ -44,6 +44,10 @@ Reading the numbers:
   far it is (in a fixture run it was 8.7 against 0.07-1.9 for JPEG, blur, noise, rotation and contrast).
 - A flag is a lead, not a verdict: strong shifts (colour jitter) also pile predictions onto some class. A class
   flagged across several unrelated sets is the stronger hint of a backdoor target.
+- To rank candidate sets before purifying, use ``D_BN`` (and FD), not the summary score. Measured on Fashion-MNIST
+  victims (BENCHMARKS.md, "Auxiliary data"): D_BN's Spearman rho with C-Acc after FT/FST/SAU was -0.66 to -0.87
+  over ten set types; the summary score's only +0.08 to +0.32, because D_BN is small in absolute terms (exp(-D_BN)
+  is about 1 for every set) and inversion images score best while purifying worst.
 """
 from __future__ import annotations
 
