@@ -56,10 +56,21 @@ BBGIC = [sys.executable, "-m", "backdoorbench_gic.cli"]
 # ---------------------------------------------------------------------------------------------------------
 # running bbgic
 # ---------------------------------------------------------------------------------------------------------
+def _rel(arg: object) -> str:
+    """Paths relative to the current directory when under it, so reports carry no machine paths."""
+    text = str(arg)
+    if os.path.isabs(text):
+        try:
+            return os.path.relpath(text)
+        except ValueError:  # pragma: no cover - another drive on Windows
+            return text
+    return text
+
+
 def shown(cmd: list[str]) -> str:
     """The command as a user types it."""
     rest = cmd[len(BBGIC):] if cmd[:len(BBGIC)] == BBGIC else cmd
-    return "bbgic " + " ".join(map(str, rest))
+    return "bbgic " + " ".join(map(_rel, rest))
 
 
 def env_for(threads: int) -> dict[str, str]:
