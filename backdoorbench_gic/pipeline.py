@@ -25,6 +25,7 @@ from .evaluation import Metrics, compare, evaluate
 from .records import AttackRecord, load_attack_record
 from .registry import DEFENSES
 from .results import MetricLog, defense_output_dir, write_defense_result, write_tidy_row
+from .utils.cache import hash_weights
 from .utils.io import atomic_write_json
 from .utils.logs import run_log, timestamp
 from .utils.runtime import resolve_device, seed_everything
@@ -60,9 +61,7 @@ class DefenseRequest:
 
 def _state_fingerprint(state: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha1()
-    for k in sorted(state):
-        h.update(k.encode())
-        h.update(state[k].detach().cpu().contiguous().numpy().tobytes())
+    hash_weights(h, state)
     return h.hexdigest()[:16]
 
 
@@ -138,7 +137,7 @@ def run_defense(req: DefenseRequest, record: AttackRecord | None = None) -> dict
         log.info("defense %s on %s (%s), aux %s, seed %d, device %s", defense.name, record.name, dataset,
                  cfg.reserved_type, cfg.random_seed, device)
         log.info("config: %r", cfg)
-        generator = seed_everything(cfg.random_seed)
+        seed_everything(cfg.random_seed)
         victim = record.build_model().to(device)
         before = victim_metrics(record, victim, device, req.eval_batch_size, req.eval_limit)
         clean_test, bd_test = eval_sets(record, req.eval_limit)

@@ -202,11 +202,10 @@ def inversion_cache_key(model: torch.nn.Module, num_classes: int, per_class: int
     import json
     from dataclasses import asdict
 
+    from ..utils.cache import hash_weights
+
     h = hashlib.sha1()
-    net = model.net if hasattr(model, "net") else model
-    for k, v in sorted(net.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    hash_weights(h, model)
     h.update(json.dumps({"num_classes": num_classes, "per_class": per_class, "chw": list(chw), "seed": int(seed),
                          **asdict(config)}, sort_keys=True, default=str).encode())
     return h.hexdigest()[:20]
@@ -246,8 +245,6 @@ def cached_invert_victim(model: torch.nn.Module, num_classes: int, per_class: in
 
 def inversion_cache_dir():
     """``$BBGIC_CACHE_DIR/inversion`` (default ``~/.cache/backdoorbench_gic/gic/inversion``), beside GIC's fits."""
-    import os
-    from pathlib import Path
+    from ..utils.cache import cache_dir
 
-    root = os.environ.get("BBGIC_CACHE_DIR", Path.home() / ".cache" / "backdoorbench_gic" / "gic")
-    return Path(root) / "inversion"
+    return cache_dir() / "inversion"

@@ -16,10 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -29,6 +27,7 @@ from ..data.imageset import ImageSet
 from ..data.transforms import TrainAugment
 from ..defenses.base import Defense, DefenseConfig, Monitor, PurifyResult
 from ..registry import DEFENSES
+from ..utils.cache import cache_dir, hash_weights
 from ..utils.io import atomic_torch_save
 from .calibrators import Calibrator, build_calibrator
 from .drift import drift_report
@@ -68,16 +67,9 @@ def split_keys(data: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]
     return gic, base
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("BBGIC_CACHE_DIR", Path.home() / ".cache" / "backdoorbench_gic" / "gic"))
-
-
 def fit_key(victim: torch.nn.Module, aux: ImageSet, cfg: GICConfig, seed: int) -> str:
     h = hashlib.sha1()
-    net = victim.net if hasattr(victim, "net") else victim
-    for k, v in sorted(net.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    hash_weights(h, victim)
     h.update(aux.images.contiguous().numpy().tobytes())
     h.update(aux.labels.numpy().tobytes())
     h.update(aux.sources.numpy().tobytes())
