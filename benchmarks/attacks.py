@@ -19,7 +19,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -37,6 +36,9 @@ from backdoorbench_gic.results import read_summary_last
 from backdoorbench_gic.utils.io import atomic_write_json, atomic_write_text
 from backdoorbench_gic.utils.logs import console_logging
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from speed import cpu_model  # noqa: E402  (benchmarks/ is a folder of scripts)
+
 ATTACKS = ("prototype", "badnet", "blended", "sig", "wanet")
 DEFAULT_PRATIO = 0.1
 TARGET = 0
@@ -49,15 +51,7 @@ def machine() -> str:
     """CPU model and threads, or the GPU, in a few words."""
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)} (CUDA, bf16 autocast)"
-    model = platform.processor() or "CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    return f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
 def diagnose(record_dir: Path, attack: str, dataset: str, model_name: str) -> dict:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -26,6 +25,9 @@ from backdoorbench_gic.records import load_attack_record
 from backdoorbench_gic.utils.io import atomic_write_text, atomic_write_with
 from backdoorbench_gic.utils.logs import console_logging
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from speed import cpu_model  # noqa: E402  (benchmarks/ is a folder of scripts)
+
 RESULTS = Path(__file__).resolve().parent / "results"
 SPLIT_TYPES = ["train", "reserved", "reserved_brightness", "reserved_contrast", "reserved_color_jitter",
                "reserved_gaussian_blur", "reserved_rotation", "reserved_noise", "reserved_jpeg", "synthetic:inversion",
@@ -36,7 +38,7 @@ PLAIN_TYPES = ["train", "reserved_gaussian_blur", "reserved_rotation", "reserved
 def machine() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    return f"{platform.processor() or 'CPU'}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    return f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,12 +12,11 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from efficacy import ensure_splits, machine, md_table, victims_table  # noqa: E402
+from efficacy import machine, md_table, run_spec, victims_table  # noqa: E402
 
 MUST_PASS = ("ft-sam", "fst", "sau")
 
@@ -29,17 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(HERE / "results"))
     args = p.parse_args(argv)
 
-    from backdoorbench_gic.matrix import collect_results, load_spec, run_matrix, write_report
+    from backdoorbench_gic.matrix import write_report
     from backdoorbench_gic.utils.io import atomic_write_text
     from backdoorbench_gic.utils.logs import console_logging
 
     console_logging()
-    spec = load_spec(args.spec)
-    t0 = time.time()
-    if not args.report_only:
-        ensure_splits(spec)
-        print(f"matrix: {run_matrix(spec).counts}")
-    df = collect_results(spec.output_root)
+    spec, df, wall = run_spec(args.spec, args.report_only)
     if df.empty:
         print("no finished cells", file=sys.stderr)
         return 1
@@ -58,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                             + ("ok" if ok else "MISS"))
     cmd = "python benchmarks/defenses.py " + " ".join(sys.argv[1:])
     text = (f"## Purification defenses: `{spec.name}`\n\nMachine: {machine()}; command `{cmd.strip()}`; "
-            f"{dt.datetime.now():%Y-%m-%d %H:%M}" + ("" if args.report_only else f"; ran {(time.time() - t0) / 60:.1f} min")
+            f"{dt.datetime.now():%Y-%m-%d %H:%M}" + ("" if args.report_only else f"; ran {wall / 60:.1f} min")
             + "; full clean and poisoned test sets. Success = ASR < 10 % and C-Acc drop < 5 points.\n\nVictims:\n\n"
             + victims_table(df) + "\n\n"
             + md_table(["victim", "aux", "defense", "aux images", "C-Acc", "ASR", "RA", "DER", "C-Acc drop (pts)",

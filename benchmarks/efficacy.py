@@ -22,7 +22,6 @@ import argparse
 import datetime as dt
 import math
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from backdoorbench_gic.matrix.report import markdown_table as md_table
+
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from speed import cpu_model  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
+
 RESULTS = HERE / "results"
 IN_DISTRIBUTION = ("train", "reserved")
 
@@ -40,15 +44,7 @@ def machine() -> str:
 
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    cpu = platform.processor() or "CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores"
+    return f"{cpu_model()}, {os.cpu_count()} cores"
 
 
 def ensure_splits(spec) -> None:
@@ -104,12 +100,6 @@ def pm(mean: float, se: float, scale: float = 100.0, digits: int = 1, sign: bool
         return "-"
     m = f"{mean * scale:+.{digits}f}" if sign else f"{mean * scale:.{digits}f}"
     return m if se != se else f"{m} ± {se * scale:.{digits}f}"
-
-
-def md_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def analyse(df: pd.DataFrame) -> tuple[str, pd.DataFrame, dict]:
@@ -205,6 +195,19 @@ def analyse(df: pd.DataFrame) -> tuple[str, pd.DataFrame, dict]:
     return "\n\n".join(parts), gaps, verdict
 
 
+def run_spec(spec_path: str, report_only: bool, executor_overrides: dict | None = None):
+    """Load a matrix spec and, unless ``report_only``, make its missing splits and run it (resumable); then
+    collect the finished cells. Returns (spec, results, seconds this invocation ran)."""
+    from backdoorbench_gic.matrix import collect_results, load_spec, run_matrix
+
+    spec = load_spec(spec_path)
+    t0 = time.time()
+    if not report_only:
+        ensure_splits(spec)
+        print(f"matrix: {run_matrix(spec, executor_overrides).counts}")
+    return spec, collect_results(spec.output_root), time.time() - t0
+
+
 def victims_table(df: pd.DataFrame) -> str:
     v = df.groupby("attack")[["acc_before", "asr_before", "ra_before"]].first()
     return md_table(["victim", "C-Acc", "ASR", "RA"],
@@ -220,23 +223,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
 
-    from backdoorbench_gic.matrix import collect_results, load_spec, run_matrix, write_report
+    from backdoorbench_gic.matrix import write_report
     from backdoorbench_gic.utils.io import atomic_write_text
     from backdoorbench_gic.utils.logs import console_logging
 
     console_logging()
-    spec = load_spec(args.spec)
-    t0 = time.time()
-    if not args.report_only:
-        ensure_splits(spec)
-        summary = run_matrix(spec, {"workers": args.workers} if args.workers else None)
-        print(f"matrix: {summary.counts}")
-    wall = time.time() - t0
-    write_report(spec.output_root)
-    df = collect_results(spec.output_root)
+    spec, df, wall = run_spec(args.spec, args.report_only, {"workers": args.workers} if args.workers else None)
     if df.empty:
         print("no finished cells", file=sys.stderr)
         return 1
+    write_report(spec.output_root)
     text, gaps, verdict = analyse(df)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -12,14 +12,13 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from efficacy import machine, md_table  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
+from efficacy import machine, md_table, run_spec  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
 
 
 def analyse(sweep: pd.DataFrame, base: pd.DataFrame, order: list[str] | None = None) -> str:
@@ -60,16 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(HERE / "results"))
     args = p.parse_args(argv)
 
-    from backdoorbench_gic.matrix import collect_results, load_spec, run_matrix
     from backdoorbench_gic.utils.io import atomic_write_text
     from backdoorbench_gic.utils.logs import console_logging
 
     console_logging()
-    spec, base_spec = load_spec(args.spec), load_spec(args.baseline_spec)
-    t0 = time.time()
-    if not args.report_only:
-        print(f"matrix: {run_matrix(spec).counts}")
-    sweep, base = collect_results(spec.output_root), collect_results(base_spec.output_root)
+    spec, sweep, wall = run_spec(args.spec, args.report_only)
+    _, base, _ = run_spec(args.baseline_spec, report_only=True)
     if sweep.empty or base.empty:
         print("the sweep or its baseline has no finished cells: run both first", file=sys.stderr)
         return 1
@@ -77,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     cmd = "python benchmarks/gic_sweep.py " + " ".join(sys.argv[1:])
     header = (f"## GIC design-space sweep: `{spec.name}`\n\n{len(sweep)} cells; machine: {machine()}; command "
               f"`{cmd.strip()}`; {dt.datetime.now():%Y-%m-%d %H:%M}"
-              + ("" if args.report_only else f"; ran {(time.time() - t0) / 60:.1f} min")
+              + ("" if args.report_only else f"; ran {wall / 60:.1f} min")
               + ". d = with this GIC minus uncalibrated FT on the same victim, draw and seed (efficacy run). "
                 "Shifted = reserved_gaussian_blur, reserved_rotation, reserved_noise.")
     out = Path(args.out)
