@@ -14,6 +14,7 @@ import yaml
 from backdoorbench_gic.matrix import (MatrixSpecError, collect_results, load_spec, matrix_status, run_matrix,
                                       validate_spec, write_report)
 from backdoorbench_gic.testing import make_bb_record
+from backdoorbench_gic.matrix.store import _pid_alive
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +153,8 @@ def test_killed_worker_and_killed_run_resume_to_every_cell_exactly_once(bb_root,
         _wait_for(lambda: len(cell_results(out)) >= 1 and _live_lock_pids(out), 240, "a finished cell")
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
+        # SIGKILL is asynchronous: the driver can be reaped while a worker is still exiting
+        _wait_for(lambda: not any(_pid_alive(p) for p in _live_lock_pids(out)), 60, "the killed workers to exit")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
