@@ -296,9 +296,10 @@ def test_backdoorbench_defaults_per_dataset():
     sau = get("sau", "cifar10")
     assert (sau.trigger_norm, sau.adv_lr, sau.adv_steps, sau.pgd_init, sau.train_mode) == (0.2, 0.2, 5, "max", False)
     assert (sau.beta_1, sau.beta_2, sau.lmd_1, sau.lmd_2, sau.lmd_3) == (0.01, 1.0, 1.0, 0.0, 1.0)
-    # the CPU settings are tuned down
+    # the CPU settings are shorter but keep BackdoorBench's rates (a 10x SAU/i-BAU rate cost 20-77 C-Acc points)
     for ds in ("fashion-mnist", "mnist", "digits"):
-        assert get("ft", ds).epochs <= 20 and get("sau", ds).n_rounds <= 3 and get("i-bau", ds).n_rounds <= 2
+        assert get("ft", ds).epochs <= 20 and get("sau", ds).n_rounds <= 10 and get("i-bau", ds).n_rounds <= 5
+        assert get("sau", ds).lr == 1e-4 and get("i-bau", ds).lr == 1e-4 and get("sau", ds).adv_steps == 5
 
 
 # ---------------------------------------------------------------------------------------------------------
