@@ -7,6 +7,7 @@ defense's monitor callback, as BackdoorBench's CSVs do.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -104,6 +105,24 @@ def victim_metrics(record: AttackRecord, model: torch.nn.Module, device: torch.d
     return m
 
 
+# Config keys that vary per cell by design or only change where and how fast a run goes, not what it computes.
+PER_RUN_KEYS = frozenset({"random_seed", "ratio", "index", "reserved_type", "result_file", "device", "num_workers",
+                          "pin_memory", "non_blocking", "prefetch", "frequency_save", "dataset_path", "log",
+                          "yaml_path", "checkpoint_load", "checkpoint_save"})
+
+
+def config_fingerprint(defense) -> str:
+    """Hash of the resolved configuration (and a wrapped base defense's), without per-run keys. Two results of
+    one matrix entry with different fingerprints were computed with different settings, e.g. because a packaged
+    yaml changed between runs; the report warns about that instead of mixing them silently."""
+    parts = []
+    while defense is not None:
+        cfg = dataclasses.asdict(defense.config)
+        parts.append({k: v for k, v in cfg.items() if k not in PER_RUN_KEYS})
+        defense = getattr(defense, "base", None)
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 def default_variant(dataset: str, reserved_type: str, yaml_path: str | None) -> str:
     """BackdoorBenchER names the output folder after the yaml file; without one we use the name its
     config_edit.py would have given the yaml (``<dataset>_<reserved_type>``)."""
@@ -184,6 +203,7 @@ def run_defense(req: DefenseRequest, record: AttackRecord | None = None) -> dict
             "aux_type": cfg.reserved_type,
             "aux_size": len(aux),
             "seed": cfg.random_seed,
+            "config_fingerprint": config_fingerprint(defense),
             **compare(before, after),
             "eval_n_clean": len(clean_test),
             "eval_n_bd": len(bd_test) if bd_test is not None else 0,

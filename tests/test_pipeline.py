@@ -11,7 +11,9 @@ import torch
 
 from backdoorbench_gic.cli import main as bbgic
 from backdoorbench_gic.models import build_model
-from backdoorbench_gic.pipeline import DefenseRequest, default_variant, run_defense
+from backdoorbench_gic.matrix.report import mixed_configs
+from backdoorbench_gic.pipeline import DefenseRequest, config_fingerprint, default_variant, run_defense
+from backdoorbench_gic.registry import DEFENSES
 from backdoorbench_gic.testing import make_bb_record
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,6 +63,26 @@ def test_same_seed_same_numbers_and_monitor_off(root, tmp_path):
     a = torch.load(tmp_path / "o0" / "defense_result.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "o1" / "defense_result.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_config_fingerprint_tracks_settings_not_per_run_keys():
+    fp = lambda name, **ov: config_fingerprint(DEFENSES.get(name).from_sources("cifar10", None, ov))  # noqa: E731
+    base = fp("sau")
+    # seed, auxiliary choice and device differ between the cells of one entry by design
+    assert fp("sau", random_seed=3, ratio=0.01, reserved_type="reserved_noise", device="cpu") == base
+    assert fp("sau", lr=1e-3) != base and fp("sau", n_rounds=3) != base
+    gic = DEFENSES.get("gic")
+    with_base = lambda **ov: config_fingerprint(gic.from_sources("cifar10", None, {"base": "ft", **ov}))  # noqa: E731
+    assert with_base() != with_base(epochs=7)  # the wrapped base defense's settings count too
+
+
+def test_report_flags_an_entry_computed_with_two_configurations():
+    rows = [{"dataset": "cifar10", "defense_label": "sau", "gic": False, "config_fingerprint": fp, "seed": s}
+            for s, fp in enumerate(["aaa", "aaa", "bbb"])]
+    rows.append({"dataset": "cifar10", "defense_label": "ft", "gic": False, "config_fingerprint": "ccc", "seed": 0})
+    warnings = mixed_configs(pd.DataFrame(rows))
+    assert len(warnings) == 1 and "sau" in warnings[0] and "aaa (2 cells)" in warnings[0] and "bbb (1 cells)" in warnings[0]
+    assert mixed_configs(pd.DataFrame(rows[:2])) == []
 
 
 def test_variant_names_follow_backdoorbenchER():

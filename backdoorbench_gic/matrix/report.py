@@ -12,6 +12,7 @@ Markdown and LaTeX are written here directly (no tabulate/jinja2 dependency).
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -20,6 +21,8 @@ import pandas as pd
 
 from ..results import TIDY_ROW_FILE
 from ..utils.io import atomic_write_text, atomic_write_with
+
+log = logging.getLogger(__name__)
 
 METRICS = [("acc_after", "C-Acc"), ("asr_after", "ASR"), ("ra_after", "RA"), ("der", "DER")]
 
@@ -40,7 +43,26 @@ def collect_results(output_root: str | Path) -> pd.DataFrame:
             df["defense_label"] = df["defense"]
         if "aux_size_label" not in df:
             df["aux_size_label"] = "default"
+        for warning in mixed_configs(df):
+            log.warning("%s", warning)
     return df
+
+
+def mixed_configs(df: pd.DataFrame) -> list[str]:
+    """One line per matrix entry whose finished cells were computed with different resolved configurations
+    (``config_fingerprint``): a packaged yaml changed under a run that resumed. Their numbers do not belong in
+    one table; delete the older cells (or give the entry explicit overrides) and resume."""
+    if "config_fingerprint" not in df:
+        return []
+    out = []
+    keys = [k for k in ("dataset", "defense_label", "gic") if k in df]
+    for key, g in df.dropna(subset=["config_fingerprint"]).groupby(keys):
+        prints = g["config_fingerprint"].value_counts()
+        if len(prints) > 1:
+            where = ", ".join(f"{fp} ({n} cells)" for fp, n in prints.items())
+            out.append(f"{' / '.join(map(str, key))}: cells computed with {len(prints)} different configurations "
+                       f"[{where}]; delete the stale cells and resume, or pin the settings in the entry's overrides")
+    return out
 
 
 def _mean_std(values: pd.Series) -> tuple[float, float]:
@@ -153,6 +175,12 @@ def write_report(output_root: str | Path, out_dir: str | Path | None = None, plo
         raise FileNotFoundError(f"no finished cells under {output_root / 'cells'}: run `bbgic matrix run` first")
     written: list[Path] = []
     written.append(atomic_write_with(out / "results.csv", lambda p: df.to_csv(p, index=False)))
+    warnings = mixed_configs(df)
+    if warnings:
+        written.append(atomic_write_text(out / "WARNINGS.md", "# Mixed configurations\n\n"
+                                         + "".join(f"- {w}\n" for w in warnings)))
+    elif (out / "WARNINGS.md").exists():
+        (out / "WARNINGS.md").unlink()
     for (aux, size), g in df.groupby(["aux_type", "aux_size_label"], sort=True):
         tag = f"{aux}@{size}".replace(":", "_").replace("/", "_")
         numeric, header, rows = leaderboard(g)
