@@ -10,7 +10,7 @@ running one, N(mu, s2) (eps added to both variances):
 A layer's divergence is the mean over its channels; a set's divergence is the (weighted) mean over layers.
 :class:`BNMoments` accumulates exact dataset-level moments (float64 sums of x and x^2 over every sample and
 position, unbiased variance, as PyTorch stores running_var); :class:`BNBatchStats` gives differentiable
-per-batch moments for optimisation (one fused ``var_mean`` per layer).
+per-batch moments for optimisation (shifted one-pass sums, :func:`channel_moments`).
 """
 from __future__ import annotations
 
@@ -133,6 +133,23 @@ class BNMoments:
         return out
 
 
+def channel_moments(x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Differentiable per-channel mean and unbiased variance of ``x`` (N, C, ...), in float32.
+
+    Sums of the shifted values and their squares, reduced over the contiguous trailing dimensions first, cost about
+    half of ``torch.var_mean`` over (0, 2, 3) forward and backward on CPU (a strided reduction there); shifting by
+    the layer's running mean (close to the batch mean) keeps the one-pass variance free of cancellation.
+    """
+    c = x.shape[1]
+    xc = x.float() - shift.detach().float().view(1, c, *([1] * (x.dim() - 2)))
+    flat = xc.flatten(2) if x.dim() > 2 else xc.unsqueeze(2)
+    n = flat.shape[0] * flat.shape[2]
+    s1 = flat.sum(2).sum(0)
+    s2 = flat.square().sum(2).sum(0)
+    m = s1 / n
+    return m + shift.detach().float(), (s2 - n * m * m).clamp_min(0) / max(n - 1, 1)
+
+
 class BNBatchStats:
     """Forward hooks recording differentiable per-batch moments of every BN layer's input."""
 
@@ -146,10 +163,7 @@ class BNBatchStats:
 
     def _hook(self, i: int):
         def hook(module, inputs, output):
-            x = inputs[0]
-            dims = [d for d in range(x.dim()) if d != 1]
-            var, mean = torch.var_mean(x.float(), dim=dims, correction=1)
-            self.means[i], self.vars[i] = mean, var
+            self.means[i], self.vars[i] = channel_moments(inputs[0], module.running_mean)
         return hook
 
     def divergences(self) -> torch.Tensor:

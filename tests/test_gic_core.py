@@ -8,8 +8,9 @@ import torch.nn as nn
 from backdoorbench_gic.data.imageset import ImageSet
 from backdoorbench_gic.gic.calibrators import FAMILIES, bound_perturbation, build_calibrator, project
 from backdoorbench_gic.gic.drift import drift_report
-from backdoorbench_gic.gic.fit import GICConfig, apply_calibrator, fit_calibrator, frozen
-from backdoorbench_gic.bnstats import BNBatchStats, NoBatchNormError, dataset_bn_divergence, layer_weights
+from backdoorbench_gic.gic.fit import GICConfig, apply_calibrator, fit_calibrator
+from backdoorbench_gic.bnstats import (BNBatchStats, NoBatchNormError, channel_moments, dataset_bn_divergence,
+                                      layer_weights)
 from backdoorbench_gic.models import build_model
 
 
@@ -138,6 +139,27 @@ def test_bn_objective_refused_without_batchnorm():
     net = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
     with pytest.raises(NoBatchNormError, match="infomax"):
         BNBatchStats(net)
+
+
+def test_channel_moments_by_hand_and_against_var_mean():
+    # one channel holding 1, 3, 5, 7: mean 4, unbiased variance (9 + 1 + 1 + 9) / 3
+    x = torch.tensor([1.0, 3.0, 5.0, 7.0]).view(2, 1, 1, 2)
+    mean, var = channel_moments(x, torch.tensor([0.0]))
+    assert mean.item() == pytest.approx(4.0) and var.item() == pytest.approx(20 / 3)
+    assert channel_moments(x, torch.tensor([3.5]))[1].item() == pytest.approx(20 / 3)  # the shift changes nothing
+    # BatchNorm1d input (N, C), and a far-off mean with a small spread: the shift keeps float32 exact enough
+    for shape, scale, offset in (((64, 5), 1.0, 0.0), ((16, 8, 6, 6), 0.1, 100.0)):
+        x = (torch.randn(*shape, dtype=torch.float64) * scale + offset).requires_grad_(True)
+        dims = [d for d in range(x.dim()) if d != 1]
+        ref_var, ref_mean = torch.var_mean(x, dim=dims, correction=1)
+        xf = x.detach().float().requires_grad_(True)
+        mean, var = channel_moments(xf, torch.full((shape[1],), offset))
+        assert torch.allclose(mean.double(), ref_mean, rtol=1e-6, atol=1e-6)
+        assert torch.allclose(var.double(), ref_var, rtol=1e-4)
+        w = torch.randn(shape[1], dtype=torch.float64)
+        (ref_var * w).sum().add(ref_mean.sum()).backward()
+        (var * w.float()).sum().add(mean.sum()).backward()
+        assert torch.allclose(xf.grad.double(), x.grad, rtol=1e-3, atol=1e-5)
 
 
 def test_layer_weights():

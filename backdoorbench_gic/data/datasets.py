@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import csv
 import gzip
-import io
 import logging
 import os
 import pickle
 import struct
 import threading
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
