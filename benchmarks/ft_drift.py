@@ -43,6 +43,20 @@ def weight_drift(after: dict, before: dict) -> float:
     return (num / den) ** 0.5
 
 
+def bn_shift(after: dict, before: dict) -> float:
+    """Mean over BatchNorm layers of the symmetric KL between the victim's and the purified model's running
+    N(mean, var) per channel: how far fine-tuning in train mode moved the normalisation statistics."""
+    from backdoorbench_gic.bnstats import symmetric_gaussian_kl
+
+    layers = [k[: -len("running_mean")] for k in before if k.endswith("running_mean")]
+    if not layers:
+        return float("nan")
+    kl = [float(symmetric_gaussian_kl(after[p + "running_mean"].double(), after[p + "running_var"].double(),
+                                      before[p + "running_mean"].double(), before[p + "running_var"].double()).mean())
+          for p in layers]
+    return sum(kl) / len(kl)
+
+
 def first_epoch_loss(cell_dir: Path) -> float:
     for csv in sorted(cell_dir.glob("*_df.csv")):
         df = pd.read_csv(csv)
@@ -75,7 +89,7 @@ def collect(output_root: Path, bb_root: Path) -> pd.DataFrame:
             victims[row["attack"]] = load_attack_record(row["attack"], bb_root).state_dict
         purified = load_defense_result(cell_dir / "defense_result.pt")["model"]
         rows.append({**row, "drift": weight_drift(purified, victims[row["attack"]]),
-                     "loss0": first_epoch_loss(cell_dir)})
+                     "bn_shift": bn_shift(purified, victims[row["attack"]]), "loss0": first_epoch_loss(cell_dir)})
     if not rows:
         raise SystemExit(f"no finished cells under {output_root}/cells: run the efficacy spec first")
     return pd.DataFrame(rows)
@@ -88,12 +102,13 @@ def report(df: pd.DataFrame, spec_name: str) -> str:
     out = [f"## Why GIC raises fine-tuning's ASR: weight drift\n\nEfficacy spec `{spec_name}`; "
            f"{dt.datetime.now():%Y-%m-%d %H:%M}; `python benchmarks/ft_drift.py`. drift = relative L2 distance of the "
            "purified weights from the victim's; loss0 = the base defense's mean training loss in its first epoch.\n"]
-    means = (df.groupby(["attack", "base_defense", "aux_type", "gic"])[["loss0", "drift", "acc_after", "asr_after"]]
-             .mean().reset_index())
-    out += ["Means over seeds:\n", frame_table(means, {"loss0": 3, "drift": 4, "acc_after": 2, "asr_after": 2}),
+    means = (df.groupby(["attack", "base_defense", "aux_type", "gic"])[["loss0", "drift", "bn_shift", "acc_after",
+                                                                        "asr_after"]].mean().reset_index())
+    out += ["Means over seeds:\n", frame_table(means, {"loss0": 3, "drift": 4, "bn_shift": 4, "acc_after": 2,
+                                                      "asr_after": 2}),
             ""]
     key = ["attack", "base_defense", "aux_type", "seed"]
-    cols = ["loss0", "drift", "acc_after", "asr_after"]
+    cols = ["loss0", "drift", "bn_shift", "acc_after", "asr_after"]
     plain = df[~df["gic"]].set_index(key)[cols]
     calib = df[df["gic"]].set_index(key)[cols]
     paired = (calib - plain).dropna().reset_index()
@@ -103,20 +118,24 @@ def report(df: pd.DataFrame, spec_name: str) -> str:
             summary.append({"attack": attack, "defense": defense, "pairs": len(g),
                             "d_loss0": g["loss0"].mean(), "d_drift": g["drift"].mean(),
                             "drift lower with GIC": f"{int((g['drift'] < 0).sum())}/{len(g)}",
+                            "d_bn_shift": g["bn_shift"].mean(),
+                            "bn_shift lower with GIC": f"{int((g['bn_shift'] < 0).sum())}/{len(g)}",
                             "d_asr": g["asr_after"].mean(), "d_acc": g["acc_after"].mean(),
-                            "rho(d_drift, d_asr)": spearman(g["drift"], g["asr_after"])})
+                            "rho(d_drift, d_asr)": spearman(g["drift"], g["asr_after"]),
+                            "rho(d_bn_shift, d_asr)": spearman(g["bn_shift"], g["asr_after"])})
         out += ["Paired differences (GIC - uncalibrated), per victim and base defense:\n",
-                frame_table(pd.DataFrame(summary), {"d_loss0": 3, "d_drift": 4, "d_asr": 2, "d_acc": 2,
-                                                           "rho(d_drift, d_asr)": 2}), ""]
+                frame_table(pd.DataFrame(summary), {"d_loss0": 3, "d_drift": 4, "d_bn_shift": 4, "d_asr": 2, "d_acc": 2,
+                                                           "rho(d_drift, d_asr)": 2, "rho(d_bn_shift, d_asr)": 2}), ""]
     corr = []
     for (attack, defense), g in df.groupby(["attack", "base_defense"]):
         corr.append({"attack": attack, "defense": defense, "cells": len(g),
                      "rho(drift, asr)": spearman(g["drift"], g["asr_after"]),
+                     "rho(bn_shift, asr)": spearman(g["bn_shift"], g["asr_after"]),
                      "rho(loss0, drift)": spearman(g["loss0"], g["drift"]),
                      "rho(drift, acc)": spearman(g["drift"], g["acc_after"])})
     out += ["Spearman rank correlations over all cells (calibrated and not):\n",
-            frame_table(pd.DataFrame(corr), {c: 2 for c in ("rho(drift, asr)", "rho(loss0, drift)",
-                                                                 "rho(drift, acc)")}), ""]
+            frame_table(pd.DataFrame(corr), {c: 2 for c in ("rho(drift, asr)", "rho(bn_shift, asr)",
+                                                                 "rho(loss0, drift)", "rho(drift, acc)")}), ""]
     return "\n".join(out)
 
 
