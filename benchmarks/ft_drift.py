@@ -11,6 +11,10 @@ through the safe loader) and the victim's weights, and reports
 - ``loss0``: the base defense's mean training loss in its first epoch (from ``<defense>_df.csv``), i.e. how
   unfamiliar the (calibrated) auxiliary set is to the victim;
 
+- ``bn_shift``: the mean symmetric KL between the victim's and the purified model's BatchNorm running statistics;
+- ``update cos``: the cosine between the calibrated and the uncalibrated run's weight updates of one pair, beside
+  the cosine between a shifted set's update and reserved's (how far a shift alone turns the update);
+
 then the paired GIC - uncalibrated differences per (victim, auxiliary type, seed) and Spearman rank correlations
 of drift with ASR. Nothing here sees training data or tunes anything.
 
@@ -25,6 +29,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -41,6 +46,10 @@ def weight_drift(after: dict, before: dict) -> float:
     num = sum(float((after[k].float() - before[k].float()).pow(2).sum()) for k in keys)
     den = sum(float(before[k].float().pow(2).sum()) for k in keys)
     return (num / den) ** 0.5
+
+
+def update_vector(after: dict, before: dict) -> torch.Tensor:
+    return torch.cat([(after[k].float() - before[k].float()).flatten() for k in _trained_keys(before)])
 
 
 def bn_shift(after: dict, before: dict) -> float:
@@ -81,7 +90,7 @@ def collect(output_root: Path, bb_root: Path) -> pd.DataFrame:
     from backdoorbench_gic.results import load_defense_result
 
     victims: dict[str, dict] = {}
-    rows = []
+    rows, updates = [], {}
     for result in sorted((output_root / "cells").rglob("result.json")):
         row = json.loads(result.read_text())
         cell_dir = result.parent
@@ -90,9 +99,24 @@ def collect(output_root: Path, bb_root: Path) -> pd.DataFrame:
         purified = load_defense_result(cell_dir / "defense_result.pt")["model"]
         rows.append({**row, "drift": weight_drift(purified, victims[row["attack"]]),
                      "bn_shift": bn_shift(purified, victims[row["attack"]]), "loss0": first_epoch_loss(cell_dir)})
+        pair = (row["attack"], row.get("base_defense", row["defense"]), row["aux_type"], row["seed"])
+        updates[pair, bool(row.get("gic", False))] = update_vector(purified, victims[row["attack"]])
     if not rows:
         raise SystemExit(f"no finished cells under {output_root}/cells: run the efficacy spec first")
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    # direction: cosine between the calibrated and the uncalibrated run's weight updates of one pair
+    cos = {pair: float(torch.nn.functional.cosine_similarity(u, updates[pair, False], dim=0))
+           for (pair, gic), u in updates.items() if gic and (pair, False) in updates}
+    df["update_cos"] = [cos.get((r.attack, r.base_defense, r.aux_type, r.seed), float("nan")) if r.gic else float("nan")
+                        for r in df.itertuples()]
+    # reference: how far a shift alone turns the update, uncalibrated S against uncalibrated reserved
+    ref = {pair: float(torch.nn.functional.cosine_similarity(u, updates[(pair[0], pair[1], "reserved", pair[3]), False],
+                                                             dim=0))
+           for (pair, gic), u in updates.items()
+           if not gic and pair[2] != "reserved" and ((pair[0], pair[1], "reserved", pair[3]), False) in updates}
+    df["shift_cos"] = [ref.get((r.attack, r.base_defense, r.aux_type, r.seed), float("nan")) if not r.gic else float("nan")
+                       for r in df.itertuples()]
+    return df
 
 
 def report(df: pd.DataFrame, spec_name: str) -> str:
@@ -112,6 +136,8 @@ def report(df: pd.DataFrame, spec_name: str) -> str:
     plain = df[~df["gic"]].set_index(key)[cols]
     calib = df[df["gic"]].set_index(key)[cols]
     paired = (calib - plain).dropna().reset_index()
+    pair_cos = df[df["gic"]].groupby(["attack", "base_defense"])["update_cos"].mean().to_dict()
+    shift_cos = df[~df["gic"]].groupby(["attack", "base_defense"])["shift_cos"].mean().to_dict()
     if len(paired):
         summary = []
         for (attack, defense), g in paired.groupby(["attack", "base_defense"]):
@@ -120,11 +146,13 @@ def report(df: pd.DataFrame, spec_name: str) -> str:
                             "drift lower with GIC": f"{int((g['drift'] < 0).sum())}/{len(g)}",
                             "d_bn_shift": g["bn_shift"].mean(),
                             "bn_shift lower with GIC": f"{int((g['bn_shift'] < 0).sum())}/{len(g)}",
+                            "update cos": float(pair_cos.get((attack, defense), float("nan"))),
+                            "shift-vs-reserved cos": float(shift_cos.get((attack, defense), float("nan"))),
                             "d_asr": g["asr_after"].mean(), "d_acc": g["acc_after"].mean(),
                             "rho(d_drift, d_asr)": spearman(g["drift"], g["asr_after"]),
                             "rho(d_bn_shift, d_asr)": spearman(g["bn_shift"], g["asr_after"])})
         out += ["Paired differences (GIC - uncalibrated), per victim and base defense:\n",
-                frame_table(pd.DataFrame(summary), {"d_loss0": 3, "d_drift": 4, "d_bn_shift": 4, "d_asr": 2, "d_acc": 2,
+                frame_table(pd.DataFrame(summary), {"d_loss0": 3, "d_drift": 4, "d_bn_shift": 4, "update cos": 3, "shift-vs-reserved cos": 3, "d_asr": 2, "d_acc": 2,
                                                            "rho(d_drift, d_asr)": 2, "rho(d_bn_shift, d_asr)": 2}), ""]
     corr = []
     for (attack, defense), g in df.groupby(["attack", "base_defense"]):
