@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import re
 import math
 import os
 import sys
@@ -243,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
               + (f"; this invocation ran {wall / 60:.1f} min" if not args.report_only else "")
               + f"; test subset: {int(df['eval_n_clean'].iloc[0])} clean / {int(df['eval_n_bd'].iloc[0])} poisoned images.\n\n"
               + "Victims:\n\n" + victims_table(df))
-    atomic_write_text(out / f"efficacy_{spec.name}.md", header + "\n\n" + text + "\n")
+    atomic_write_text(out / f"efficacy_{spec.name}.md", re.sub(r"\n{3,}", "\n\n", header + "\n\n" + text + "\n"))
     gaps.to_csv(out / f"efficacy_{spec.name}.csv", index=False)
     print(header + "\n\n" + text)
     print(f"\nverdict: {verdict}")
