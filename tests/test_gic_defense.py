@@ -44,10 +44,10 @@ def test_keys_are_routed_by_name():
 
 
 def test_from_sources_builds_the_base_with_its_own_yaml_and_overrides():
-    d = GICDefense.from_sources("fashion-mnist", None, {"base": "sau", "n_rounds": 2, "delta": 8 / 255,
+    d = GICDefense.from_sources("fashion-mnist", None, {"base": "sau", "adv_steps": 2, "delta": 8 / 255,
                                                         "device": "cpu"})
-    assert d.base.name == "sau" and d.base.config.n_rounds == 2 and d.config.delta == pytest.approx(8 / 255)
-    assert d.base.config.adv_steps == 3  # from defense_configs/sau/fashion-mnist.yaml
+    assert d.base.name == "sau" and d.base.config.adv_steps == 2 and d.config.delta == pytest.approx(8 / 255)
+    assert d.base.config.n_rounds == 10  # from defense_configs/sau/fashion-mnist.yaml (the built-in default is 100)
     assert d.name == "gic-sau" and d.prefix == "gic-sau"
 
 
