@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import re
 import sys
 from pathlib import Path
 
@@ -59,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             + md_table(["victim", "aux", "defense", "aux images", "C-Acc", "ASR", "RA", "DER", "C-Acc drop (pts)",
                         "defense s", "cell wall s", "purified?"], rows)
             + "\n\nTarget (BadNets, in-distribution aux): " + "; ".join(verdicts) + "\n")
-    atomic_write_text(Path(args.out) / f"defenses_{spec.name}.md", re.sub(r"\n{3,}", "\n\n", text))
+    atomic_write_text(Path(args.out) / f"defenses_{spec.name}.md", text)
     print(text)
     return 0
 

@@ -7,7 +7,7 @@ For every cell of the run (default: the 5 % efficacy block) it reads the purifie
 through the safe loader) and the victim's weights, and reports
 
 - ``drift``: ||theta_after - theta_victim|| / ||theta_victim|| over the trained parameters (BN running statistics
-  excluded);
+  excluded), from the same update vector the cosine below uses;
 - ``loss0``: the base defense's mean training loss in its first epoch (from ``<defense>_df.csv``), i.e. how
   unfamiliar the (calibrated) auxiliary set is to the victim;
 
@@ -40,16 +40,13 @@ def _trained_keys(state: dict) -> list[str]:
     return [k for k, v in state.items() if v.is_floating_point() and not k.endswith(("running_mean", "running_var"))]
 
 
-def weight_drift(after: dict, before: dict) -> float:
-    """Relative L2 distance of the trained parameters (one vector over all layers)."""
-    keys = _trained_keys(before)
-    num = sum(float((after[k].float() - before[k].float()).pow(2).sum()) for k in keys)
-    den = sum(float(before[k].float().pow(2).sum()) for k in keys)
-    return (num / den) ** 0.5
-
-
 def update_vector(after: dict, before: dict) -> torch.Tensor:
+    """The purification's change of the trained parameters, as one vector over all layers."""
     return torch.cat([(after[k].float() - before[k].float()).flatten() for k in _trained_keys(before)])
+
+
+def weight_norm(state: dict) -> float:
+    return float(torch.cat([state[k].double().flatten() for k in _trained_keys(state)]).norm())
 
 
 def bn_shift(after: dict, before: dict) -> float:
@@ -90,17 +87,21 @@ def collect(output_root: Path, bb_root: Path) -> pd.DataFrame:
     from backdoorbench_gic.results import load_defense_result
 
     victims: dict[str, dict] = {}
+    norms: dict[str, float] = {}
     rows, updates = [], {}
     for result in sorted((output_root / "cells").rglob("result.json")):
         row = json.loads(result.read_text())
         cell_dir = result.parent
         if row["attack"] not in victims:
             victims[row["attack"]] = load_attack_record(row["attack"], bb_root).state_dict
+            norms[row["attack"]] = weight_norm(victims[row["attack"]])
+        victim = victims[row["attack"]]
         purified = load_defense_result(cell_dir / "defense_result.pt")["model"]
-        rows.append({**row, "drift": weight_drift(purified, victims[row["attack"]]),
-                     "bn_shift": bn_shift(purified, victims[row["attack"]]), "loss0": first_epoch_loss(cell_dir)})
+        update = update_vector(purified, victim)
+        rows.append({**row, "drift": float(update.double().norm()) / norms[row["attack"]],
+                     "bn_shift": bn_shift(purified, victim), "loss0": first_epoch_loss(cell_dir)})
         pair = (row["attack"], row.get("base_defense", row["defense"]), row["aux_type"], row["seed"])
-        updates[pair, bool(row.get("gic", False))] = update_vector(purified, victims[row["attack"]])
+        updates[pair, bool(row.get("gic", False))] = update
     if not rows:
         raise SystemExit(f"no finished cells under {output_root}/cells: run the efficacy spec first")
     df = pd.DataFrame(rows)
