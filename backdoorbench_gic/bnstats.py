@@ -141,13 +141,14 @@ def channel_moments(x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor,
     the layer's running mean (close to the batch mean) keeps the one-pass variance free of cancellation.
     """
     c = x.shape[1]
-    xc = x.float() - shift.detach().float().view(1, c, *([1] * (x.dim() - 2)))
+    shift = shift.detach().float()
+    xc = x.float() - shift.view(1, c, *([1] * (x.dim() - 2)))
     flat = xc.flatten(2) if x.dim() > 2 else xc.unsqueeze(2)
     n = flat.shape[0] * flat.shape[2]
     s1 = flat.sum(2).sum(0)
     s2 = flat.square().sum(2).sum(0)
     m = s1 / n
-    return m + shift.detach().float(), (s2 - n * m * m).clamp_min(0) / max(n - 1, 1)
+    return m + shift, (s2 - n * m * m).clamp_min(0) / max(n - 1, 1)
 
 
 class BNBatchStats:
