@@ -70,7 +70,8 @@ def paired(df: pd.DataFrame) -> pd.DataFrame:
     off = df[~df["gic"]].set_index(keys)[cols]
     on = df[df["gic"]].set_index(keys)
     extra = [c for c in ("extra_bn_div_before", "extra_bn_div_after", "extra_drift_ratio", "extra_drift_flag",
-                         "extra_gic_seconds", "extra_gic_cached", "extra_base_seconds", "defense_seconds") if c in on]
+                         "extra_gic_seconds", "extra_gic_cached", "extra_gic_steps", "extra_base_seconds",
+                         "defense_seconds") if c in on]
     on = on[cols[:4] + extra]
     both = off.join(on, lsuffix="_nogic", rsuffix="_gic", how="inner").reset_index()
     for c in ("acc_after", "asr_after", "ra_after", "der"):
@@ -188,10 +189,13 @@ def analyse(df: pd.DataFrame) -> tuple[str, pd.DataFrame, dict]:
         for d, g in pairs.groupby("base_defense"):
             fit = fresh[fresh["base_defense"] == d]["extra_gic_seconds"]
             base = g["extra_base_seconds"]
-            cost.append([d, f"{fit.mean():.1f}" if len(fit) else "(cached)", f"{base.mean():.1f}",
+            steps = fresh[fresh["base_defense"] == d].get("extra_gic_steps", pd.Series(dtype=float))
+            cost.append([d, f"{fit.mean():.1f}" if len(fit) else "(cached)",
+                         f"{steps.mean():.0f}" if len(steps.dropna()) else "-", f"{base.mean():.1f}",
                          f"{fit.mean() / base.mean() * 100:.0f} %" if len(fit) else "-"])
         parts.append("### Cost (seconds per cell; a fit is cached and reused across base defenses)\n\n"
-                     + md_table(["defense", "GIC fit (fresh fits)", "base defense", "fit / base"], cost))
+                     + md_table(["defense", "GIC fit (fresh fits)", "fit steps run (early stopping)", "base defense",
+                                 "fit / base"], cost))
     return "\n\n".join(parts), gaps, verdict
 
 

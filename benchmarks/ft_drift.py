@@ -14,6 +14,10 @@ through the safe loader) and the victim's weights, and reports
 - ``bn_shift``: the mean symmetric KL between the victim's and the purified model's BatchNorm running statistics;
 - ``update cos``: the cosine between the calibrated and the uncalibrated run's weight updates of one pair, beside
   the cosine between a shifted set's update and reserved's (how far a shift alone turns the update);
+- ``toward reserved``: whether calibration turns a shifted set's update back to where in-distribution data lands
+  (the projection of the calibrated-minus-uncalibrated update onto reserved-minus-uncalibrated, as a fraction), and
+  how that fraction ranks against the paired ASR change. If GIC's ASR rise is in-distribution fine-tuning's weaker
+  removal coming back, the fraction is positive and rises with the ASR change;
 
 then the paired GIC - uncalibrated differences per (victim, auxiliary type, seed) and Spearman rank correlations
 of drift with ASR. Nothing here sees training data or tunes anything.
@@ -33,7 +37,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from efficacy import md_table  # noqa: E402
+from efficacy import IN_DISTRIBUTION, md_table  # noqa: E402
 
 
 def _trained_keys(state: dict) -> list[str]:
@@ -117,7 +121,46 @@ def collect(output_root: Path, bb_root: Path) -> pd.DataFrame:
            if not gic and pair[2] != "reserved" and ((pair[0], pair[1], "reserved", pair[3]), False) in updates}
     df["shift_cos"] = [ref.get((r.attack, r.base_defense, r.aux_type, r.seed), float("nan")) if not r.gic else float("nan")
                        for r in df.itertuples()]
+    # toward in-distribution: does calibration turn a shifted set's update back to where in-distribution data lands
+    # (reserved, and train where the run has it), more than towards another transformation of the same reserved images
+    # (the control: every projection onto (u_T - u_S) shares u_S's own run-to-run noise, which biases it above 0
+    # whatever T is; inversion and mix are left out of it, their updates lie much further away or contain reserved)?
+    measures: dict[str, dict] = {"toward_reserved": {}, "toward_train": {}, "toward_other_shift": {}, "gic_reserved_cos": {}}
+    for (pair, gic), u in updates.items():
+        if not gic or pair[2] in IN_DISTRIBUTION or (pair, False) not in updates:
+            continue
+        plain = updates[pair, False]
+        ref = {t: updates.get(((pair[0], pair[1], t, pair[3]), False)) for t in IN_DISTRIBUTION}
+        if ref["reserved"] is not None:
+            measures["toward_reserved"][pair], measures["gic_reserved_cos"][pair] = toward(plain, u, ref["reserved"])
+        if ref["train"] is not None:
+            measures["toward_train"][pair] = toward(plain, u, ref["train"])[0]
+        others = [toward(plain, u, v)[0] for (q, g), v in updates.items()
+                  if not g and q[:2] == pair[:2] and q[3] == pair[3] and q[2] != pair[2] and q[2].startswith("reserved_")]
+        if others:
+            measures["toward_other_shift"][pair] = sum(others) / len(others)
+    for col, values in measures.items():
+        df[col] = [values.get((r.attack, r.base_defense, r.aux_type, r.seed), float("nan")) if r.gic else float("nan")
+                   for r in df.itertuples()]
     return df
+
+
+def toward(plain: torch.Tensor, calibrated: torch.Tensor, target: torch.Tensor) -> tuple[float, float]:
+    """How far calibration moves a shifted set's update towards another run's update (same victim and seed): the
+    projection of (calibrated - plain) onto (target - plain), as a fraction of that distance (0: not at all, 1: all
+    the way, < 0: away), and the cosine of the calibrated update with the target's."""
+    gap = (target - plain).double()
+    frac = float(torch.dot((calibrated - plain).double(), gap) / gap.dot(gap).clamp_min(1e-30))
+    return frac, float(torch.nn.functional.cosine_similarity(calibrated.double(), target.double(), dim=0))
+
+
+
+def _toward_vs_dasr(paired_group: pd.DataFrame, df: pd.DataFrame, attack: str, defense: str):
+    """The shifted pairs' toward-reserved fraction and their paired ASR change, aligned by (aux type, seed)."""
+    g = paired_group[paired_group["aux_type"] != "reserved"].set_index(["aux_type", "seed"])
+    t = df[df["gic"] & (df["attack"] == attack) & (df["base_defense"] == defense)].set_index(["aux_type", "seed"])
+    both = g[["asr_after"]].join(t[["toward_reserved"]], how="inner").dropna()
+    return both["toward_reserved"], both["asr_after"]
 
 
 def report(df: pd.DataFrame, spec_name: str) -> str:
@@ -139,6 +182,9 @@ def report(df: pd.DataFrame, spec_name: str) -> str:
     paired = (calib - plain).dropna().reset_index()
     pair_cos = df[df["gic"]].groupby(["attack", "base_defense"])["update_cos"].mean().to_dict()
     shift_cos = df[~df["gic"]].groupby(["attack", "base_defense"])["shift_cos"].mean().to_dict()
+    res_cos = df[df["gic"]].groupby(["attack", "base_defense"])["gic_reserved_cos"].mean().to_dict()
+    toward = {c: df[df["gic"]].groupby(["attack", "base_defense"])[c].mean().to_dict()
+              for c in ("toward_reserved", "toward_train", "toward_other_shift")}
     if len(paired):
         summary = []
         for (attack, defense), g in paired.groupby(["attack", "base_defense"]):
@@ -150,11 +196,28 @@ def report(df: pd.DataFrame, spec_name: str) -> str:
                             "update cos": float(pair_cos.get((attack, defense), float("nan"))),
                             "shift-vs-reserved cos": float(shift_cos.get((attack, defense), float("nan"))),
                             "d_asr": g["asr_after"].mean(), "d_acc": g["acc_after"].mean(),
+                            "cos(S+GIC, reserved)": float(res_cos.get((attack, defense), float("nan"))),
+                            "toward reserved": float(toward["toward_reserved"].get((attack, defense), float("nan"))),
+                            "toward train": float(toward["toward_train"].get((attack, defense), float("nan"))),
+                            "toward other shifts": float(toward["toward_other_shift"].get((attack, defense), float("nan"))),
+                            "rho(toward, d_asr)": spearman(*_toward_vs_dasr(g, df, attack, defense)),
                             "rho(d_drift, d_asr)": spearman(g["drift"], g["asr_after"]),
                             "rho(d_bn_shift, d_asr)": spearman(g["bn_shift"], g["asr_after"])})
         out += ["Paired differences (GIC - uncalibrated), per victim and base defense:\n",
-                frame_table(pd.DataFrame(summary), {"d_loss0": 3, "d_drift": 4, "d_bn_shift": 4, "update cos": 3, "shift-vs-reserved cos": 3, "d_asr": 2, "d_acc": 2,
-                                                           "rho(d_drift, d_asr)": 2, "rho(d_bn_shift, d_asr)": 2}), ""]
+                frame_table(pd.DataFrame(summary), {"d_loss0": 3, "d_drift": 4, "d_bn_shift": 4, "update cos": 3,
+                                                    "shift-vs-reserved cos": 3, "d_asr": 2, "d_acc": 2,
+                                                    "cos(S+GIC, reserved)": 3, "toward reserved": 3,
+                                                    "toward train": 3, "toward other shifts": 3,
+                                                    "rho(toward, d_asr)": 2, "rho(d_drift, d_asr)": 2,
+                                                    "rho(d_bn_shift, d_asr)": 2}), "",
+                "`shift-vs-reserved cos`: cosine of a shifted set's uncalibrated update with reserved's (same victim and "
+                "seed); `cos(S+GIC, reserved)`: the same for the calibrated update; `toward reserved`: the projection of "
+                "(calibrated - uncalibrated update) onto (reserved - uncalibrated update), as a fraction of that distance "
+                "(0: calibration leaves the update where the shift put it, 1: moves it all the way to where in-distribution "
+                "data lands); `toward train`: the same towards train's update; `toward other shifts`: the control, the mean of "
+                "the same fraction towards each other reserved_<shift> set's update (every such projection shares the uncalibrated "
+                "run's own noise, so it sits above 0 even for an unrelated target); `rho(toward, d_asr)`: the rank "
+                "correlation of `toward reserved` with the paired ASR change over shifted pairs.", ""]
     corr = []
     for (attack, defense), g in df.groupby(["attack", "base_defense"]):
         corr.append({"attack": attack, "defense": defense, "cells": len(g),
