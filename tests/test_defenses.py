@@ -308,7 +308,7 @@ def test_backdoorbench_defaults_per_dataset():
 @pytest.mark.parametrize("name,overrides", [
     ("ft-sam", dict(epochs=4, batch_size=64)),
     ("fst", dict(epochs=8, batch_size=64)),
-    ("sau", dict(n_rounds=2, batch_size=64, adv_steps=2, lr=1e-3)),
+    ("sau", dict(n_rounds=4, batch_size=64, adv_steps=2, lr=1e-3)),
 ])
 def test_purification_lowers_asr(victim, name, overrides):
     before = victim["before"]
