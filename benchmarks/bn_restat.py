@@ -24,7 +24,6 @@ holds); nothing here sees training data or tunes anything.
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime as dt
 import json
 import sys
@@ -79,6 +78,8 @@ def collect(output_root: Path, bb_root: Path, defenses: list[str], eval_limit: i
         out["defense"] = defense
 
         def measure(state: dict, restat_on=None) -> tuple[float, float]:
+            """C-Acc and ASR of ``state`` (copied into the shared model), its BN statistics first re-estimated on
+            ``restat_on`` when given."""
             model.net.load_state_dict(state)
             if restat_on is not None:
                 recalibrate_bn(model, restat_on)
@@ -94,7 +95,7 @@ def collect(output_root: Path, bb_root: Path, defenses: list[str], eval_limit: i
             if drawn.is_file() and not np.array_equal(np.sort(np.loadtxt(drawn, dtype=np.int64, ndmin=1)),
                                                       np.sort(own.indices.numpy())):
                 raise SystemExit(f"{result}: the re-drawn {row['aux_type']} set differs from the cell's log/index.txt")
-            out["acc_victim_restat"], out["asr_victim_restat"] = measure(copy.deepcopy(record.state_dict), own)
+            out["acc_victim_restat"], out["asr_victim_restat"] = measure(record.state_dict, own)
         rows.append(out)
     if not rows:
         raise SystemExit(f"no finished cells of {defenses} under {output_root}/cells: run the efficacy spec first")

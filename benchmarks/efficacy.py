@@ -187,9 +187,9 @@ def analyse(df: pd.DataFrame) -> tuple[str, pd.DataFrame, dict]:
         fresh = pairs[pairs.get("extra_gic_cached", 0) == 0]
         cost = []
         for d, g in pairs.groupby("base_defense"):
-            fit = fresh[fresh["base_defense"] == d]["extra_gic_seconds"]
-            base = g["extra_base_seconds"]
-            steps = fresh[fresh["base_defense"] == d].get("extra_gic_steps", pd.Series(dtype=float))
+            fresh_d = fresh[fresh["base_defense"] == d]
+            fit, base = fresh_d["extra_gic_seconds"], g["extra_base_seconds"]
+            steps = fresh_d.get("extra_gic_steps", pd.Series(dtype=float))
             cost.append([d, f"{fit.mean():.1f}" if len(fit) else "(cached)",
                          f"{steps.mean():.0f}" if len(steps.dropna()) else "-", f"{base.mean():.1f}",
                          f"{fit.mean() / base.mean() * 100:.0f} %" if len(fit) else "-"])

@@ -16,8 +16,10 @@ through the safe loader) and the victim's weights, and reports
   the cosine between a shifted set's update and reserved's (how far a shift alone turns the update);
 - ``toward reserved``: whether calibration turns a shifted set's update back to where in-distribution data lands
   (the projection of the calibrated-minus-uncalibrated update onto reserved-minus-uncalibrated, as a fraction), and
-  how that fraction ranks against the paired ASR change. If GIC's ASR rise is in-distribution fine-tuning's weaker
-  removal coming back, the fraction is positive and rises with the ASR change;
+  how that fraction ranks against the paired ASR change, beside the same fraction towards train's update and, as the
+  control, towards the other reserved_<shift> sets' updates. If GIC's ASR rise is in-distribution fine-tuning's
+  weaker removal coming back, the fractions towards reserved and train exceed the control and rise with the ASR
+  change;
 
 then the paired GIC - uncalibrated differences per (victim, auxiliary type, seed) and Spearman rank correlations
 of drift with ASR. Nothing here sees training data or tunes anything.
@@ -130,11 +132,11 @@ def collect(output_root: Path, bb_root: Path) -> pd.DataFrame:
         if not gic or pair[2] in IN_DISTRIBUTION or (pair, False) not in updates:
             continue
         plain = updates[pair, False]
-        ref = {t: updates.get(((pair[0], pair[1], t, pair[3]), False)) for t in IN_DISTRIBUTION}
-        if ref["reserved"] is not None:
-            measures["toward_reserved"][pair], measures["gic_reserved_cos"][pair] = toward(plain, u, ref["reserved"])
-        if ref["train"] is not None:
-            measures["toward_train"][pair] = toward(plain, u, ref["train"])[0]
+        in_dist = {t: updates.get(((pair[0], pair[1], t, pair[3]), False)) for t in IN_DISTRIBUTION}
+        if in_dist["reserved"] is not None:
+            measures["toward_reserved"][pair], measures["gic_reserved_cos"][pair] = toward(plain, u, in_dist["reserved"])
+        if in_dist["train"] is not None:
+            measures["toward_train"][pair] = toward(plain, u, in_dist["train"])[0]
         others = [toward(plain, u, v)[0] for (q, g), v in updates.items()
                   if not g and q[:2] == pair[:2] and q[3] == pair[3] and q[2] != pair[2] and q[2].startswith("reserved_")]
         if others:
@@ -152,7 +154,6 @@ def toward(plain: torch.Tensor, calibrated: torch.Tensor, target: torch.Tensor) 
     gap = (target - plain).double()
     frac = float(torch.dot((calibrated - plain).double(), gap) / gap.dot(gap).clamp_min(1e-30))
     return frac, float(torch.nn.functional.cosine_similarity(calibrated.double(), target.double(), dim=0))
-
 
 
 def _toward_vs_dasr(paired_group: pd.DataFrame, df: pd.DataFrame, attack: str, defense: str):
@@ -183,8 +184,8 @@ def report(df: pd.DataFrame, spec_name: str) -> str:
     pair_cos = df[df["gic"]].groupby(["attack", "base_defense"])["update_cos"].mean().to_dict()
     shift_cos = df[~df["gic"]].groupby(["attack", "base_defense"])["shift_cos"].mean().to_dict()
     res_cos = df[df["gic"]].groupby(["attack", "base_defense"])["gic_reserved_cos"].mean().to_dict()
-    toward = {c: df[df["gic"]].groupby(["attack", "base_defense"])[c].mean().to_dict()
-              for c in ("toward_reserved", "toward_train", "toward_other_shift")}
+    toward_means = {c: df[df["gic"]].groupby(["attack", "base_defense"])[c].mean().to_dict()
+                    for c in ("toward_reserved", "toward_train", "toward_other_shift")}
     if len(paired):
         summary = []
         for (attack, defense), g in paired.groupby(["attack", "base_defense"]):
@@ -197,9 +198,9 @@ def report(df: pd.DataFrame, spec_name: str) -> str:
                             "shift-vs-reserved cos": float(shift_cos.get((attack, defense), float("nan"))),
                             "d_asr": g["asr_after"].mean(), "d_acc": g["acc_after"].mean(),
                             "cos(S+GIC, reserved)": float(res_cos.get((attack, defense), float("nan"))),
-                            "toward reserved": float(toward["toward_reserved"].get((attack, defense), float("nan"))),
-                            "toward train": float(toward["toward_train"].get((attack, defense), float("nan"))),
-                            "toward other shifts": float(toward["toward_other_shift"].get((attack, defense), float("nan"))),
+                            "toward reserved": float(toward_means["toward_reserved"].get((attack, defense), float("nan"))),
+                            "toward train": float(toward_means["toward_train"].get((attack, defense), float("nan"))),
+                            "toward other shifts": float(toward_means["toward_other_shift"].get((attack, defense), float("nan"))),
                             "rho(toward, d_asr)": spearman(*_toward_vs_dasr(g, df, attack, defense)),
                             "rho(d_drift, d_asr)": spearman(g["drift"], g["asr_after"]),
                             "rho(d_bn_shift, d_asr)": spearman(g["bn_shift"], g["asr_after"])})
