@@ -11,6 +11,7 @@ Targets (gic-method.md section 1 for DER and the gap):
     python benchmarks/efficacy.py                                  # CPU profile: benchmarks/efficacy.yaml
     python benchmarks/efficacy.py --spec benchmarks/efficacy_gpu.yaml
     python benchmarks/efficacy.py --report_only                    # re-analyse finished cells
+    python benchmarks/efficacy.py --spec V.yaml --baseline_spec B.yaml  # a GIC-only variant against B's uncalibrated cells
 
 It makes the Fashion-MNIST split when missing (the spec's attacks generate their victims), runs the matrix
 (resumable: a rerun skips finished cells), writes the matrix report under <output_root>/report/ and the analysis
@@ -73,7 +74,7 @@ def paired(df: pd.DataFrame) -> pd.DataFrame:
                          "extra_gic_seconds", "extra_gic_cached", "extra_gic_steps", "extra_base_seconds",
                          "defense_seconds") if c in on]
     on = on[cols[:4] + extra]
-    both = off.join(on, lsuffix="_nogic", rsuffix="_gic", how="inner").reset_index()
+    both = off.merge(on, left_index=True, right_index=True, suffixes=("_nogic", "_gic")).reset_index()
     for c in ("acc_after", "asr_after", "ra_after", "der"):
         both[f"d_{c}"] = both[f"{c}_gic"] - both[f"{c}_nogic"]
     return both
@@ -212,6 +213,28 @@ def run_spec(spec_path: str, report_only: bool, executor_overrides: dict | None 
     return spec, collect_results(spec.output_root), time.time() - t0
 
 
+def baseline_cells(spec, baseline_path: str) -> pd.DataFrame:
+    """The uncalibrated cells of a finished baseline run, for a spec that runs only the calibrated side (a GIC
+    variant: other budget or objective). Refused unless both specs purify the same victims with the same base
+    defenses, overrides, defaults and test subset, so every pair still differs in GIC alone."""
+    from backdoorbench_gic.matrix import collect_results, load_spec
+
+    base = load_spec(baseline_path)
+    same = {"attacks": [a.record for a in spec.attacks] == [a.record for a in base.attacks],
+            "defenses": [(d.name, d.overrides) for d in spec.defenses] == [(d.name, d.overrides) for d in base.defenses],
+            "defaults": spec.defaults == base.defaults, "eval_limit": spec.eval_limit == base.eval_limit,
+            "bb_root": spec.bb_root == base.bb_root}
+    differ = [k for k, ok in same.items() if not ok]
+    if differ:
+        raise SystemExit(f"--baseline_spec {baseline_path}: its {', '.join(differ)} differ from {spec.path}'s; "
+                         "the uncalibrated cells would not pair with this spec's")
+    if list(spec.gic) != [True] or False not in base.gic:
+        raise SystemExit("--baseline_spec pairs a spec with gic: [true] only against a baseline that has uncalibrated "
+                         f"cells; got gic {spec.gic} and the baseline's {base.gic}")
+    df = collect_results(base.output_root)
+    return df[~df["gic"].astype(bool)]
+
+
 def md_table(header: list[str], rows: list[list[str]]) -> str:
     """The package's Markdown table without its trailing newline: these reports join their blocks themselves."""
     return markdown_table(header, rows).rstrip("\n")
@@ -230,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report_only", action="store_true", help="analyse the finished cells; run nothing")
     p.add_argument("--workers", type=int, default=None, help="override the spec's local worker count")
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--baseline_spec", default=None,
+                   help="take the uncalibrated cells from this finished spec's run (for a spec with gic: [true])")
     args = p.parse_args(argv)
 
     from backdoorbench_gic.matrix import write_report
@@ -242,12 +267,18 @@ def main(argv: list[str] | None = None) -> int:
         print("no finished cells", file=sys.stderr)
         return 1
     write_report(spec.output_root)
+    baseline, ran = "", len(df)
+    if args.baseline_spec:
+        off = baseline_cells(spec, args.baseline_spec)
+        df = pd.concat([off, df], ignore_index=True)
+        baseline = f"; uncalibrated cells: {len(off)} from `{Path(args.baseline_spec).name}`'s run"
     text, gaps, verdict = analyse(df)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cmd = "python " + " ".join([Path(sys.argv[0]).as_posix().split("/work/main/")[-1], *sys.argv[1:]])
     header = (f"## GIC efficacy: `{spec.name}`\n\n"
-              f"Spec `{Path(args.spec).name}`; {len(df)} finished cells of {len(spec.cells())}; machine: {machine()}; "
+              f"Spec `{Path(args.spec).name}`; {ran} finished cells of {len(spec.cells())}{baseline}; "
+              f"machine: {machine()}; "
               f"command `{cmd}`; {dt.datetime.now():%Y-%m-%d %H:%M}"
               + (f"; this invocation ran {wall / 60:.1f} min" if not args.report_only else "")
               + f"; test subset: {int(df['eval_n_clean'].iloc[0])} clean / {int(df['eval_n_bd'].iloc[0])} poisoned images.\n\n"
