@@ -48,17 +48,23 @@ def collect(spec_path: Path, seeds: list[int] | None, steps: list[int], batches:
     from backdoorbench_gic.gic.fit import GICConfig, apply_calibrator, fit_calibrator
     from backdoorbench_gic.records import load_attack_record
 
-    spec = yaml.safe_load(spec_path.read_text())
-    bb_root = (spec_path.parent / spec["bb_root"]).resolve()
-    ratio = float(spec["aux_sizes"][0]["ratio"])
+    from backdoorbench_gic.matrix import load_spec
+
+    spec = load_spec(spec_path)
+    ratio = spec.aux_sizes[0].ratio
+    if ratio is None:
+        raise SystemExit(f"{spec_path}: this study draws ratio-sized auxiliary sets; the spec's first size has none")
     device = torch.device("cpu")
     reference = dataclasses.replace(GICConfig(), gic_steps=100, gic_batch_size=128, gic_patience=25)
     rows = []
-    for attack in spec["attacks"]:
-        record = load_attack_record(attack["record"], bb_root)
+    for attack in spec.attacks:
+        if not (spec.bb_root / "record" / attack.record / "attack_result.pt").is_file():
+            raise SystemExit(f"victim {attack.record!r} is not under {spec.bb_root}/record: run "
+                             f"`python benchmarks/efficacy.py --spec {spec_path}` first (it generates the victims)")
+        record = load_attack_record(attack.record, spec.bb_root)
         victim = record.build_model().to(device).eval()
-        for aux_type in spec["aux"]:
-            for seed in seeds if seeds is not None else spec["seeds"]:
+        for aux_type in spec.aux:
+            for seed in seeds if seeds is not None else spec.seeds:
                 aux = build_aux_set(record, aux_type, ratio=ratio, seed=seed, victim=victim, device=device)
                 images = aux.images
                 before, _ = dataset_bn_divergence(victim, images, device)
