@@ -213,11 +213,11 @@ def run_spec(spec_path: str, report_only: bool, executor_overrides: dict | None 
     return spec, collect_results(spec.output_root), time.time() - t0
 
 
-def baseline_cells(spec, baseline_path: str) -> pd.DataFrame:
-    """The uncalibrated cells of a finished baseline run, for a spec that runs only the calibrated side (a GIC
-    variant: other budget or objective). Refused unless both specs purify the same victims with the same base
-    defenses, overrides, defaults and test subset, so every pair still differs in GIC alone."""
-    from backdoorbench_gic.matrix import collect_results, load_spec
+def baseline_spec(spec, baseline_path: str):
+    """The baseline whose uncalibrated cells pair with a spec that runs only the calibrated side (a GIC variant:
+    other budget or objective). Refused unless both specs purify the same victims with the same base defenses,
+    overrides, defaults and test subset, so every pair still differs in GIC alone."""
+    from backdoorbench_gic.matrix import load_spec
 
     base = load_spec(baseline_path)
     same = {"attacks": [a.record for a in spec.attacks] == [a.record for a in base.attacks],
@@ -231,13 +231,19 @@ def baseline_cells(spec, baseline_path: str) -> pd.DataFrame:
     if list(spec.gic) != [True] or False not in base.gic:
         raise SystemExit("--baseline_spec pairs a spec with gic: [true] only against a baseline that has uncalibrated "
                          f"cells; got gic {spec.gic} and the baseline's {base.gic}")
-    df = collect_results(base.output_root)
-    return df[~df["gic"].astype(bool)]
+    return base
 
 
 def md_table(header: list[str], rows: list[list[str]]) -> str:
     """The package's Markdown table without its trailing newline: these reports join their blocks themselves."""
     return markdown_table(header, rows).rstrip("\n")
+
+
+def frame_table(df: pd.DataFrame, floatfmt: dict[str, int]) -> str:
+    """A DataFrame as a Markdown table, the float cells of the columns in ``floatfmt`` to that many decimals."""
+    rows = [[(f"{v:.{floatfmt[c]}f}" if c in floatfmt and isinstance(v, float) else v) for c, v in r.items()]
+            for r in df.to_dict("records")]
+    return md_table(list(df.columns), rows)
 
 
 def victims_table(df: pd.DataFrame) -> str:
@@ -262,14 +268,22 @@ def main(argv: list[str] | None = None) -> int:
     from backdoorbench_gic.utils.logs import console_logging
 
     console_logging()
+    base = None
+    if args.baseline_spec:  # checked before anything runs
+        from backdoorbench_gic.matrix import load_spec
+
+        base = baseline_spec(load_spec(args.spec), args.baseline_spec)
     spec, df, wall = run_spec(args.spec, args.report_only, {"workers": args.workers} if args.workers else None)
     if df.empty:
         print("no finished cells", file=sys.stderr)
         return 1
     write_report(spec.output_root)
     baseline, ran = "", len(df)
-    if args.baseline_spec:
-        off = baseline_cells(spec, args.baseline_spec)
+    if base is not None:
+        from backdoorbench_gic.matrix import collect_results
+
+        off = collect_results(base.output_root)
+        off = off[~off["gic"].astype(bool)]
         df = pd.concat([off, df], ignore_index=True)
         baseline = f"; uncalibrated cells: {len(off)} from `{Path(args.baseline_spec).name}`'s run"
     text, gaps, verdict = analyse(df)

@@ -39,7 +39,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from efficacy import IN_DISTRIBUTION, md_table  # noqa: E402
+from efficacy import IN_DISTRIBUTION, frame_table  # noqa: E402
 
 
 def _trained_keys(state: dict) -> list[str]:
@@ -76,12 +76,6 @@ def first_epoch_loss(cell_dir: Path) -> float:
         if col in df and len(df):
             return float(pd.to_numeric(df[col], errors="coerce").iloc[0])
     return float("nan")
-
-
-def frame_table(df: pd.DataFrame, floatfmt: dict[str, int]) -> str:
-    rows = [[(f"{v:.{floatfmt[c]}f}" if c in floatfmt and isinstance(v, float) else v) for c, v in r.items()]
-            for r in df.to_dict("records")]
-    return md_table(list(df.columns), rows)
 
 
 def spearman(a: pd.Series, b: pd.Series) -> float:

@@ -39,7 +39,7 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from efficacy import machine, md_table  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
+from efficacy import _se, frame_table, machine, md_table, pm  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
 
 
 def collect(spec_path: Path, seeds: list[int] | None, steps: list[int], batches: list[int]) -> pd.DataFrame:
@@ -98,12 +98,6 @@ def collect(spec_path: Path, seeds: list[int] | None, steps: list[int], batches:
     return pd.DataFrame(rows)
 
 
-def frame_table(frame: pd.DataFrame, formats: dict[str, str]) -> str:
-    rows = [[formats[c].format(v) if c in formats and isinstance(v, (int, float)) else str(v) for c, v in r.items()]
-            for r in frame.to_dict("records")]
-    return md_table([str(c) for c in frame.columns], rows)
-
-
 def report(df: pd.DataFrame, command: str) -> str:
     fits = df[df.budget != "reference"]
     ref = df[df.budget == "reference"]
@@ -125,14 +119,13 @@ def report(df: pd.DataFrame, command: str) -> str:
              "worst draw). `gap`: mean |g_budget(x) - g_reference(x)| / delta. `seconds`: median fit time (comparable "
              "only on an idle machine).",
              "",
-             frame_table(table, {"passes": "{:.0f}", "kept_mean": "{:.3f}", "kept_min": "{:.3f}",
-                                 "gap_mean": "{:.3f}", "gap_max": "{:.3f}", "seconds": "{:.2f}",
-                                 "passes / reference": "{:.2f}"}),
+             frame_table(table, {"passes": 0, "kept_mean": 3, "kept_min": 3, "gap_mean": 3, "gap_max": 3,
+                                 "seconds": 2, "passes / reference": 2}),
              ""]
     per_type = (fits.groupby(["aux_type", "steps", "batch"]).kept.mean().unstack(["steps", "batch"]))
     per_type.columns = [f"{s}x{b}" for s, b in per_type.columns]
     lines += ["`kept` by auxiliary type (mean over victims and seeds):", "",
-              frame_table(per_type.reset_index(), {c: "{:.3f}" for c in per_type.columns}), ""]
+              frame_table(per_type.reset_index(), {c: 3 for c in per_type.columns}), ""]
     return "\n".join(lines)
 
 
@@ -150,16 +143,15 @@ def verify(spec_path: Path, against_path: Path) -> str:
     if both.empty:
         raise SystemExit(f"no calibrated cells of {spec_path} pair with {against_path}'s")
 
-    def pm(x: pd.Series, scale: float, digits: int) -> str:
-        se = x.std(ddof=1) / len(x) ** 0.5 if len(x) > 1 else float("nan")
-        return f"{x.mean() * scale:+.{digits}f} ± {se * scale:.{digits}f}"
+    def diff(x: pd.Series, scale: float, digits: int) -> str:
+        return pm(x.mean(), _se(x), scale, digits, sign=True)
 
     rows = []
-    for (d, aux), g in [*both.groupby(["base_defense", "aux_type"], sort=False), *[(("all", "all"), both)]]:
+    for (d, aux), g in [*both.groupby(["base_defense", "aux_type"], sort=False), (("all", "all"), both)]:
         fresh = g[g["extra_gic_cached_new"] == 0]
         fresh_old = g[g["extra_gic_cached_old"] == 0]
-        rows.append([d, aux, len(g), pm(g.acc_after_new - g.acc_after_old, 100, 2),
-                     pm(g.asr_after_new - g.asr_after_old, 100, 2), pm(g.der_new - g.der_old, 1, 4),
+        rows.append([d, aux, len(g), diff(g.acc_after_new - g.acc_after_old, 100, 2),
+                     diff(g.asr_after_new - g.asr_after_old, 100, 2), diff(g.der_new - g.der_old, 1, 4),
                      f"{fresh_old.extra_gic_steps_old.mean():.0f} / {fresh.extra_gic_steps_new.mean():.0f}"
                      if len(fresh) and len(fresh_old) else "(cached)",
                      f"{fresh_old.extra_gic_seconds_old.mean():.1f} / {fresh.extra_gic_seconds_new.mean():.1f}"

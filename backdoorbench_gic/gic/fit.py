@@ -1,9 +1,10 @@
 """Fitting a calibrator g against the frozen victim, and applying it.
 
 Adam with cosine decay over ``steps``, mini-batches drawn by a seeded generator, optional early stopping when the
-objective's moving average stops improving (off by default: on plateaus it quit fits that had more to gain). Only g's parameters receive gradients: the victim is put in
-eval mode with ``requires_grad`` switched off for the duration (so no weight gradients are computed, which is
-what keeps a step near one victim forward+backward) and restored afterwards; its weights never change.
+objective's moving average stops improving (off by default: on plateaus it quit fits that had more to gain). Only
+g's parameters receive gradients: the victim is put in eval mode with ``requires_grad`` switched off for the
+duration (so no weight gradients are computed, which is what keeps a step near one victim forward+backward) and
+restored afterwards; its weights never change.
 bf16 autocast and channels_last on CUDA; the same code on the CPU.
 
 ``delta: auto`` picks the budget from the auxiliary data alone: short fits over a grid of budgets, scored by
