@@ -97,6 +97,47 @@ def test_short_run_is_loadable_deterministic_and_leaves_the_input_alone(victim, 
     assert "test_acc" not in r2.history[0]  # no monitor, no test numbers
 
 
+# Each defense's history and final weights on the fixture, recorded from the code before the training template
+# (issue 13) and unchanged by it: (loss, train_acc) per epoch/round, and the float64 sum, absolute sum and an
+# index-weighted sum of every floating tensor of the bare state dict. Two epochs/rounds, so the scheduler, the
+# per-epoch hooks (FT-SAM's radius, FST's projection, i-BAU's warm-started perturbation) and the carried state
+# all take part; FT-SAM with its surrogate-gap term and a moving radius, SAU with two outer steps and lmd_2.
+PIN = {
+    "ft": dict(epochs=2, batch_size=16),
+    "ft-sam": dict(epochs=2, batch_size=16, alpha=0.1, rho_min=1.0),
+    "fst": dict(epochs=2, batch_size=16),
+    "sau": dict(n_rounds=2, batch_size=16, adv_steps=1, outer_steps=2, lmd_2=0.5),
+    "i-bau": dict(n_rounds=2, batch_size=16, inner_steps=1, K=1),
+}
+PINNED = {
+    "ft": {"history": [(1.0059676, 0.7), (0.25599272, 0.925)], "weights": (3111.0001, 6473.1473, 146208.06)},
+    "ft-sam": {"history": [(1.6829486, 0.675), (1.0434390, 0.9)], "weights": (3196.4779, 6553.8367, 150024.94)},
+    "fst": {"history": [(4.2514497, 0.025), (3.1110361, 0.025)], "weights": (3398.6571, 6707.4961, 160192.17)},
+    "sau": {"history": [(6.2983161, 0.85), (4.0678705, 0.85)], "weights": (3119.6720, 6484.5828, 144858.86)},
+    "i-bau": {"history": [(1.1318974, 0.775), (1.0656045, 0.825)], "weights": (3221.5552, 6579.5320, 151144.74)},
+}
+
+
+def weight_checksums(model: torch.nn.Module) -> tuple[float, float, float]:
+    sd = model.net.state_dict()
+    w = torch.cat([v.double().flatten() for k, v in sorted(sd.items()) if v.is_floating_point()])
+    idx = torch.arange(len(w), dtype=torch.float64)
+    return float(w.sum()), float(w.abs().sum()), float((w * (idx % 97)).sum())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_pinned_history_and_weights(victim, name):
+    r = DEFENSES.get(name)(**PIN[name], random_seed=3).purify(victim["model"], victim["aux"].subset(range(40)),
+                                                               device=CPU, train_augment=TrainAugment(4, True),
+                                                               progress=False)
+    got = [(row["train_epoch_loss_avg_over_batch"], row["train_acc"]) for row in r.history]
+    want = PINNED[name]
+    assert len(got) == len(want["history"])
+    for (loss, acc), (wl, wa) in zip(got, want["history"]):
+        assert loss == pytest.approx(wl, rel=1e-6) and acc == pytest.approx(wa, abs=1e-9)
+    assert weight_checksums(r.model) == pytest.approx(want["weights"], rel=1e-6)
+
+
 def test_different_seeds_give_different_weights(victim):
     aux = victim["aux"].subset(range(64))
     a = DEFENSES.get("ft")(epochs=1, batch_size=16, random_seed=0).purify(victim["model"], aux, device=CPU,
