@@ -46,9 +46,11 @@ def class_images(n: int, num_classes: int, height: int, width: int, channels: in
 # dataset layouts
 # ---------------------------------------------------------------------------------------------------------
 def make_cifar10(dataset_dir: str | Path, n_train: int = 100, n_test: int = 50, seed: int = 0, num_classes: int = 10,
-                 cifar100: bool = False) -> Path:
-    """torchvision's ``cifar-10-batches-py`` (five train batches + test_batch) or ``cifar-100-python``."""
+                 cifar100: bool = False, str_keys: bool = False) -> Path:
+    """torchvision's ``cifar-10-batches-py`` (five train batches + test_batch) or ``cifar-100-python``. Keys are
+    ``bytes`` as in the official (Python 2) files, or ``str`` with ``str_keys``, as Python 3 writers store them."""
     d = Path(dataset_dir)
+    k = (lambda name: name) if str_keys else (lambda name: name.encode())  # noqa: E731
     x_tr, y_tr = class_images(n_train, num_classes, 32, 32, 3, seed)
     x_te, y_te = class_images(n_test, num_classes, 32, 32, 3, seed + 1)
     flat = lambda x: x.transpose(0, 3, 1, 2).reshape(len(x), -1)  # noqa: E731  (rows of R, G, B planes)
@@ -57,15 +59,16 @@ def make_cifar10(dataset_dir: str | Path, n_train: int = 100, n_test: int = 50, 
         folder.mkdir(parents=True, exist_ok=True)
         for name, x, y in (("train", x_tr, y_tr), ("test", x_te, y_te)):
             with open(folder / name, "wb") as fh:
-                pickle.dump({b"data": flat(x), b"fine_labels": y.tolist(), b"coarse_labels": (y // 5).tolist()}, fh, protocol=2)
+                pickle.dump({k("data"): flat(x), k("fine_labels"): y.tolist(), k("coarse_labels"): (y // 5).tolist()}, fh,
+                            protocol=2)
         return d
     folder = d / "cifar-10-batches-py"
     folder.mkdir(parents=True, exist_ok=True)
     for i, part in enumerate(np.array_split(np.arange(n_train), 5), start=1):
         with open(folder / f"data_batch_{i}", "wb") as fh:
-            pickle.dump({b"data": flat(x_tr[part]), b"labels": y_tr[part].tolist()}, fh, protocol=2)
+            pickle.dump({k("data"): flat(x_tr[part]), k("labels"): y_tr[part].tolist()}, fh, protocol=2)
     with open(folder / "test_batch", "wb") as fh:
-        pickle.dump({b"data": flat(x_te), b"labels": y_te.tolist()}, fh, protocol=2)
+        pickle.dump({k("data"): flat(x_te), k("labels"): y_te.tolist()}, fh, protocol=2)
     return d
 
 

@@ -24,6 +24,63 @@ def test_cifar100_fine_labels(tmp_path):
     assert ds.spec.num_classes == 100 and int(ds.train.labels.max()) == 99
 
 
+def _pickle_key_types(path):
+    import pickle
+
+    with open(path, "rb") as fh:
+        return {type(k) for k in pickle.load(fh, encoding="bytes")}
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
+def test_cifar_pickles_with_str_keys_read_like_bytes_keys(tmp_path, dataset):
+    """Python 3 writers store "data"/"labels" as str, the official files as bytes: both give the same images."""
+    c100 = dataset == "cifar100"
+    make_cifar10(tmp_path / "b" / dataset, n_train=100, n_test=20, num_classes=100 if c100 else 10, cifar100=c100)
+    make_cifar10(tmp_path / "s" / dataset, n_train=100, n_test=20, num_classes=100 if c100 else 10, cifar100=c100,
+                 str_keys=True)
+    folder = "cifar-100-python/train" if c100 else "cifar-10-batches-py/data_batch_1"
+    assert _pickle_key_types(tmp_path / "b" / dataset / folder) == {bytes}
+    assert _pickle_key_types(tmp_path / "s" / dataset / folder) == {str}
+    by_bytes = open_dataset(dataset, directory=tmp_path / "b" / dataset)
+    by_str = open_dataset(dataset, directory=tmp_path / "s" / dataset)
+    for split in ("train", "test"):
+        assert torch.equal(by_str.split(split).images, by_bytes.split(split).images)
+        assert torch.equal(by_str.split(split).labels, by_bytes.split(split).labels)
+
+
+def test_cifar_pickle_without_data_key_names_the_keys_it_has(tmp_path):
+    import pickle
+
+    make_cifar10(tmp_path / "cifar10", n_train=10, n_test=10)
+    with open(tmp_path / "cifar10" / "cifar-10-batches-py" / "test_batch", "wb") as fh:
+        pickle.dump({"pixels": np.zeros((10, 3072), np.uint8), "labels": [0] * 10}, fh)
+    with pytest.raises(ValueError, match=r"needs the key 'data' \(as str or bytes\); it has 'labels', 'pixels'"):
+        _ = open_dataset("cifar10", directory=tmp_path / "cifar10").test
+
+
+def test_bb_record_over_str_key_cifar_loads_and_reproduces_its_metrics(tmp_path):
+    """A BackdoorBench record whose CIFAR-10 folder was written by Python 3 (str keys): the record's logged
+    attack_df_summary.csv row is reproduced exactly, as it is over the official bytes-key files."""
+    from backdoorbench_gic.records import inspect_record
+    from backdoorbench_gic.testing import make_bb_record
+
+    record = make_bb_record(tmp_path, "badnet_strkeys", n_train=100, n_test=40, train_steps=20,
+                            model_name="smallcnn", width=8, trigger_size=8)
+    data_dir = tmp_path / "data" / "cifar10"
+    before = open_dataset("cifar10", directory=data_dir)
+    x_bytes, y_bytes = before.train.images.clone(), before.train.labels.clone()
+    make_cifar10(data_dir, n_train=100, n_test=40, seed=0, str_keys=True)  # the same images, re-written with str keys
+    assert _pickle_key_types(data_dir / "cifar-10-batches-py" / "test_batch") == {str}
+    from backdoorbench_gic.data.datasets import clear_dataset_cache
+
+    clear_dataset_cache()
+    after = open_dataset("cifar10", directory=data_dir)
+    assert torch.equal(after.train.images, x_bytes) and torch.equal(after.train.labels, y_bytes)
+    report = inspect_record(record, evaluate=True)
+    assert report.valid, report.render()
+    assert "evaluated" in report.facts and "logged (attack_df_summary.csv, last)" in report.facts
+
+
 def test_dataset_pickle_with_foreign_global_is_refused(tmp_path):
     import os
     import pickle

@@ -64,8 +64,28 @@ class _CifarUnpickler(pickle.Unpickler):
 
 
 def _read_cifar_batch(path: Path) -> dict:
+    """One CIFAR pickle as a dict with ``str`` keys, whichever way it was written: the official files are Python 2
+    pickles whose keys load as ``bytes`` (``b"data"``), while Python 3 writers (re-packed or home-made copies,
+    which torchvision and BackdoorBench read too) store ``str`` keys (``"data"``)."""
     with open(path, "rb") as fh:
-        return _CifarUnpickler(fh, encoding="bytes").load()
+        raw = _CifarUnpickler(fh, encoding="bytes").load()
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: a CIFAR batch is a pickled dict, this holds a {type(raw).__name__}")
+    batch: dict = {}
+    for key, value in raw.items():
+        name = key.decode("latin1") if isinstance(key, bytes) else key
+        if name in batch:
+            raise ValueError(f"{path}: key {name!r} appears both as bytes and as str")
+        batch[name] = value
+    return batch
+
+
+def _cifar_field(batch: dict, key: str, path: Path):
+    try:
+        return batch[key]
+    except KeyError:
+        raise ValueError(f"{path}: a CIFAR batch needs the key {key!r} (as str or bytes); it has "
+                         f"{', '.join(map(repr, sorted(map(str, batch))))}") from None
 
 
 def _open_maybe_gz(path: Path):
@@ -197,7 +217,7 @@ class CIFAR10(Dataset):
     folder = "cifar-10-batches-py"
     train_files = [f"data_batch_{i}" for i in range(1, 6)]
     test_files = ["test_batch"]
-    label_key = b"labels"
+    label_key = "labels"
     how_to_get = ("download https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz and unpack it into data/cifar10/ "
                   "(torchvision.datasets.CIFAR10('data/cifar10', download=True) does the same where a network is reachable)")
 
@@ -208,9 +228,11 @@ class CIFAR10(Dataset):
         files = self.train_files if split == "train" else self.test_files
         xs, ys = [], []
         for f in files:
-            batch = _read_cifar_batch(d / self.folder / f)
-            xs.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-            ys.append(np.asarray(batch[self.label_key], dtype=np.int64))
+            path = d / self.folder / f
+            batch = _read_cifar_batch(path)
+            data = np.asarray(_cifar_field(batch, "data", path), dtype=np.uint8)
+            xs.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+            ys.append(np.asarray(_cifar_field(batch, self.label_key, path), dtype=np.int64))
         return np.concatenate(xs), np.concatenate(ys)
 
 
@@ -221,7 +243,7 @@ class CIFAR100(CIFAR10):
     folder = "cifar-100-python"
     train_files = ["train"]
     test_files = ["test"]
-    label_key = b"fine_labels"
+    label_key = "fine_labels"
     how_to_get = ("download https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz and unpack it into data/cifar100/")
 
 
