@@ -13,10 +13,10 @@ from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from .data.imageset import ImageSet
 from .utils.logs import progress_enabled
+from .utils.progress import progress_bar
 from .utils.runtime import autocast, to_device
 
 
@@ -99,7 +99,7 @@ def train_epoch(
     total_loss, batches, correct, seen = 0.0, 0, 0, 0
     it = data.batches(batch_size, shuffle=True, generator=generator, augment=augment, device=device)
     n_batches = (len(data) + batch_size - 1) // batch_size
-    for batch in tqdm(it, total=n_batches, desc=desc, leave=False, disable=not progress_enabled(progress)):
+    for batch in progress_bar(it, total=n_batches, desc=desc, leave=False, disable=not progress_enabled(progress)):
         if batch_hook is not None:
             batch = batch_hook(batch)
         x = to_device(batch.x, device)

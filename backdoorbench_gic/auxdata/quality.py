@@ -110,9 +110,8 @@ class _PassResult:
 @torch.no_grad()
 def _one_pass(model: torch.nn.Module, data: ImageSet, device: torch.device, batch_size: int,
               want_features: bool, progress: bool | None) -> _PassResult:
-    from tqdm.auto import tqdm
-
     from ..utils.logs import progress_enabled
+    from ..utils.progress import progress_bar
 
     was_training = model.training
     model.eval()
@@ -124,7 +123,7 @@ def _one_pass(model: torch.nn.Module, data: ImageSet, device: torch.device, batc
     logits, feats = [], []
     try:
         n_batches = math.ceil(len(data) / batch_size)
-        for batch in tqdm(data.batches(batch_size, device=device), total=n_batches, desc=f"quality {data.name}",
+        for batch in progress_bar(data.batches(batch_size, device=device), total=n_batches, desc=f"quality {data.name}",
                           leave=False, disable=not progress_enabled(progress)):
             if use_features:
                 f = model.features(batch.x)

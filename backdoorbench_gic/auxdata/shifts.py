@@ -366,9 +366,8 @@ class ShiftApplier:
     quantize: bool = True
 
     def __call__(self, images: torch.Tensor, positions: np.ndarray, progress: bool | None = None) -> torch.Tensor:
-        from tqdm.auto import tqdm
-
         from ..utils.logs import progress_enabled
+        from ..utils.progress import progress_bar
 
         n = images.shape[0]
         if len(positions) != n:
@@ -376,7 +375,7 @@ class ShiftApplier:
         out = torch.empty(images.shape, dtype=torch.uint8 if self.quantize else torch.float32)
         it = range(n)
         if n >= 500:
-            it = tqdm(it, desc=f"shift {self.key}", leave=False, disable=not progress_enabled(progress))
+            it = progress_bar(it, desc=f"shift {self.key}", leave=False, disable=not progress_enabled(progress))
         for i in it:
             x = images[i]
             x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()

@@ -102,10 +102,9 @@ def make_split(dataset: str, split_ratio: float = 0.05, random_seed: int = 0, *,
                dataset_path: str | os.PathLike = "./data", bb_root: str | os.PathLike | None = None,
                out_dir: str | os.PathLike | None = None, progress: bool | None = None) -> Path:
     """Write (or complete, or reload) the split folder; returns its path. See the module docstring."""
-    from tqdm.auto import tqdm
-
     from ..data.datasets import dataset_dir_for, open_dataset
     from ..utils.logs import progress_enabled
+    from ..utils.progress import progress_bar
 
     if is_split_name(dataset):
         raise AuxDataError(f"{dataset!r} is already a split; pass the base dataset name ({base_name(dataset)!r})")
@@ -162,7 +161,8 @@ def make_split(dataset: str, split_ratio: float = 0.05, random_seed: int = 0, *,
         if not todo:
             continue
         pixels = nchw_to_nhwc_uint8(base.images[lst.original[todo]])
-        for j, i in enumerate(tqdm(todo, desc=f"{name}/{s}", leave=False, disable=not progress_enabled(progress))):
+        bar = progress_bar(todo, desc=f"{name}/{s}", leave=False, disable=not progress_enabled(progress))
+        for j, i in enumerate(bar):
             atomic_save_png(pixels[j], out / s / f"{int(lst.labels[i]):05d}" / f"{i:0{width}d}.png")
     h, w, c = src.spec.input_shape
     atomic_write_text(out / "meta.txt", "".join(f"{key}: {val}\n" for key, val in {

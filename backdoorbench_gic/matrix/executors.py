@@ -13,9 +13,8 @@ import queue
 import time
 from typing import Any, Callable
 
-from tqdm.auto import tqdm
-
 from ..utils.logs import progress_enabled
+from ..utils.progress import progress_bar
 from . import jobs as J
 from .store import CellStore
 
@@ -83,7 +82,7 @@ class LocalExecutor:
     def run(self, payloads: list[dict[str, Any]], on_result: Handler, desc: str = "jobs") -> None:
         if not payloads:
             return
-        bar = tqdm(total=len(payloads), desc=desc, disable=not progress_enabled(None))
+        bar = progress_bar(total=len(payloads), desc=desc, disable=not progress_enabled(None))
         try:
             if self.workers == 1 and len(self.gpus) <= 1:
                 for p in payloads:
@@ -199,7 +198,7 @@ class RayExecutor:
             num_gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
         remote = ray.remote(num_cpus=self.num_cpus, num_gpus=num_gpus, max_retries=self.max_retries)(_ray_job)
         futures = {remote.remote(p): p for p in payloads}
-        bar = tqdm(total=len(payloads), desc=desc, disable=not progress_enabled(None))
+        bar = progress_bar(total=len(payloads), desc=desc, disable=not progress_enabled(None))
         try:
             while futures:
                 done, _ = ray.wait(list(futures), num_returns=1)

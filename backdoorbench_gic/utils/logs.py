@@ -22,12 +22,11 @@ def timestamp() -> str:
 
 
 def progress_enabled(progress: bool | None = None) -> bool:
-    """Progress bars on unless turned off, or when stderr is not a terminal under CI."""
+    """Progress on unless turned off (the argument, or ``BBGIC_NO_PROGRESS=1``). Off a terminal (CI, a log file)
+    :func:`backdoorbench_gic.utils.progress.progress_bar` prints periodic whole lines instead of a redrawn bar."""
     if progress is not None:
         return progress
-    if os.environ.get("BBGIC_NO_PROGRESS") or os.environ.get("CI"):
-        return False
-    return True
+    return not os.environ.get("BBGIC_NO_PROGRESS")
 
 
 def console_logging(level: int = logging.INFO) -> None:
