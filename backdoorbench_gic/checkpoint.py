@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Mapping
@@ -87,18 +88,32 @@ def safe_torch_load(path: str | os.PathLike, trust: bool = False) -> Any:
         log.warning("loading %s with weights_only=False because --trust_checkpoint was given: "
                     "the pickle may run code", path)
         return torch.load(path, map_location="cpu", weights_only=False)
-    try:
-        bad = unsafe_globals(path)
-    except Exception as exc:  # not a zip/pickle torch understands
-        raise ValueError(f"{path} is not a readable torch checkpoint: {exc}") from None
-    if bad:
-        raise UntrustedCheckpointError(path, bad)
+    return load_allowlisted(path)
+
+
+def load_allowlisted(f: Any, map_location: Any = "cpu") -> Any:
+    """``torch.load(weights_only=True)`` with the numpy allow-list; never a full unpickle.
+
+    ``f`` is a path (its globals are listed statically first, so a refusal names them) or an open binary file;
+    ``map_location`` is passed on as torch.load takes it. Anything outside the allow-list raises
+    :class:`UntrustedCheckpointError` before any of the pickle's code could run."""
+    name = str(f) if isinstance(f, (str, os.PathLike)) else getattr(f, "name", repr(f))
+    if isinstance(f, (str, os.PathLike)):
+        if not Path(f).is_file():
+            raise FileNotFoundError(f"no such file: {f}")
+        try:
+            bad = unsafe_globals(f)
+        except Exception as exc:  # not a zip/pickle torch understands
+            raise ValueError(f"{f} is not a readable torch checkpoint: {exc}") from None
+        if bad:
+            raise UntrustedCheckpointError(name, bad)
     with torch.serialization.safe_globals(_numpy_allowlist()):
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(f, map_location=map_location, weights_only=True)
         except Exception as exc:
             # a global the static scan could not see (pushed dynamically): still refused, never executed
-            raise UntrustedCheckpointError(path, [str(exc).splitlines()[0][:200]]) from None
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+            raise UntrustedCheckpointError(name, [found.group(1) if found else str(exc).splitlines()[0][:200]]) from None
 
 
 # ---------------------------------------------------------------------------------------------------------

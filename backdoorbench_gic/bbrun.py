@@ -1,0 +1,327 @@
+"""Run BackdoorBench's (or BackdoorBenchER's) own defense scripts, unmodified, on current torch, optionally with
+Guided Input Calibration in front of them (``bbgic bb-run``).
+
+Their script runs in this process through :func:`runpy.run_path`, from the checkout's root as their README
+requires, with a few targeted patches that are all undone when it returns (or fails):
+
+- ``torch.load`` -> :func:`backdoorbench_gic.checkpoint.load_allowlisted`: ``weights_only=True`` with the numpy
+  allow-list of a BackdoorBench record, whatever the caller asked for. Their ``load_attack_result`` calls
+  ``torch.load`` bare, which torch >= 2.6 refuses for every record; the usual fix, ``weights_only=False``, runs
+  whatever the pickle says. A file outside the allow-list is refused with its globals' names, and nothing of it runs.
+- with GIC, the clean training images their defense draws pass through a calibrator g fitted beforehand through
+  the frozen victim on the auxiliary data: upstream, the raw dataset behind ``load_attack_result(...)['clean_train']``
+  (every defense builds its clean subset from it); BackdoorBenchER with ``--reserved_type`` other than ``train``,
+  the dataset ``defense.base.defense.get_reserved_data`` returns. Test and poisoned data are never touched.
+  Images reach their pipeline as 8-bit PIL images (as their loaders give them), so g(x) is rounded to 1/255.
+- numpy >= 2 removed aliases their code still uses (``np.infty`` in the plot helper of sau, i-bau, anp, clp, fst;
+  ``np.float`` in some triggers): they are defined for the run when missing (``numpy_compat=False`` to skip).
+
+Their modules are imported from the checkout and dropped from ``sys.modules`` afterwards, as are the log handlers
+their ``set_logger`` adds to the root logger; ``sys.argv``, ``sys.path`` and the working directory are restored.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import runpy
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from .checkpoint import UntrustedCheckpointError, load_allowlisted
+from .patching import detect_checkout
+
+log = logging.getLogger(__name__)
+
+# numpy 2 removed these; BackdoorBench's code still spells them (formats doc section 9)
+NUMPY_ALIASES: dict[str, Any] = {"infty": np.inf, "Inf": np.inf, "NaN": np.nan, "float": float, "int": int}
+TRAIN_TYPES = (None, "", "train")
+
+
+class BBRunError(RuntimeError):
+    """The checkout, the script or the request cannot be run as asked; the message says why."""
+
+
+@dataclass
+class RunReport:
+    """What happened around their script: the files torch.load read through the allow-list, the datasets whose
+    images went through g (where, and how many images), the numpy aliases defined for the run."""
+
+    flavour: str
+    script: Path
+    loads: list[str] = field(default_factory=list)
+    calibrated: list[tuple[str, int]] = field(default_factory=list)
+    numpy_aliases: list[str] = field(default_factory=list)
+    exit_code: int = 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GIC in front of their data
+# ---------------------------------------------------------------------------------------------------------
+class CalibratedImages(torch.utils.data.Dataset):
+    """A view of one of their datasets whose items' first element (the image) is replaced by g(image).
+
+    Their raw datasets yield ``(PIL image, label)``, their ``prepro_cls_DatasetBD_v2`` 5-tuples, BackdoorBenchER's
+    ``_vp`` loader float tensors; each comes back in the type it came in (PIL and uint8 arrays rounded to 8 bits).
+    Images of another size than g's (GTSRB's raw files) are resized first, as their Resize transform would.
+    Every other attribute is the wrapped dataset's, so their code keeps calling its methods."""
+
+    def __init__(self, dataset: Any, calibrator: Callable[[torch.Tensor], torch.Tensor], shape: tuple[int, int, int]):
+        self.dataset = dataset
+        self.calibrator = calibrator
+        self.shape = tuple(int(v) for v in shape)  # (C, H, W)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("dataset", "calibrator", "shape"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, index):
+        item = self.dataset[index]
+        if isinstance(item, tuple):
+            return (self.calibrate(item[0]),) + item[1:]
+        if isinstance(item, list):
+            return [self.calibrate(item[0])] + item[1:]
+        return self.calibrate(item)
+
+    def calibrate(self, img: Any) -> Any:
+        from PIL import Image
+
+        c, h, w = self.shape
+        if isinstance(img, torch.Tensor):  # float C x H x W in [0,1] (BackdoorBenchER's _vp arrays)
+            with torch.no_grad():
+                return self.calibrator(img.float().unsqueeze(0))[0].to(img.dtype)
+        if isinstance(img, Image.Image):
+            pil = img.convert("L" if c == 1 else "RGB")
+            if pil.size != (w, h):
+                pil = pil.resize((w, h), Image.BILINEAR)
+            arr = np.asarray(pil, dtype=np.uint8).reshape(h, w, c)
+        elif isinstance(img, np.ndarray) and img.dtype == np.uint8:
+            arr = img.reshape(img.shape[0], img.shape[1], -1)
+            if arr.shape != (h, w, c):
+                raise BBRunError(f"an image of shape {img.shape} cannot pass through a calibrator fitted on {(h, w, c)}")
+        else:
+            raise BBRunError(f"cannot calibrate an image of type {type(img).__name__} (PIL, uint8 array or float tensor)")
+        x = torch.from_numpy(np.array(arr)).permute(2, 0, 1).float().div_(255.0)
+        with torch.no_grad():
+            y = self.calibrator(x.unsqueeze(0))[0]
+        out = y.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+        if isinstance(img, np.ndarray):
+            return out.reshape(img.shape)
+        return Image.fromarray(out[:, :, 0] if c == 1 else out, mode="L" if c == 1 else "RGB")
+
+
+def fit_gic(record: Any, aux: Any, *, dataset: str | None = None, yaml_path: str | None = None,
+            settings: dict[str, Any] | None = None, seed: int = 0, device: torch.device | str = "cpu"
+            ) -> tuple[Callable[[torch.Tensor], torch.Tensor], str, dict[str, Any]]:
+    """g fitted through ``record``'s frozen victim on ``aux``: (a CPU callable on N x C x H x W batches in [0,1],
+    GIC's one-line description, the fit's info and summary).
+
+    The one place bb-run touches GIC's API: GIC keys come from ``defense_configs/gic/<dataset>.yaml`` <
+    ``yaml_path`` < ``settings``; the seed is ``gic_seed`` when set, else ``seed`` (their ``random_seed``)."""
+    from .gic.calibration import GIC
+    from .utils.runtime import resolve_device
+
+    device = resolve_device(device)
+    gic = GIC.from_sources(dataset or record.clean_data, yaml_path, settings or {})
+    if gic.config.per_source and len(aux.source_names) > 1:
+        raise BBRunError("per_source fits one g per source of a mix:, but their defense's images carry no source; "
+                         "set per_source: false for bb-run")
+    victim = record.build_model().to(device)
+    gic.fit(victim, aux, device=device, seed=gic.config.gic_seed if gic.config.gic_seed is not None else seed)
+    on_cpu = GIC().load_state_dict(gic.state_dict())  # a CPU copy: their DataLoader workers may fork
+    return on_cpu, gic.describe(), {**gic.info, **gic.summary}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the patches
+# ---------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def allowlisted_torch_load(report: RunReport) -> Iterator[None]:
+    """``torch.load`` -> the allow-list loader for the duration; the loader's own inner torch.load passes through."""
+    original = torch.load
+    state = threading.local()
+
+    def load(f, map_location=None, *args, **kwargs):
+        if getattr(state, "inside", False):
+            return original(f, map_location, *args, **kwargs)
+        if kwargs.get("weights_only") is False:
+            log.info("bb-run: %s asked for weights_only=False; loading it through the allow-list instead", f)
+        state.inside = True
+        try:
+            obj = load_allowlisted(f, map_location=map_location)
+        except UntrustedCheckpointError as exc:
+            raise BBRunError(
+                f"refused {exc.path}: it needs the pickle global(s) {', '.join(exc.globals)}, outside the numpy types a "
+                "BackdoorBench record holds. A pickle can run code while it loads; bb-run never loads such a file "
+                "(none of it ran). Re-save it as a plain state dict if it is yours.") from None
+        finally:
+            state.inside = False
+        report.loads.append(str(f))
+        return obj
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
+@contextlib.contextmanager
+def numpy_compat(report: RunReport, enabled: bool = True) -> Iterator[None]:
+    added = []
+    if enabled:
+        for name, value in NUMPY_ALIASES.items():
+            if not hasattr(np, name):
+                setattr(np, name, value)
+                added.append(name)
+    report.numpy_aliases = [f"np.{n}" for n in added]
+    try:
+        yield
+    finally:
+        for name in added:
+            with contextlib.suppress(AttributeError):
+                delattr(np, name)
+
+
+@contextlib.contextmanager
+def _attribute(obj: Any, name: str, value: Any) -> Iterator[None]:
+    had = name in vars(obj)
+    old = vars(obj).get(name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        if had:
+            setattr(obj, name, old)
+        else:
+            delattr(obj, name)
+
+
+def _gic_hooks(stack: contextlib.ExitStack, report: RunReport, calibrator, shape, reserved_type: str | None) -> None:
+    """Install the data hooks in their already imported modules (see the module docstring)."""
+    sla = sys.modules.get("utils.save_load_attack")
+    if sla is None or not hasattr(sla, "load_attack_result"):
+        raise BBRunError("this checkout's utils/save_load_attack.py has no load_attack_result; bb-run --gic needs it")
+    if reserved_type in TRAIN_TYPES:
+        original = sla.load_attack_result
+
+        def load_attack_result(*args, **kwargs):
+            result = original(*args, **kwargs)
+            clean = result.get("clean_train") if isinstance(result, dict) else None
+            if clean is None or not hasattr(clean, "wrapped_dataset"):
+                return result  # a defense_result.pt read through the same function: no data to calibrate
+            if not isinstance(clean.wrapped_dataset, CalibratedImages):
+                clean.wrapped_dataset = CalibratedImages(clean.wrapped_dataset, calibrator, shape)
+                report.calibrated.append(("load_attack_result()['clean_train']", len(clean.wrapped_dataset)))
+            return result
+
+        stack.enter_context(_attribute(sla, "load_attack_result", load_attack_result))
+        return
+    base = getattr(sys.modules.get("defense.base"), "defense", None)
+    if base is None or not hasattr(base, "get_reserved_data"):
+        raise BBRunError(f"--reserved_type {reserved_type}: this checkout's defense/base.py has no get_reserved_data "
+                         "(upstream BackdoorBench draws only the clean training set; drop --reserved_type)")
+    original_get = base.get_reserved_data
+
+    def get_reserved_data(self, *args, **kwargs):
+        out = original_get(self, *args, **kwargs)
+        inner = getattr(out, "wrapped_dataset", None)
+        if inner is None:
+            raise BBRunError("get_reserved_data returned a dataset without wrapped_dataset; bb-run cannot find its "
+                             "raw images to calibrate")
+        if not isinstance(inner, CalibratedImages):
+            out.wrapped_dataset = CalibratedImages(inner, calibrator, shape)
+            report.calibrated.append((f"get_reserved_data() [{reserved_type}]", len(out.wrapped_dataset)))
+        return out
+
+    stack.enter_context(_attribute(base, "get_reserved_data", get_reserved_data))
+
+
+@contextlib.contextmanager
+def _their_process_state(root: Path, script: Path, argv: list[str]) -> Iterator[None]:
+    """cwd = checkout root, sys.argv = their command line, their root first on sys.path, their modules and root
+    log handlers dropped afterwards, everything else restored."""
+    top_level = {p.stem if p.suffix == ".py" else p.name for p in root.iterdir()
+                 if (p.is_dir() and not p.name.startswith(".")) or p.suffix == ".py"}
+    shadowed = {k: v for k, v in sys.modules.items() if k.split(".")[0] in top_level}
+    for k in shadowed:
+        del sys.modules[k]
+    saved_argv, saved_path, saved_cwd = sys.argv[:], sys.path[:], os.getcwd()
+    rootlog = logging.getLogger()
+    saved_handlers, saved_level = rootlog.handlers[:], rootlog.level
+    os.chdir(root)
+    sys.path.insert(0, str(root))
+    sys.argv = [str(script)] + list(argv)
+    try:
+        yield
+    finally:
+        os.chdir(saved_cwd)
+        sys.argv = saved_argv
+        sys.path[:] = saved_path
+        for h in rootlog.handlers[:]:
+            if h not in saved_handlers:
+                rootlog.removeHandler(h)
+                with contextlib.suppress(Exception):
+                    h.close()
+        rootlog.setLevel(saved_level)
+        for k in [k for k in sys.modules if k.split(".")[0] in top_level]:
+            del sys.modules[k]  # imported during the run (the shadowed ones were taken out before it)
+        sys.modules.update(shadowed)
+
+
+def resolve_script(script: str | os.PathLike, root: Path) -> Path:
+    p = Path(script)
+    for candidate in ([p] if p.is_absolute() else [root / p, Path.cwd() / p]):
+        if candidate.is_file():
+            return candidate.resolve()
+    raise BBRunError(f"no script {script} under {root} (name it relative to the checkout, e.g. defense/ft.py)")
+
+
+def run_script(script: str | os.PathLike, argv: list[str], bb_root: str | os.PathLike, *,
+               calibrator: Callable[[torch.Tensor], torch.Tensor] | None = None,
+               image_shape: tuple[int, int, int] | None = None, reserved_type: str | None = None,
+               numpy_aliases: bool = True) -> RunReport:
+    """Run ``script`` (a path in the checkout ``bb_root``) as ``python script argv...`` from the checkout root,
+    with the allow-list loader and, given a ``calibrator`` (N x C x H x W -> same, on the CPU) and the (C, H, W)
+    ``image_shape`` it was fitted at, GIC in front of the clean images it draws."""
+    root = Path(bb_root).resolve()
+    try:
+        flavour = detect_checkout(root)
+    except ValueError as exc:
+        raise BBRunError(str(exc)) from None
+    path = resolve_script(script, root)
+    report = RunReport(flavour, path)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_their_process_state(root, path, argv))
+        stack.enter_context(allowlisted_torch_load(report))
+        stack.enter_context(numpy_compat(report, numpy_aliases))
+        if calibrator is not None:
+            if image_shape is None:
+                raise BBRunError("image_shape is needed with a calibrator")
+            try:
+                import utils.save_load_attack  # noqa: F401  (theirs, from the checkout)
+                if reserved_type not in TRAIN_TYPES:
+                    import defense.base  # noqa: F401
+            except ImportError as exc:
+                raise BBRunError(f"importing the checkout's modules failed ({exc}); install BackdoorBench's "
+                                 "requirements in this environment") from exc
+            _gic_hooks(stack, report, calibrator, image_shape, reserved_type)
+        try:
+            runpy.run_path(str(path), run_name="__main__")
+        except SystemExit as exc:
+            code = exc.code
+            report.exit_code = code if isinstance(code, int) else (0 if code is None else 1)
+    if calibrator is not None and not report.calibrated and report.exit_code == 0:
+        raise BBRunError(f"{path.name} never drew clean training images through load_attack_result or "
+                         "get_reserved_data, so GIC had nothing to calibrate")
+    return report

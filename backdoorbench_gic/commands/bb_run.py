@@ -1,0 +1,152 @@
+"""``bbgic bb-run``: run one of BackdoorBench's (or BackdoorBenchER's) own scripts, unmodified, on current torch,
+optionally with Guided Input Calibration in front of the clean data it draws.
+
+  cd BackdoorBench && bbgic bb-run defense/ft.py --result_file badnet_0_1 --yaml_path ./config/defense/ft/cifar10.yaml \\
+      --dataset cifar10 --device cuda:0 --gic [--delta 0.0314 --gic_steps 100 --gic_yaml my_gic.yaml]
+
+Every argument the runner does not own goes to their script as given. The runner owns --bb_root, --gic,
+--gic_yaml, --gic_device, --no_numpy_compat and, with --gic, GIC's keys (delta, family, norm, gic_steps, ...,
+see defense_configs/gic/). It reads, without removing them, --result_file, --yaml_path, --dataset, --ratio,
+--random_seed, --index, --device and (BackdoorBenchER) --reserved_type, to fit g on the same auxiliary data:
+--reserved_type's set for BackdoorBenchER, ratio x |train| clean training images (or the --index file's) upstream.
+
+Their torch.load goes through our allow-list loader (weights_only=True plus the numpy types of a record; a pickle
+needing anything else is refused, naming it, and none of it runs). Test and poisoned data are never calibrated.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+SHARED = ("result_file", "yaml_path", "dataset", "ratio", "random_seed", "index", "device", "reserved_type")
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("bb-run", help="run a BackdoorBench defense script unmodified: safe record loading, optional GIC",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p.add_argument("script", help="their script, relative to the checkout (defense/ft.py)")
+    p.add_argument("--bb_root", default=None, help="the BackdoorBench / BackdoorBenchER checkout (default: here)")
+    p.add_argument("--gic", action="store_true", help="calibrate the clean training images their defense draws")
+    p.add_argument("--gic_yaml", default=None, help="GIC settings over defense_configs/gic/<dataset>.yaml")
+    p.add_argument("--gic_device", default=None, help="device for fitting g (default: their --device / yaml device)")
+    p.add_argument("--no_numpy_compat", action="store_true",
+                   help="do not define the numpy aliases numpy 2 removed (np.infty, np.float, ...) for the run")
+    p.set_defaults(func=run, accepts_extra=True)
+    return p
+
+
+def split_gic_flags(argv: list[str], keys: set[str]) -> tuple[dict[str, str], list[str]]:
+    """(GIC ``--key value`` pairs, everything else in order)."""
+    ours: dict[str, str] = {}
+    theirs: list[str] = []
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        name = tok[2:].split("=", 1)[0].replace("-", "_") if tok.startswith("--") else None
+        if name in keys:
+            if "=" in tok:
+                ours[name] = tok.split("=", 1)[1]
+                i += 1
+            elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                ours[name] = argv[i + 1]
+                i += 2
+            else:
+                ours[name] = "true"
+                i += 1
+        else:
+            theirs.append(tok)
+            i += 1
+    return ours, theirs
+
+
+def flag_value(argv: list[str], name: str) -> str | None:
+    """The value argparse would give ``--name`` (the last occurrence wins), without consuming it."""
+    value = None
+    for i, tok in enumerate(argv):
+        if tok == f"--{name}" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif tok.startswith(f"--{name}="):
+            value = tok.split("=", 1)[1]
+    return value
+
+
+def their_settings(argv: list[str], root: Path, script: Path) -> dict[str, object]:
+    """The shared keys as their defense will see them: its yaml (--yaml_path, else config/defense/<name>/config.yaml)
+    overlaid by the command line."""
+    import yaml
+
+    settings: dict[str, object] = {}
+    yaml_path = flag_value(argv, "yaml_path")
+    path = Path(yaml_path) if yaml_path else root / "config" / "defense" / script.stem / "config.yaml"
+    if not path.is_absolute():
+        path = root / path
+    if path.is_file():
+        with open(path) as fh:
+            settings.update({k: v for k, v in (yaml.safe_load(fh) or {}).items() if k in SHARED})
+    for key in SHARED:
+        v = flag_value(argv, key)
+        if v is not None:
+            settings[key] = v
+    return settings
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import bbrun
+    from ..auxdata import build_aux_set
+    from ..config import config_keys
+    from ..gic.fit import GICConfig
+    from ..records import load_attack_record
+
+    root = Path(args.bb_root or ".").resolve()
+    gic_cli, theirs = split_gic_flags(list(getattr(args, "extra", [])), set(config_keys(GICConfig)))
+    if gic_cli and not args.gic:
+        raise ValueError(f"GIC setting(s) {', '.join('--' + k for k in gic_cli)} given without --gic")
+    if not args.gic and (args.gic_yaml or args.gic_device):
+        raise ValueError("--gic_yaml / --gic_device given without --gic")
+    calibrator = shape = None
+    reserved_type = flag_value(theirs, "reserved_type")
+    if args.gic:
+        flavour = bbrun.detect_checkout(root)
+        script = bbrun.resolve_script(args.script, root)
+        s = their_settings(theirs, root, script)
+        reserved_type = s.get("reserved_type")
+        if flavour != "BackdoorBenchER" and reserved_type not in bbrun.TRAIN_TYPES:
+            raise ValueError(f"--reserved_type {reserved_type}: upstream BackdoorBench has no reserved types; its "
+                             "defenses draw the clean training set, which GIC calibrates without the flag")
+        if reserved_type and "_vp" in str(reserved_type):
+            raise ValueError(f"--reserved_type {reserved_type} is already calibrated (bbgic calibrate's arrays); "
+                             "drop --gic, or name the uncalibrated type")
+        if not s.get("result_file"):
+            raise ValueError("--result_file is required")
+        record = load_attack_record(str(s["result_file"]), root)
+        ratio = float(s.get("ratio") or 0.05)
+        seed = int(s.get("random_seed") or 0)
+        index = s.get("index") or None
+        device = args.gic_device or s.get("device") or "auto"
+        aux = build_aux_set(record, str(reserved_type or "train"), ratio=None if index else ratio, seed=seed,
+                            index_file=Path(root, str(index)) if index else None, device="cpu")
+        calibrator, described, _ = bbrun.fit_gic(record, aux, dataset=s.get("dataset") or None,
+                                                 yaml_path=args.gic_yaml, settings=gic_cli, seed=seed, device=device)
+        h, w, c = record.img_size
+        shape = (c, h, w)
+        print(f"GIC: g fitted through the victim of {record.name} on {aux.name} ({len(aux)} images). {described}. "
+              f"The clean images {Path(args.script).name} draws pass through it; its test data does not.", flush=True)
+    try:
+        report = bbrun.run_script(args.script, theirs, root, calibrator=calibrator, image_shape=shape,
+                                  reserved_type=reserved_type, numpy_aliases=not args.no_numpy_compat)
+    except bbrun.BBRunError:
+        raise
+    except Exception:  # their script failed: its own traceback is what the user needs
+        import traceback
+
+        traceback.print_exc()
+        print(f"bbgic bb-run: {args.script} failed (traceback above, from their code)", file=sys.stderr)
+        return 1
+    print(f"bb-run: {report.script.name} ({report.flavour}) exited with {report.exit_code}; "
+          f"{len(report.loads)} torch.load call(s) through the allow-list")
+    for where, n in report.calibrated:
+        print(f"  GIC calibrated {where} ({n} images)")
+    if report.numpy_aliases:
+        print(f"  numpy 2 compatibility: defined {', '.join(report.numpy_aliases)} for the run")
+    return report.exit_code
