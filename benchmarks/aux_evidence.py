@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from backdoorbench_gic.analysis import md_table
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from efficacy import md_table  # noqa: E402
 
 SIGNALS = ["alignment", "bn_div", "entropy", "hist_tvd", "fd"]
 OUTCOMES = ["acc_after", "acc_loss", "asr_after", "der"]

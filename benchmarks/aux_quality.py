@@ -12,33 +12,22 @@ histogram with the target-class flag, Frechet distance to the reference set, ali
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
+from backdoorbench_gic.analysis import describe_machine
 from backdoorbench_gic.auxdata.quality import plot_quality, quality_table
 from backdoorbench_gic.records import load_attack_record
 from backdoorbench_gic.utils.io import atomic_write_text, atomic_write_with
 from backdoorbench_gic.utils.logs import console_logging
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import cpu_model  # noqa: E402  (benchmarks/ is a folder of scripts)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SPLIT_TYPES = ["train", "reserved", "reserved_brightness", "reserved_contrast", "reserved_color_jitter",
                "reserved_gaussian_blur", "reserved_rotation", "reserved_noise", "reserved_jpeg", "synthetic:inversion",
                "mix:reserved+reserved_noise"]
 PLAIN_TYPES = ["train", "reserved_gaussian_blur", "reserved_rotation", "reserved_noise", "synthetic:inversion"]
-
-
-def machine() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     md = [f"# Auxiliary-data alignment: {record.name}", "",
           f"record `{record.name}` ({record.model_name}, {record.clean_data}, target {record.target}); "
           f"sampling {'n_per_class ' + str(n_per_class) if n_per_class else 'ratio ' + str(ratio)}, seed {args.seed}; "
-          f"reference {reference}; options {options or '-'}; {machine()}; {wall:.1f} s"
+          f"reference {reference}; options {options or '-'}; {describe_machine(torch_threads=True)}; {wall:.1f} s"
           + ("; demo fixture: numbers describe generated data, not a real dataset" if args.demo else ""), "",
           df.to_markdown(index=False, floatfmt=".4f") if _has_tabulate()
           else "```\n" + df.to_string(index=False) + "\n```"]

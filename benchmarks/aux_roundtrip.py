@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
+from backdoorbench_gic.analysis import describe_machine, md_table
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from efficacy import machine, md_table  # noqa: E402
 
 TYPES = ["train", "reserved", "reserved_brightness", "reserved_contrast", "reserved_color_jitter",
          "reserved_gaussian_blur", "reserved_rotation", "reserved_noise", "reserved_jpeg", "synthetic:inversion",
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append([t, len(aux), str(aux.images.dtype).replace("torch.", ""), " ".join(aux.source_names),
                          verdict, f"{time.perf_counter() - t0:.1f}"])
     text = (f"## Auxiliary sources through BackdoorBenchER's layout: `{record.name}`\n\n"
-            f"`python benchmarks/aux_roundtrip.py {' '.join(sys.argv[1:])}`; {machine()}; "
+            f"`python benchmarks/aux_roundtrip.py {' '.join(sys.argv[1:])}`; {describe_machine()}; "
             f"{args.n_per_class} per class, seed 0.\n\n"
             + md_table(["source", "images", "dtype", "provenance", "export -> import", "s"], rows)
             + f"\n\nAll sources {'pass' if ok else 'DO NOT all pass'}.\n")

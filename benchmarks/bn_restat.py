@@ -26,16 +26,15 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
+from backdoorbench_gic.analysis import IN_DISTRIBUTION, md_table
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from efficacy import IN_DISTRIBUTION, md_table  # noqa: E402
 
 
 def covered(aux_type: str) -> bool:

@@ -14,9 +14,9 @@ import datetime as dt
 import sys
 from pathlib import Path
 
+from backdoorbench_gic.analysis import describe_machine as machine, md_table, run_spec, victims_table
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from efficacy import machine, md_table, run_spec, victims_table  # noqa: E402
 
 MUST_PASS = ("ft-sam", "fst", "sau")
 

@@ -31,15 +31,14 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import sys
 from pathlib import Path
 
 import pandas as pd
 import torch
 
+from backdoorbench_gic.analysis import IN_DISTRIBUTION, frame_table
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from efficacy import IN_DISTRIBUTION, frame_table  # noqa: E402
 
 
 def _trained_keys(state: dict) -> list[str]:

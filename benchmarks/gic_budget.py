@@ -37,9 +37,9 @@ import pandas as pd
 import torch
 import yaml
 
+from backdoorbench_gic.analysis import Col, describe_machine, frame_table, md_table, pm, standard_error
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from efficacy import _se, frame_table, machine, md_table, pm  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
 
 
 def collect(spec_path: Path, seeds: list[int] | None, steps: list[int], batches: list[int]) -> pd.DataFrame:
@@ -111,7 +111,7 @@ def report(df: pd.DataFrame, command: str) -> str:
     table = pd.concat([pd.DataFrame([ref_row]), table], ignore_index=True)
     table["passes / reference"] = table.passes / ref.passes.mean()
     sets = df[["attack", "aux_type", "seed"]].drop_duplicates().shape[0]
-    lines = [f"`{command}` ({dt.datetime.now():%Y-%m-%d %H:%M}; {machine()}). {sets} auxiliary draws "
+    lines = [f"`{command}` ({dt.datetime.now():%Y-%m-%d %H:%M}; {describe_machine()}). {sets} auxiliary draws "
              f"(mean size {ref.n.mean():.0f}); the packaged calibrator (prompt, L-inf 16/255, BN symmetric KL, "
              "Adam 0.05 with cosine decay over the budget's steps), patience off except in the reference row.",
              "",
@@ -135,28 +135,28 @@ def verify(spec_path: Path, against_path: Path) -> str:
 
     new_spec, old_spec = load_spec(spec_path), load_spec(against_path)
     keys = ["attack", "base_defense", "aux_type", "aux_size_label", "seed"]
-    cols = ["acc_after", "asr_after", "der", "extra_gic_seconds", "extra_gic_steps", "extra_gic_cached",
-            "extra_base_seconds"]
+    cols = {"acc_after": "acc_after", "asr_after": "asr_after", "der": "der", Col.GIC_SECONDS: "fit_s",
+            Col.GIC_STEPS: "fit_steps", Col.GIC_CACHED: "cached", Col.BASE_SECONDS: "base_s"}
     new, old = (collect_results(s.output_root) for s in (new_spec, old_spec))
-    new, old = (d[d["gic"].astype(bool)].set_index(keys)[cols] for d in (new, old))
+    new, old = (d[d["gic"].astype(bool)].set_index(keys)[list(cols)].rename(columns=cols) for d in (new, old))
     both = new.merge(old, left_index=True, right_index=True, suffixes=("_new", "_old")).reset_index()
     if both.empty:
         raise SystemExit(f"no calibrated cells of {spec_path} pair with {against_path}'s")
 
     def diff(x: pd.Series, scale: float, digits: int) -> str:
-        return pm(x.mean(), _se(x), scale, digits, sign=True)
+        return pm(x.mean(), standard_error(x), scale, digits, sign=True)
 
     rows = []
     for (d, aux), g in [*both.groupby(["base_defense", "aux_type"], sort=False), (("all", "all"), both)]:
-        fresh = g[g["extra_gic_cached_new"] == 0]
-        fresh_old = g[g["extra_gic_cached_old"] == 0]
+        fresh = g[g["cached_new"] == 0]
+        fresh_old = g[g["cached_old"] == 0]
         rows.append([d, aux, len(g), diff(g.acc_after_new - g.acc_after_old, 100, 2),
                      diff(g.asr_after_new - g.asr_after_old, 100, 2), diff(g.der_new - g.der_old, 1, 4),
-                     f"{fresh_old.extra_gic_steps_old.mean():.0f} / {fresh.extra_gic_steps_new.mean():.0f}"
+                     f"{fresh_old.fit_steps_old.mean():.0f} / {fresh.fit_steps_new.mean():.0f}"
                      if len(fresh) and len(fresh_old) else "(cached)",
-                     f"{fresh_old.extra_gic_seconds_old.mean():.1f} / {fresh.extra_gic_seconds_new.mean():.1f}"
+                     f"{fresh_old.fit_s_old.mean():.1f} / {fresh.fit_s_new.mean():.1f}"
                      if len(fresh) and len(fresh_old) else "(cached)",
-                     f"{g.extra_base_seconds_new.mean():.1f}"])
+                     f"{g.base_s_new.mean():.1f}"])
     return (f"`python benchmarks/gic_budget.py --verify {spec_path.name} --against {against_path.name}`: the "
             f"calibrated cells of `{new_spec.name}` (gic_overrides {new_spec.gic_overrides}) minus those of "
             f"`{old_spec.name}` (the reference budget), paired over victims x seeds; C-Acc and ASR in points.\n\n"

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from backdoorbench_gic.analysis import Col, describe_machine, md_table, run_spec
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from efficacy import machine, md_table, run_spec  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
 
 
 def analyse(sweep: pd.DataFrame, base: pd.DataFrame, order: list[str] | None = None) -> str:
@@ -34,9 +34,9 @@ def analyse(sweep: pd.DataFrame, base: pd.DataFrame, order: list[str] | None = N
         g = s[s["defense_label"] == label]
         sh, res = g[g["shifted"]], g[~g["shifted"]]
         rows.append([label, len(g),
-                     f"{sh['extra_bn_div_before'].mean():.3f} -> {sh['extra_bn_div_after'].mean():.3f}",
-                     f"{sh['extra_drift_ratio'].mean():.2f}", f"{g['extra_drift_flag'].mean() * 100:.0f} %",
-                     f"{g['extra_gic_seconds'].mean():.1f}",
+                     f"{sh[Col.BN_DIV_BEFORE].mean():.3f} -> {sh[Col.BN_DIV_AFTER].mean():.3f}",
+                     f"{sh[Col.DRIFT_RATIO].mean():.2f}", f"{g[Col.DRIFT_FLAG].mean() * 100:.0f} %",
+                     f"{g[Col.GIC_SECONDS].mean():.1f}",
                      f"{sh['d_acc_after'].mean() * 100:+.2f}", f"{sh['d_asr_after'].mean() * 100:+.2f}",
                      f"{sh['d_der'].mean():+.4f}", f"{res['d_acc_after'].mean() * 100:+.2f}",
                      f"{res['d_der'].mean():+.4f}"])
@@ -45,7 +45,7 @@ def analyse(sweep: pd.DataFrame, base: pd.DataFrame, order: list[str] | None = N
                       "dDER reserved"], rows)
     per_aux = []
     for (label, aux), g in sorted(s.groupby(["defense_label", "aux_type"]), key=lambda kv: (order.index(kv[0][0]), kv[0][1])):
-        per_aux.append([label, aux, f"{g['extra_bn_div_after'].mean():.3f}", f"{g['d_acc_after'].mean() * 100:+.2f}",
+        per_aux.append([label, aux, f"{g[Col.BN_DIV_AFTER].mean():.3f}", f"{g['d_acc_after'].mean() * 100:+.2f}",
                         f"{g['d_asr_after'].mean() * 100:+.2f}", f"{g['d_der'].mean():+.4f}"])
     detail = md_table(["configuration", "aux", "D_BN g(aux)", "dC-Acc (pts)", "dASR (pts)", "dDER"], per_aux)
     return table + "\n\nPer auxiliary type:\n\n" + detail
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     text = analyse(sweep, base, [d.shown for d in spec.defenses])
     cmd = "python benchmarks/gic_sweep.py " + " ".join(sys.argv[1:])
-    header = (f"## GIC design-space sweep: `{spec.name}`\n\n{len(sweep)} cells; machine: {machine()}; command "
+    header = (f"## GIC design-space sweep: `{spec.name}`\n\n{len(sweep)} cells; machine: {describe_machine()}; command "
               f"`{cmd.strip()}`; {dt.datetime.now():%Y-%m-%d %H:%M}"
               + ("" if args.report_only else f"; ran {wall / 60:.1f} min")
               + ". d = with this GIC minus uncalibrated FT on the same victim, draw and seed (efficacy run). "

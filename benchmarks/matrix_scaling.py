@@ -43,11 +43,11 @@ from typing import Any
 
 import yaml
 
+from backdoorbench_gic.analysis import machine_info
 from backdoorbench_gic.data.specs import split_name
 from backdoorbench_gic.matrix import load_spec, matrix_status
 from backdoorbench_gic.results import TIDY_ROW_FILE, read_summary_last
 from backdoorbench_gic.utils.io import atomic_write_json, atomic_write_text
-from speed import machine_info  # benchmarks/speed.py, beside this script
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BBGIC = [sys.executable, "-m", "backdoorbench_gic.cli"]

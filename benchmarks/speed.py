@@ -43,8 +43,6 @@ import concurrent.futures as cf
 import copy
 import json
 import multiprocessing as mp
-import os
-import platform
 import resource
 import statistics
 import sys
@@ -55,6 +53,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from backdoorbench_gic.analysis import cpu_model, machine_info
 from backdoorbench_gic.data.imageset import ImageSet
 from backdoorbench_gic.data.specs import get_spec
 from backdoorbench_gic.data.transforms import TrainAugment
@@ -84,33 +83,6 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 # ---------------------------------------------------------------------------------------------------------
 # machine and setup
 # ---------------------------------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "CPU"
-
-
-def machine_info() -> dict[str, Any]:
-    """CPU model, cores, torch threads, the GPU if any, host, torch and Python versions."""
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() \
-        else []
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "gpu": ", ".join(gpus) or None, "host": platform.node(), "torch": str(torch.__version__),
-            "python": platform.python_version(),
-            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "load_avg": _load_avg()}
-
-
-def _load_avg() -> list[float] | None:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return None
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -11,7 +11,6 @@ Markdown and LaTeX are written here directly (no tabulate/jinja2 dependency).
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Iterable, Sequence
 
 import pandas as pd
 
-from ..results import TIDY_ROW_FILE
+from ..analysis import finished_cells, gic_comparison, markdown_table  # noqa: F401  (re-exported)
 from ..utils.io import atomic_write_text, atomic_write_with
 
 log = logging.getLogger(__name__)
@@ -29,12 +28,7 @@ METRICS = [("acc_after", "C-Acc"), ("asr_after", "ASR"), ("ra_after", "RA"), ("d
 
 def collect_results(output_root: str | Path) -> pd.DataFrame:
     """Every finished cell's result.json under ``<output_root>/cells``."""
-    rows = []
-    for p in sorted(Path(output_root, "cells").rglob(TIDY_ROW_FILE)):
-        row = json.loads(p.read_text())
-        row["cell_dir"] = str(p.parent.relative_to(output_root))
-        rows.append(row)
-    df = pd.DataFrame(rows)
+    df = pd.DataFrame([cell.row for cell in finished_cells(output_root)])
     if not df.empty:
         for col in ("gic",):
             if col not in df:
@@ -77,12 +71,6 @@ def _fmt(mean: float, std: float, percent: bool = True, sep: str = " ± ") -> st
         return "-"
     scale = 100.0 if percent else 1.0
     return f"{mean * scale:.2f}{sep}{std * scale:.2f}"
-
-
-def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
-    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
 
 
 def _tex_escape(s: object) -> str:
@@ -129,41 +117,6 @@ def leaderboard(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str], list[list[st
         numeric_rows.append(nrow)
         text_rows.append(trow)
     return pd.DataFrame(numeric_rows), header, text_rows
-
-
-def gic_comparison(df: pd.DataFrame) -> pd.DataFrame:
-    """Without vs with GIC, paired by seed, per (attack, base defense, aux type, size)."""
-    if df.empty or "gic" not in df or df["gic"].nunique() < 2:
-        return pd.DataFrame()
-    keys = ["attack", "base_defense", "aux_type", "aux_size_label"]
-    base_col = "base_defense" if "base_defense" in df else "defense"
-    df = df.assign(base_defense=df[base_col])
-    out = []
-    for key, g in df.groupby(keys, sort=True):
-        off = g[~g["gic"]].set_index("seed")
-        on = g[g["gic"]].set_index("seed")
-        seeds = sorted(set(off.index) & set(on.index))
-        row = dict(zip(keys, key))
-        row["n_pairs"] = len(seeds)
-        for col in ("acc_after", "asr_after", "ra_after", "der"):
-            row[f"{col}_nogic"] = float(off[col].mean()) if len(off) else math.nan
-            row[f"{col}_gic"] = float(on[col].mean()) if len(on) else math.nan
-            diffs = (on.loc[seeds, col] - off.loc[seeds, col]).astype(float) if seeds else pd.Series(dtype=float)
-            row[f"{col}_diff"] = float(diffs.mean()) if len(diffs) else math.nan
-            row[f"{col}_diff_se"] = float(diffs.std(ddof=1) / math.sqrt(len(diffs))) if len(diffs) > 1 else math.nan
-        out.append(row)
-    comp = pd.DataFrame(out)
-    # DER gap to the reserved set, closed by GIC
-    ref = comp[comp["aux_type"] == "reserved"].set_index(["attack", "base_defense", "aux_size_label"])["der_nogic"]
-    closed = []
-    for _, r in comp.iterrows():
-        k = (r["attack"], r["base_defense"], r["aux_size_label"])
-        gap = ref.get(k, math.nan) - r["der_nogic"] if k in ref.index else math.nan
-        closed.append((r["der_gic"] - r["der_nogic"]) / gap if gap == gap and gap > 0.02 else math.nan)
-    comp["der_gap_to_reserved"] = [ref.get((r["attack"], r["base_defense"], r["aux_size_label"]), math.nan)
-                                   - r["der_nogic"] for _, r in comp.iterrows()]
-    comp["der_gap_closed"] = closed
-    return comp
 
 
 def write_report(output_root: str | Path, out_dir: str | Path | None = None, plots: bool = True) -> list[Path]:

@@ -1,0 +1,66 @@
+"""The names of a finished cell's result columns, defined once.
+
+A defense reports what it measured besides the metrics in ``PurifyResult.extras`` (a dict); the pipeline copies
+every scalar entry into the tidy row (``result.json``) as ``extra_<key>``. The analysis reads those columns back.
+Both sides name them through this module, so a rename is one edit here and a typo is an ``AttributeError``
+instead of a table cell that silently turns into "-".
+"""
+from __future__ import annotations
+
+EXTRA_PREFIX = "extra_"
+
+
+def extra_column(key: str) -> str:
+    """The tidy-row column holding ``PurifyResult.extras[key]``."""
+    return EXTRA_PREFIX + key
+
+
+class GicInfo:
+    """Keys of what :class:`~backdoorbench_gic.gic.defense.GICDefense` puts into ``PurifyResult.extras``."""
+
+    SECONDS = "gic_seconds"  # wall time of a fresh fit (a cached fit keeps the seconds it cost when made)
+    STEPS = "gic_steps"  # optimiser steps the fit ran
+    DELTA = "gic_delta"
+    FINAL_LOSS = "gic_final_loss"
+    CACHED = "gic_cached"  # 1.0 when the fit came from the cache, 0.0 when fitted in this run
+    TOTAL_SECONDS = "gic_total_seconds"  # fitting (or loading) and applying every calibrator of the set
+    BN_DIV_BEFORE = "bn_div_before"  # dataset-level D_BN of aux (as ``bbgic aux-quality`` reports it)
+    BN_DIV_AFTER = "bn_div_after"  # the same of g(aux)
+    BASE_SECONDS = "base_seconds"  # the wrapped base defense's purification time
+    DRIFT_CLASS = "drift_class"  # the label-free drift monitor (gic/drift.py DriftReport.as_row)
+    DRIFT_SHARE = "drift_share"
+    DRIFT_RATIO = "drift_ratio"
+    DRIFT_RAW_SHARE = "drift_raw_share"
+    DRIFT_FLAG = "drift_flag"
+
+
+class Col:
+    """Columns of the tidy row (``result.json`` of a cell; ``collect_results`` frames)."""
+
+    ATTACK = "attack"
+    MODEL = "model"
+    DATASET = "dataset"
+    DEFENSE = "defense"
+    BASE_DEFENSE = "base_defense"  # matrix cells: the purification defense GIC wraps (or the defense itself)
+    DEFENSE_LABEL = "defense_label"
+    GIC = "gic"
+    AUX_TYPE = "aux_type"
+    AUX_SIZE = "aux_size"
+    AUX_SIZE_LABEL = "aux_size_label"
+    SEED = "seed"
+    ACC_BEFORE, ASR_BEFORE, RA_BEFORE = "acc_before", "asr_before", "ra_before"
+    ACC_AFTER, ASR_AFTER, RA_AFTER = "acc_after", "asr_after", "ra_after"
+    DER, RIR = "der", "rir"
+    EVAL_N_CLEAN, EVAL_N_BD = "eval_n_clean", "eval_n_bd"
+    DEFENSE_SECONDS = "defense_seconds"
+    WALL_SECONDS = "wall_seconds"
+    CELL_DIR = "cell_dir"
+    # what GIC measured, as the pipeline names it in the row
+    GIC_SECONDS = extra_column(GicInfo.SECONDS)
+    GIC_STEPS = extra_column(GicInfo.STEPS)
+    GIC_CACHED = extra_column(GicInfo.CACHED)
+    BN_DIV_BEFORE = extra_column(GicInfo.BN_DIV_BEFORE)
+    BN_DIV_AFTER = extra_column(GicInfo.BN_DIV_AFTER)
+    BASE_SECONDS = extra_column(GicInfo.BASE_SECONDS)
+    DRIFT_RATIO = extra_column(GicInfo.DRIFT_RATIO)
+    DRIFT_FLAG = extra_column(GicInfo.DRIFT_FLAG)

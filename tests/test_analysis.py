@@ -1,0 +1,124 @@
+"""The shared analysis (backdoorbench_gic.analysis): the GIC figures against hand computations, the table
+helpers, and the efficacy report's gap tables regenerated from the per-cell CSVs in benchmarks/results/."""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from backdoorbench_gic.analysis import (GAP_THRESHOLD, Col, extra_column, frame_table, gic_comparison, md_table,
+                                        paired, pm, reference_gaps, share_recovered, standard_error)
+from backdoorbench_gic.analysis.efficacy import efficacy_report, gap_table, recovery_figures
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+
+
+def cells() -> pd.DataFrame:
+    """Two seeds of one victim purified by ft on reserved and on reserved_noise, without and with GIC."""
+    rows = []
+    numbers = {  # (aux, seed, gic): (acc_after, asr_after, der)
+        ("reserved", 0, False): (0.80, 0.10, 0.90), ("reserved", 0, True): (0.81, 0.12, 0.89),
+        ("reserved", 1, False): (0.82, 0.10, 0.92), ("reserved", 1, True): (0.82, 0.10, 0.92),
+        ("reserved_noise", 0, False): (0.70, 0.05, 0.85), ("reserved_noise", 0, True): (0.76, 0.07, 0.88),
+        ("reserved_noise", 1, False): (0.72, 0.05, 0.87), ("reserved_noise", 1, True): (0.76, 0.07, 0.88),
+    }
+    for (aux, seed, gic), (acc, asr, der) in numbers.items():
+        rows.append({"attack": "v", "defense": "gic-ft" if gic else "ft", "base_defense": "ft", "gic": gic,
+                     "aux_type": aux, "aux_size_label": "r0.05", "seed": seed, "acc_before": 0.9, "asr_before": 1.0,
+                     "acc_after": acc, "asr_after": asr, "ra_after": 0.5, "der": der,
+                     **({extra_column("bn_div_before"): 0.4, extra_column("bn_div_after"): 0.1} if gic else {})})
+    return pd.DataFrame(rows)
+
+
+def test_share_recovered_by_hand():
+    assert share_recovered(0.76, 0.71, 0.81) == pytest.approx(0.5)  # loss 0.10, GIC gives back 0.05
+    assert share_recovered(0.69, 0.71, 0.81) == pytest.approx(-0.2)  # GIC makes it worse
+    assert math.isnan(share_recovered(0.5, 0.25, 0.25 + 0.015625))  # gap below the threshold: no share
+    assert share_recovered(0.25 + 0.03125, 0.25, 0.25 + 0.03125) == 1.0
+    assert math.isnan(share_recovered(0.5, 0.4, math.nan))  # no reference cell
+    out = share_recovered(np.array([0.9, 0.5]), np.array([0.8, 0.5]), np.array([1.0, 0.51]))
+    assert out[0] == pytest.approx(0.5) and math.isnan(out[1])
+    assert GAP_THRESHOLD == 0.02
+
+
+def test_paired_and_reference_gaps_by_hand():
+    pairs = paired(cells())
+    assert len(pairs) == 4 and set(pairs.columns) >= {"acc_after_nogic", "acc_after_gic", "d_der", Col.BN_DIV_AFTER}
+    noise0 = pairs[(pairs.aux_type == "reserved_noise") & (pairs.seed == 0)].iloc[0]
+    assert noise0.d_acc_after == pytest.approx(0.06) and noise0.d_der == pytest.approx(0.03)
+    gaps = reference_gaps(pairs).set_index("aux_type")
+    noise, res = gaps.loc["reserved_noise"], gaps.loc["reserved"]
+    assert noise.acc_reserved == pytest.approx(0.81) and noise.der_reserved == pytest.approx(0.91)
+    assert noise.acc_loss == pytest.approx(0.10) and noise.acc_recovered == pytest.approx(0.5)  # (0.76-0.71)/0.10
+    assert noise.der_gap == pytest.approx(0.05) and noise.der_gap_closed == pytest.approx(0.4)  # (0.88-0.86)/0.05
+    assert res.acc_loss == pytest.approx(0.0) and math.isnan(res.acc_recovered) and math.isnan(res.der_gap_closed)
+
+
+def test_gic_comparison_by_hand():
+    comp = gic_comparison(cells()).set_index("aux_type")
+    noise = comp.loc["reserved_noise"]
+    assert noise.n_pairs == 2
+    assert noise.der_diff == pytest.approx(0.02) and noise.der_diff_se == pytest.approx(0.01)  # diffs 0.03, 0.01
+    assert noise.acc_after_diff == pytest.approx(0.05) and noise.acc_after_diff_se == pytest.approx(0.01)
+    assert noise.der_gap_to_reserved == pytest.approx(0.05) and noise.der_gap_closed == pytest.approx(0.4)
+    assert math.isnan(comp.loc["reserved", "der_gap_closed"])
+    one_sided = cells()[lambda d: ~d.gic]
+    assert gic_comparison(one_sided).empty
+
+
+def test_gic_comparison_and_efficacy_agree_on_the_gap_closed():
+    """Both reports compute the DER gap closed with one definition: same number for the same cells."""
+    comp = gic_comparison(cells()).set_index("aux_type")
+    gaps = reference_gaps(paired(cells())).set_index("aux_type")
+    assert comp.loc["reserved_noise", "der_gap_closed"] == pytest.approx(gaps.loc["reserved_noise", "der_gap_closed"])
+    text, _, verdict = efficacy_report(cells())
+    assert verdict["der_gap_cells"] == 1 and verdict["der_gap_closed_mean"] == pytest.approx(0.4)
+    assert verdict["acc_loss_cells"] == 1 and verdict["acc_recovered_mean"] == pytest.approx(0.5)
+    assert verdict["asr_rise_on_those"] == pytest.approx(0.02)
+    assert "| C-Acc recovered on shifted sets losing > 2 pts | 1 of 1 cells | 50 % | >= 50 % | ok |" in text
+    assert "| DER gap closed where the gap > 0.02 | 1 of 1 cells | 40 % | >= 50 % | MISS |" in text
+
+
+def test_table_cells_by_hand():
+    assert pm(0.1234, 0.0056) == "12.3 ± 0.6"
+    assert pm(-0.02, math.nan, sign=True) == "-2.0"
+    assert pm(0.5, 0.01, 1, 3, sign=True) == "+0.500 ± 0.010"
+    assert pm(math.nan, 0.1) == "-"
+    assert standard_error(pd.Series([0.03, 0.01, math.nan])) == pytest.approx(0.01)
+    assert math.isnan(standard_error(pd.Series([0.5])))
+    assert md_table(["a", "b"], [[1, "x"]]) == "| a | b |\n|---|---|\n| 1 | x |"
+    assert frame_table(pd.DataFrame({"a": [0.12345], "b": ["s"]}), {"a": 2}) == "| a | b |\n|---|---|\n| 0.12 | s |"
+
+
+STORED = sorted(RESULTS.glob("efficacy_*.csv"))
+
+
+@pytest.mark.parametrize("csv", STORED, ids=[p.stem for p in STORED])
+def test_stored_efficacy_figures_recompute(csv):
+    """Each stored per-cell CSV's recovery columns follow from its mean columns by share_recovered."""
+    g = pd.read_csv(csv)
+    np.testing.assert_allclose(g.acc_loss, g.acc_reserved - g.acc_after_nogic, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(g.der_gap, g.der_reserved - g.der_nogic, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(share_recovered(g.acc_after_gic, g.acc_after_nogic, g.acc_reserved), g.acc_recovered,
+                               rtol=0, atol=1e-12)
+    np.testing.assert_allclose(share_recovered(g.der_gic, g.der_nogic, g.der_reserved), g.der_gap_closed,
+                               rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("csv", STORED, ids=[p.stem for p in STORED])
+def test_stored_efficacy_report_regenerates(csv):
+    """The report's per-victim gap table, rendered from the stored CSV, is the stored report's, byte for byte, and
+    the headline figures of its targets table follow from the CSV."""
+    gaps = pd.read_csv(csv, keep_default_na=False, na_values=[""])
+    md = csv.with_suffix(".md").read_text()
+    assert gap_table(gaps) in md
+    fig = recovery_figures(gaps)
+    shown = re.search(r"\| C-Acc recovered on shifted sets losing > 2 pts \| (\d+) of (\d+) cells \| (\S+)", md)
+    assert (int(shown[1]), int(shown[2])) == (fig["acc_loss_cells"], fig["shifted_cells"])
+    assert shown[3] == pm(fig["acc_recovered_mean"], math.nan, digits=0)
+    shown = re.search(r"\| DER gap closed where the gap > 0.02 \| (\d+) of \d+ cells \| (\S+)", md)
+    assert int(shown[1]) == fig["der_gap_cells"] and shown[2] == pm(fig["der_gap_closed_mean"], math.nan, digits=0)
