@@ -27,6 +27,7 @@ from .records import AttackRecord, load_attack_record
 from .registry import DEFENSES
 from .results import MetricLog, defense_output_dir, write_defense_result, write_tidy_row
 from .utils.cache import hash_weights
+from .utils import purify_cache
 from .utils.io import atomic_write_json
 from .utils.logs import run_log, timestamp
 from .utils.runtime import resolve_device, seed_everything
@@ -180,8 +181,9 @@ def run_defense(req: DefenseRequest, record: AttackRecord | None = None) -> dict
 
         torch.manual_seed(cfg.random_seed)
         t_def = time.perf_counter()
-        result = defense.purify(victim, aux, device=device, train_augment=TrainAugment.for_spec(record.spec),
-                                monitor=monitor, progress=req.progress)
+        result = purify_cache.purify(defense, victim, aux, device=device,
+                                     train_augment=TrainAugment.for_spec(record.spec), monitor=monitor,
+                                     progress=req.progress)
         defense_seconds = time.perf_counter() - t_def
         after = evaluate(result.model, clean_test, bd_test, device=device, batch_size=req.eval_batch_size)
         log.info("purified: C-Acc %.4f ASR %.4f RA %.4f (%.1f s)", after.acc, after.asr, after.ra, defense_seconds)

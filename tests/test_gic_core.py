@@ -198,3 +198,114 @@ def test_drift_report_flags_concentration():
     assert rep.raw_pred_share[:2] == [0.5, 0.5]
     same = drift_report(Fixed(), raw, raw, 4, torch.device("cpu"))
     assert not same.concentrated
+
+
+# -- objectives as registered classes, the calibration object -------------------------------------------------------
+class TinyVictim(nn.Module):
+    """features(x) = the first two pixels; head: a fixed linear layer over 3 classes."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(2, 3, bias=False)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]]))
+
+    def features(self, x):
+        return x.flatten(1)[:, :2]
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def _tiny_set(points, labels):
+    x = torch.zeros(len(points), 1, 1, 2)
+    x[:, 0, 0, :] = torch.tensor(points, dtype=torch.float32)
+    return ImageSet(x, labels)
+
+
+def test_objectives_registry_validates_names_and_options():
+    from backdoorbench_gic.config import ConfigError, build_config
+    from backdoorbench_gic.gic.objectives import OBJECTIVES, parse_objectives
+
+    assert {"bn", "ce", "infomax", "drift", "feature", "guard"} <= set(OBJECTIVES.names())
+    assert parse_objectives({"bn": 1, "feature": {"weight": 0.5, "top": 0.1}}) == {
+        "bn": (1.0, {}), "feature": (0.5, {"top": 0.1})}
+    with pytest.raises(ConfigError, match="'objectives'.*bnn"):
+        build_config(GICConfig, [({"objectives": {"bnn": 1.0}}, "cli")])
+    with pytest.raises(ConfigError, match="no option 'topp'"):
+        parse_objectives({"feature": {"topp": 0.1}})
+    with pytest.raises(ConfigError, match="weight > 0"):
+        parse_objectives({"bn": 0.0})
+
+
+def test_feature_objective_by_hand():
+    from backdoorbench_gic.gic.objectives import FeatureObjective, Forward
+
+    victim = TinyVictim()
+    # class 0: (0.9, 0.1) and (0.6, 0.2) both correct, the first more confident; class 1: (0.1, 0.8) correct,
+    # (0.5, 0.4) misclassified (logit 0.5 > 0.4) and so never a prototype
+    aux = _tiny_set([[0.9, 0.1], [0.6, 0.2], [0.1, 0.8], [0.5, 0.4]], [0, 0, 1, 1])
+    obj = FeatureObjective(victim, aux, torch.device("cpu"), 3, top=0.5)
+    assert torch.allclose(obj.protos[0], torch.tensor([0.9, 0.1])) and torch.allclose(obj.protos[1], torch.tensor([0.1, 0.8]))
+    assert obj.present.tolist() == [True, True, False]
+    feats = torch.tensor([[0.5, 0.5], [0.7, 0.1], [0.1, 0.6]])
+    f = torch.tensor([[0.9, 0.1], [0.6, 0.2], [0.1, 0.8], [0.5, 0.4]])
+    scale = f.var(0, unbiased=False).mean()
+    # class 0 batch mean (0.6, 0.3) vs (0.9, 0.1): squares 0.09, 0.04; class 1 (0.1, 0.6) vs (0.1, 0.8): 0, 0.04
+    expected = torch.tensor((0.09 + 0.04 + 0.0 + 0.04) / 4) / scale
+    got = obj(Forward(victim.head(feats), feats, torch.tensor([0, 0, 1])))
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_trigger_guard_infers_the_over_predicted_class_by_hand():
+    from backdoorbench_gic.gic.objectives import Forward, TriggerGuard
+
+    victim = TinyVictim()
+    # labels 0,0,1,2 (shares .5 .25 .25); predictions: 1, 1, 1, 0 -> shares .25 .75 0: class 1 gains +0.5
+    aux = _tiny_set([[0.1, 0.9], [0.2, 0.8], [0.0, 0.5], [0.6, 0.1]], [0, 0, 1, 2])
+    guard = TriggerGuard(victim, aux, torch.device("cpu"), 3)
+    assert guard.target == 1 and guard.excess == pytest.approx(0.5)
+    logits = torch.log(torch.tensor([[0.2, 0.7, 0.1], [0.1, 0.1, 0.8], [0.3, 0.3, 0.4]]))
+    out = Forward(logits, torch.zeros(3, 2), torch.tensor([0, 1, 2]))
+    assert float(guard(out)) == pytest.approx((0.7 + 0.3) / 2, abs=1e-6)  # the image labelled 1 is left out
+
+
+def test_gic_object_fit_call_state_roundtrip(victim_and_data, tmp_path, monkeypatch):
+    from backdoorbench_gic.gic.calibration import GIC
+
+    monkeypatch.setenv("BBGIC_CACHE_DIR", str(tmp_path))
+    victim, data = victim_and_data
+    aux = data.subset(torch.arange(64)).with_images((data.subset(torch.arange(64)).float_images() * 0.6))
+    gic = GIC(delta=8 / 255, gic_steps=10, gic_batch_size=32, objectives={"bn": 1.0, "guard": 0.5})
+    with pytest.raises(RuntimeError, match="not fitted"):
+        gic(aux.float_images())
+    gic.fit(victim, aux, device="cpu", seed=1)
+    out = gic.transform(aux)
+    assert torch.allclose(gic(aux.float_images()), out.images)
+    assert (out.images - aux.float_images()).abs().amax() <= 8 / 255 + 1e-6
+    assert gic.summary["bn_div_after"] < gic.summary["bn_div_before"] and "D_BN" in gic.describe()
+    path = tmp_path / "g.pt"
+    torch.save(gic.state_dict(), path)
+    again = GIC().load_state_dict(torch.load(path, weights_only=True))
+    assert again.config == gic.config and torch.equal(again(aux.float_images()), gic(aux.float_images()))
+
+
+def test_cache_key_covers_every_identity_field(victim_and_data):
+    from dataclasses import fields
+
+    from backdoorbench_gic.gic.calibration import fit_key
+
+    victim, data = victim_and_data
+    aux = data.subset(torch.arange(8))
+    base = GICConfig()
+    key = fit_key(victim, aux, base, 0)
+    changed = {"family": "generator", "norm": "l2", "delta": 0.1, "objectives": {"bn": 2.0}, "gic_lr": 0.1,
+               "gic_steps": 3, "gic_batch_size": 5, "gic_patience": 2, "generator_hidden": 4, "per_source": True,
+               "auto_delta_grid": [0.1], "auto_delta_steps": 3, "auto_delta_tol": 0.2}
+    identity = [f.name for f in fields(GICConfig) if f.metadata.get("identity", True)]
+    assert sorted(identity) == sorted(changed), "a new GICConfig field needs a value here"
+    for k, v in changed.items():
+        cfg = GICConfig(**{**base.__dict__, k: v})
+        assert fit_key(victim, aux, cfg, 0) != key, k
+    assert fit_key(victim, aux, GICConfig(gic_cache=False, drift_warn_ratio=3.0), 0) == key
+    assert fit_key(victim, aux, base, 1) != key

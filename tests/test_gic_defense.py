@@ -1,12 +1,14 @@
-"""The gic defense: key routing, aliases, calibration handed to the base defense, caching, per-source g."""
+"""The gic defense: nested base config, equal auxiliary draws, aliases, calibration handed to the base defense,
+caching, per-source g, placements."""
 import pytest
 import torch
 
 from backdoorbench_gic.config import ConfigError
 from backdoorbench_gic.data.imageset import ImageSet
 from backdoorbench_gic.defenses.base import Defense, PurifyResult
-from backdoorbench_gic.gic import defense as gic_defense
-from backdoorbench_gic.gic.defense import GICDefense, split_keys
+from backdoorbench_gic.config import RunConfig, config_keys
+from backdoorbench_gic.gic import calibration as gic_calibration
+from backdoorbench_gic.gic.defense import PLACEMENTS, GICDefense, restore_bn_statistics, split_keys
 from backdoorbench_gic.records import load_attack_record
 from backdoorbench_gic.registry import DEFENSES
 from backdoorbench_gic.testing import make_bb_record
@@ -37,10 +39,48 @@ def spy_registered():
     DEFENSES._builders.pop("spy", None)
 
 
-def test_keys_are_routed_by_name():
-    gic, base = split_keys({"delta": 0.1, "base": "sau", "n_rounds": 3, "random_seed": 4, "lr": 0.5})
-    assert gic == {"delta": 0.1, "base": "sau", "random_seed": 4, "lr": 0.5}
-    assert base == {"n_rounds": 3, "random_seed": 4, "lr": 0.5}
+def test_flat_keys_are_placed_and_ambiguous_or_unknown_ones_refused():
+    sau_keys = set(config_keys(DEFENSES.get("sau").config_class))
+    gic, base = split_keys({"delta": 0.1, "base": "sau", "n_rounds": 3, "random_seed": 4, "lr": 0.5,
+                            "base.adv_steps": 2, "placement": "bn-after"}, sau_keys, "test")
+    assert gic == {"delta": 0.1, "base": "sau", "placement": "bn-after"}
+    assert base == {"n_rounds": 3, "random_seed": 4, "lr": 0.5, "adv_steps": 2}  # run-level keys go to the base
+    with pytest.raises(ConfigError, match="'delta'.*ambiguous"):
+        split_keys({"delta": 0.1}, sau_keys | {"delta"}, "test")  # a base that also takes 'delta'
+    with pytest.raises(ConfigError, match="'n_roundz'"):
+        split_keys({"n_roundz": 1}, sau_keys, "test")
+
+
+def test_nested_base_config(tmp_path):
+    y = tmp_path / "g.yaml"
+    y.write_text("base: {name: sau, n_rounds: 3, adv_steps: 2}\ndelta: 0.03\nplacement: bn-after\n")
+    d = GICDefense.from_sources("fashion-mnist", str(y), {"device": "cpu"})
+    assert d.base.name == "sau" and d.base.config.n_rounds == 3 and d.base.config.adv_steps == 2
+    assert d.config.delta == pytest.approx(0.03) and d.config.placement == "bn-after" and d.config.base == "sau"
+    with pytest.raises(ConfigError, match="'placement'"):
+        GICDefense.from_sources("fashion-mnist", None, {"placement": "sideways"})
+
+
+GIC_DATASETS = ("config", "cifar10", "cifar100", "gtsrb", "tiny", "fashion-mnist", "mnist", "digits")
+DRAW_KEYS = ("ratio", "reserved_type", "random_seed", "index", "batch_size", "device")
+
+
+@pytest.mark.parametrize("stem", GIC_DATASETS)
+@pytest.mark.parametrize("base", ["ft", "fst", "sau"])
+def test_gic_draws_exactly_what_its_base_draws(stem, base, victim_record):
+    """Issue 18: gic --base ft must purify on the draw ft gets (ratio, type, seed, index, batch) on every yaml."""
+    from backdoorbench_gic.auxdata import build_aux_set
+
+    dataset = None if stem == "config" else stem
+    plain = DEFENSES.get(base).from_sources(dataset, None, {"reserved_type": "reserved_noise"}, name=base)
+    wrapped = GICDefense.from_sources(dataset, None, {"base": base, "reserved_type": "reserved_noise"})
+    for k in config_keys(RunConfig):
+        assert getattr(wrapped.config, k) == getattr(plain.config, k) == getattr(wrapped.base.config, k), k
+    # the fixture has 200 training images, so each side's ratio is scaled alike to draw a few per class
+    a = build_aux_set(victim_record, "train", ratio=min(1.0, 40 * plain.config.ratio), seed=plain.config.random_seed)
+    b = build_aux_set(victim_record, "train", ratio=min(1.0, 40 * wrapped.config.ratio),
+                      seed=wrapped.config.random_seed)
+    assert len(a) == len(b) and torch.equal(a.indices, b.indices)
 
 
 def test_from_sources_builds_the_base_with_its_own_yaml_and_overrides():
@@ -85,7 +125,7 @@ def test_base_gets_calibrated_data_within_budget(victim_record, spy_registered, 
 
 def test_fitted_g_is_reused_across_base_defenses(victim_record, spy_registered, tmp_path, monkeypatch):
     monkeypatch.setenv("BBGIC_CACHE_DIR", str(tmp_path / "cache"))
-    gic_defense._MEMORY_CACHE.clear()
+    gic_calibration._MEMORY_CACHE.clear()
     victim = victim_record.build_model()
     aux = victim_record.clean_train.subset(torch.arange(40))
     cli = {"gic_steps": 5, "gic_batch_size": 20, "device": "cpu"}
@@ -94,7 +134,7 @@ def test_fitted_g_is_reused_across_base_defenses(victim_record, spy_registered, 
     second = GICDefense.from_sources(None, None, {**cli, "base": "ft"}).calibrate(victim, aux, device=torch.device("cpu"))
     assert second[1]["gic_cached"] == 1.0
     assert torch.equal(first[0].images, second[0].images)
-    gic_defense._MEMORY_CACHE.clear()  # from disk now
+    gic_calibration._MEMORY_CACHE.clear()  # from disk now
     third = GICDefense.from_sources(None, None, {**cli, "base": "ft"}).calibrate(victim, aux, device=torch.device("cpu"))
     assert third[1]["gic_cached"] == 1.0 and torch.allclose(third[0].images, first[0].images)
 
@@ -114,13 +154,10 @@ def test_per_source_fits_one_g_per_provenance(victim_record, tmp_path, monkeypat
     assert not torch.allclose(one[0].images, cal.images)
 
 
-GIC_DATASETS = ("config", "cifar10", "cifar100", "gtsrb", "tiny", "fashion-mnist", "mnist", "digits")
-
-
 @pytest.mark.parametrize("stem", GIC_DATASETS)
 def test_packaged_gic_yaml_is_used_and_leaves_the_base_defense_alone(stem, tmp_path, monkeypatch):
     import shutil
-    from dataclasses import fields
+    from dataclasses import MISSING, fields
 
     from backdoorbench_gic import config as config_mod
     from backdoorbench_gic.config import default_yaml_for, read_yaml
@@ -133,7 +170,8 @@ def test_packaged_gic_yaml_is_used_and_leaves_the_base_defense_alone(stem, tmp_p
     values = read_yaml(packaged)
     assert set(values) <= GIC_KEYS, "a common key in the gic yaml would override the base defense's own yaml"
     assert "base" not in values, "a packaged base would override the gic-<base> aliases"
-    defaults = {f.name: f.default for f in fields(GICDefenseConfig) if f.name in values}
+    defaults = {f.name: f.default if f.default_factory is MISSING else f.default_factory()
+                for f in fields(GICDefenseConfig) if f.name in values}
     assert values == defaults  # the packaged values are GICConfig's defaults (universal L-inf prompt, BN, 16/255)
     assert values["delta"] == 16 / 255 and values["gic_lr"] == 0.05 and values["gic_steps"] == 100
     d = GICDefense.from_sources(dataset)
@@ -153,3 +191,60 @@ def test_packaged_gic_yaml_is_used_and_leaves_the_base_defense_alone(stem, tmp_p
     (copy / "gic" / f"{stem}.yaml").write_text(packaged.read_text().replace("gic_steps: 100", "gic_steps: 7"))
     monkeypatch.setattr(config_mod, "defense_configs_dir", lambda: copy)
     assert GICDefense.from_sources(dataset).config.gic_steps == 7
+
+
+class Shift(Defense):
+    """A stand-in purification that trains nothing but leaves shifted BatchNorm statistics behind, as fine-tuning
+    on shifted data does: it re-estimates the model's statistics on what it is given."""
+
+    def purify(self, model, aux, *, device, train_augment=None, monitor=None, progress=None):
+        from backdoorbench_gic.bnstats import recalibrate_bn
+
+        net = self.copy_model(model, device)
+        recalibrate_bn(net, aux, device=device)
+        return PurifyResult(net.eval(), [{"epoch": 0}])
+
+
+def _bn_means(model):
+    from backdoorbench_gic.bnstats import batchnorm_layers
+
+    return [m.running_mean.clone() for _, m in batchnorm_layers(model)]
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_placements(placement, victim_record, tmp_path, monkeypatch):
+    from backdoorbench_gic.bnstats import recalibrate_bn
+
+    monkeypatch.setenv("BBGIC_CACHE_DIR", str(tmp_path / "cache"))
+    DEFENSES.add("shift", Shift, force=True)
+    try:
+        victim = victim_record.build_model()
+        aux = victim_record.clean_train.subset(torch.arange(60))
+        shifted = aux.with_images((aux.float_images() * 0.5).clamp(0, 1))
+        d = GICDefense.from_sources(None, None, {"base": "shift", "placement": placement, "gic_steps": 10,
+                                                 "gic_batch_size": 30, "device": "cpu", "bn_batch_size": 1000})
+        before = [m.clone() for m in _bn_means(victim)]
+        out = d.purify(victim, shifted, device=torch.device("cpu"))
+        assert all(torch.equal(a, b) for a, b in zip(before, _bn_means(victim))), "the victim was modified"
+        got = _bn_means(out.model)
+        if placement == "bn-reset":
+            assert all(torch.equal(a, b) for a, b in zip(got, before))
+            assert "gic_seconds" not in out.extras  # no calibration fitted
+        elif placement == "bn-refresh":  # the shift's own statistics, re-estimated on the raw set
+            ref = _bn_means(recalibrate_bn(Shift().copy_model(victim, torch.device("cpu")), shifted))
+            assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, ref))
+        else:  # the statistics of g(shifted), whichever data the base saw
+            g_aux = d.gic.transform(shifted)
+            ref = _bn_means(recalibrate_bn(Shift().copy_model(victim, torch.device("cpu")), g_aux))
+            assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got, ref))
+            assert out.extras["bn_div_after"] < out.extras["bn_div_before"]
+    finally:
+        DEFENSES._builders.pop("shift", None)
+
+
+def test_restore_bn_statistics_refuses_other_architectures(victim_record):
+    from backdoorbench_gic.models import build_model
+
+    other = build_model("preactresnet18", num_classes=10, width=4)
+    with pytest.raises(ValueError, match="differ"):
+        restore_bn_statistics(victim_record.build_model(), other)

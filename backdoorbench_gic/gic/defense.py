@@ -1,20 +1,25 @@
-"""The ``gic`` defense: fit g once through the frozen victim, calibrate the auxiliary set, hand it unchanged
-to any registered base defense (``--defense gic --base sau``, or the alias ``gic-sau``).
+"""The ``gic`` defense: Guided Input Calibration (:class:`~backdoorbench_gic.gic.calibration.GIC`) placed around any
+registered base defense (``--defense gic --base sau``, the alias ``gic-sau``, or ``base: {name: sau, ...}``).
 
-Configuration keys are routed by name: GIC's own keys (:class:`~backdoorbench_gic.gic.fit.GICConfig`, plus
-``base``) configure the calibration; every other key goes to the base defense, whose own config class
-validates it (an unknown key is still an error naming it); the common BackdoorBench keys (device, seed,
-ratio, reserved_type, ...) go to both. The base defense's packaged ``defense_configs/<base>/<dataset>.yaml``
-applies first, so ``gic`` with ``base: ft`` runs exactly the fine-tuning that ``ft`` runs, on calibrated data.
+Configuration is nested: GIC's own keys (:class:`~backdoorbench_gic.gic.fit.GICConfig`, ``placement``,
+``bn_batch_size``) at the top, the base defense under ``base`` (a name, or ``{name: sau, <sau's keys>}``). The base
+starts from its own packaged ``defense_configs/<base>/<dataset>.yaml``, so ``gic`` with base ``ft`` runs exactly
+the fine-tuning ``ft`` runs, on exactly the auxiliary draw ``ft`` gets: the run-level keys (ratio, reserved_type,
+random_seed, batch_size, device, ...) of the gic defense are the base's resolved ones. Flat keys (from a command
+line or a matrix spec) are placed by name: GIC's keys to GIC, keys of the base's config to the base, the run-level
+keys to the base; a key both could take (say ``norm``) is refused as ambiguous, a key neither takes is refused.
 
-A fitted g is cached by content (victim weights, auxiliary images and labels, GIC settings, seed), in
-memory and under ``$BBGIC_CACHE_DIR`` (default ``~/.cache/backdoorbench_gic/gic``), so the matrix fits it once
-per victim and auxiliary set and reuses it across base defenses. Test data is never calibrated.
+Placement (``placement``):
+- ``before`` (the paper's): purify on g(aux);
+- ``bn-after``: purify on aux as given, then re-estimate the purified model's BatchNorm running statistics on g(aux)
+  (g fitted through the victim; no labels needed, no test data);
+- ``both``: purify on g(aux), then re-estimate on g(aux);
+- baselines without calibration: ``bn-reset`` (put the victim's own running statistics back after purification)
+  and ``bn-refresh`` (re-estimate them on the raw auxiliary set).
+Test data is never calibrated.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -22,78 +27,100 @@ from typing import Any, Mapping
 
 import torch
 
-from ..config import ConfigError, RunConfig, build_config, config_keys, default_yaml_for, read_yaml
+from ..bnstats import batchnorm_layers, recalibrate_bn
+from ..config import ConfigError, RunConfig, build_config, check_range, config_keys, default_yaml_for, read_yaml, require
 from ..data.imageset import ImageSet
 from ..data.transforms import TrainAugment
 from ..defenses.base import Defense, DefenseConfig, Monitor, PurifyResult
 from ..registry import DEFENSES
-from ..utils.cache import cache_dir, hash_weights
-from ..utils.io import atomic_torch_save
-from .calibrators import Calibrator, build_calibrator
-from .drift import drift_report
-from .fit import GICConfig, apply_calibrator, fit_calibrator
-from ..bnstats import NoBatchNormError, dataset_bn_divergence
+from ..utils import purify_cache
+from .calibration import GIC
+from .fit import GICConfig
 
 log = logging.getLogger(__name__)
 
-_MEMORY_CACHE: dict[str, dict[str, Any]] = {}
+PLACEMENTS = ("before", "bn-after", "both", "bn-reset", "bn-refresh")
+CALIBRATED = ("before", "bn-after", "both")  # placements that fit g
 
 
 @dataclass
 class GICDefenseConfig(DefenseConfig, GICConfig):
-    base: str = "ft"
+    base: Any = "ft"  # a defense name, or {name: <defense>, <its keys>} (resolved into self.base by from_sources)
+    placement: str = "before"
+    bn_batch_size: int = 256  # batch of the BatchNorm re-estimation passes (bn-after, both, bn-refresh)
 
     def validate(self) -> None:
         DefenseConfig.validate(self)
         GICConfig.validate(self)
+        require(self.placement in PLACEMENTS, "placement",
+                f"must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
+        check_range(self, "bn_batch_size", 1)
+        require(isinstance(self.base, str) or (isinstance(self.base, Mapping) and "name" in self.base), "base",
+                f"must be a defense name or a mapping with a 'name' key, got {self.base!r}")
+
+    def gic_settings(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in config_keys(GICConfig)}
 
 
-GIC_KEYS = set(config_keys(GICConfig)) | {"base"}
+GIC_KEYS = set(config_keys(GICConfig)) | {"base", "placement", "bn_batch_size"}
 COMMON_KEYS = set(config_keys(RunConfig))
 
 
-def split_keys(data: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(keys for GIC, keys for the base defense); common keys go to both."""
+def _base_name(base: Any) -> str:
+    return str(base["name"]) if isinstance(base, Mapping) else str(base)
+
+
+def split_keys(data: Mapping[str, Any], base_keys: set[str], source: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(GIC's keys, the base's keys) of one flat layer; ``base.<key>`` goes to the base explicitly."""
     gic, base = {}, {}
     for k, v in data.items():
         key = str(k).replace("-", "_")
-        if key in GIC_KEYS:
+        if key.startswith("base."):
+            base[key[5:]] = v
+        elif key == "base" and isinstance(v, Mapping):
+            gic["base"] = _base_name(v)
+            base.update({kk: vv for kk, vv in v.items() if kk != "name"})
+        elif key in GIC_KEYS and key in base_keys and key not in COMMON_KEYS:
+            raise ConfigError(f"key {key!r} (from {source}) is ambiguous: both GIC and the base defense take it; "
+                              f"write base: {{{key}: ...}} in a yaml (or --base.{key}) for the base, or set it in "
+                              "defense_configs/gic/ for GIC")
+        elif key in GIC_KEYS:
             gic[key] = v
-        elif key in COMMON_KEYS:
-            gic[key] = v
+        elif key in COMMON_KEYS or key in base_keys:
             base[key] = v
         else:
-            base[key] = v
+            raise ConfigError(f"unknown key {key!r} (from {source}): neither GIC nor the base defense takes it "
+                              f"(GIC's keys: {', '.join(sorted(GIC_KEYS))})")
     return gic, base
 
 
-def fit_key(victim: torch.nn.Module, aux: ImageSet, cfg: GICConfig, seed: int) -> str:
-    h = hashlib.sha1()
-    hash_weights(h, victim)
-    h.update(aux.images.contiguous().numpy().tobytes())
-    h.update(aux.labels.numpy().tobytes())
-    h.update(aux.sources.numpy().tobytes())
-    h.update(json.dumps({**cfg.key(), "seed": seed}, sort_keys=True, default=str).encode())
-    return h.hexdigest()[:20]
-
-
 class GICDefense(Defense):
-    """Guided Input Calibration in front of any base defense."""
+    """Guided Input Calibration around any base defense."""
 
     config_class = GICDefenseConfig
     augment = False  # the base defense decides; GIC itself never augments
+    cacheable = False  # the pipeline's purification cache serves the base, not the wrapper
     default_base: str | None = None
 
     def __init__(self, config: GICDefenseConfig | None = None, base_defense: Defense | None = None, **overrides: Any):
         super().__init__(config, **overrides)
         if base_defense is None:
-            base_defense = DEFENSES.get(self.config.base)(**{k: getattr(self.config, k) for k in config_keys(RunConfig)})
+            base_cls = DEFENSES.get(_base_name(self.config.base))
+            nested = dict(self.config.base) if isinstance(self.config.base, Mapping) else {}
+            nested.pop("name", None)
+            base_cfg = build_config(base_cls.config_class, [(nested, "base")])
+            for k in config_keys(RunConfig):
+                setattr(base_cfg, k, getattr(self.config, k))
+            base_cfg.validate()
+            base_defense = base_cls(base_cfg)
         self.base = base_defense
+        self.gic = GIC(self.config.gic_settings())
 
     @classmethod
     def from_sources(cls, dataset: str | None = None, yaml_path: str | None = None, cli: dict[str, Any] | None = None,
                      name: str | None = None) -> "GICDefense":
-        """Layers as for every defense (gic yaml < --yaml_path < CLI), each split between GIC and the base."""
+        """GIC: gic yaml < --yaml_path < CLI; the base: its packaged yaml < its keys from those layers. The run-level
+        keys of the result are the base's resolved ones, so both draw the same auxiliary set."""
         layers: list[tuple[Mapping[str, Any], str]] = []
         packaged = default_yaml_for("gic", dataset)
         if packaged is not None:
@@ -102,26 +129,36 @@ class GICDefense(Defense):
             layers.append((read_yaml(yaml_path), str(yaml_path)))
         if cli:
             layers.append(({k: v for k, v in cli.items() if v is not None}, "the command line"))
-        if dataset is not None:
-            layers.append(({"dataset": dataset}, "the --dataset argument"))
-        gic_layers, base_layers = [], []
-        if cls.default_base:
-            gic_layers.append(({"base": cls.default_base}, f"the alias gic-{cls.default_base}"))
-        for data, source in layers:
-            g, b = split_keys(data)
-            gic_layers.append((g, source))
-            base_layers.append((b, source))
-        config = build_config(cls.config_class, gic_layers)
+        base_choice: Any = cls.default_base or "ft"
+        for data, _ in layers:
+            b = data.get("base")
+            if b is not None:
+                base_choice = b
+        base_name = _base_name(base_choice)
         try:
-            base_cls = DEFENSES.get(config.base)
+            base_cls = DEFENSES.get(base_name)
         except KeyError as exc:
             raise ConfigError(f"key 'base': {exc}") from None
         if issubclass(base_cls, GICDefense):
             raise ConfigError("key 'base': GIC cannot wrap itself; name a purification defense such as ft or sau")
-        base_name = DEFENSES.resolve(config.base)
+        base_name = DEFENSES.resolve(base_name)
+        base_keys = set(config_keys(base_cls.config_class))
+        gic_layers: list[tuple[Mapping[str, Any], str]] = []
+        base_layers: list[tuple[Mapping[str, Any], str]] = []
         base_packaged = default_yaml_for(base_name, dataset)
-        base_all = ([(read_yaml(base_packaged), str(base_packaged))] if base_packaged else []) + base_layers
-        base = base_cls(build_config(base_cls.config_class, base_all))
+        if base_packaged is not None:
+            base_layers.append((read_yaml(base_packaged), str(base_packaged)))
+        for data, source in layers:
+            g, b = split_keys(data, base_keys, source)
+            gic_layers.append((g, source))
+            base_layers.append((b, source))
+        if dataset is not None:
+            base_layers.append(({"dataset": dataset}, "the --dataset argument"))
+        base = base_cls(build_config(base_cls.config_class, base_layers))
+        gic_layers.append(({"base": base_name}, f"the base defense {base_name}"))
+        config = build_config(cls.config_class, gic_layers)
+        for k in config_keys(RunConfig):  # the base's resolved run-level keys (validated by the base's config)
+            setattr(config, k, getattr(base.config, k))
         return cls(config, base)
 
     @property
@@ -132,90 +169,58 @@ class GICDefense(Defense):
     def prefix(self) -> str:
         return f"gic-{self.base.prefix}"
 
-    # -- calibration ----------------------------------------------------------------------------------------
-    def _fit(self, victim: torch.nn.Module, aux: ImageSet, device: torch.device, seed: int,
-             progress: bool | None) -> tuple[Calibrator, dict[str, Any]]:
-        cfg = self.config
-        key = fit_key(victim, aux, cfg, seed)
-        if cfg.gic_cache and key in _MEMORY_CACHE:
-            entry = _MEMORY_CACHE[key]
-            return entry["calibrator"], {**entry["info"], "gic_cached": 1.0}
-        path = cache_dir() / f"{key}.pt"
-        if cfg.gic_cache and path.is_file():
-            try:
-                data = torch.load(path, map_location="cpu", weights_only=True)
-                cal = build_calibrator(data["family"], tuple(data["shape"]), float(data["delta"]), data["norm"],
-                                       int(data["hidden"]))
-                cal.load_state_dict(data["state"])
-                info = {**data["info"], "gic_cached": 1.0}
-                _MEMORY_CACHE[key] = {"calibrator": cal.to(device).eval(), "info": data["info"]}
-                return _MEMORY_CACHE[key]["calibrator"], info
-            except Exception as exc:  # a damaged cache entry is refitted, never trusted
-                log.warning("ignoring unreadable GIC cache entry %s: %s", path, exc)
-        fit = fit_calibrator(victim, aux, cfg, device=device, seed=seed, amp=cfg.amp, progress=progress)
-        info = {"gic_seconds": fit.seconds, "gic_steps": float(fit.steps), "gic_delta": fit.delta,
-                "gic_final_loss": fit.history[-1]["loss"] if fit.history else float("nan"), "gic_cached": 0.0}
-        if cfg.gic_cache:
-            _MEMORY_CACHE[key] = {"calibrator": fit.calibrator, "info": info}
-            try:
-                atomic_torch_save({"family": cfg.family, "shape": list(aux.shape), "delta": fit.delta, "norm": cfg.norm,
-                                   "hidden": cfg.generator_hidden,
-                                   "state": {k: v.detach().cpu() for k, v in fit.calibrator.state_dict().items()},
-                                   "info": info}, path)
-            except OSError as exc:
-                log.debug("could not write GIC cache %s: %s", path, exc)
-        return fit.calibrator, info
-
     def calibrate(self, victim: torch.nn.Module, aux: ImageSet, *, device: torch.device,
                   progress: bool | None = None) -> tuple[ImageSet, dict[str, Any]]:
-        """g(aux): one g for the whole set, or (``per_source``) one per provenance source of a mix."""
+        """Fit g through the victim and return g(aux) with the fit's info and summary."""
         cfg = self.config
         seed = cfg.gic_seed if cfg.gic_seed is not None else cfg.random_seed
-        t0 = time.perf_counter()
-        groups = [(None, aux)]
-        if cfg.per_source and len(aux.source_names) > 1:
-            groups = [(s, aux.subset(aux.positions_of_source(s))) for s in aux.source_names
-                      if len(aux.positions_of_source(s))]
-        images = aux.float_images()
-        info: dict[str, Any] = {}
-        for source, part in groups:
-            cal, part_info = self._fit(victim, part, device, seed, progress)
-            out = apply_calibrator(cal, part, device).images
-            if source is None:
-                images = out
-            else:
-                images[aux.positions_of_source(source)] = out
-            info.update(part_info if source is None else {f"{k}[{source}]": v for k, v in part_info.items()})
-            info.setdefault("calibrator", cal)
-        calibrated = aux.with_images(images, name=f"{aux.name}+gic")
-        info["gic_total_seconds"] = time.perf_counter() - t0
-        try:
-            # D_BN exactly as bbgic aux-quality reports it (symmetric KL, uniform over layers), whatever the
-            # objective: the label-free alignment signal that compares calibrators
-            info["bn_div_before"] = dataset_bn_divergence(victim, aux.images, device)[0]
-            info["bn_div_after"] = dataset_bn_divergence(victim, calibrated.images, device)[0]
-        except NoBatchNormError:
-            pass
-        num_classes = int(victim.head.out_features)
-        drift = drift_report(victim, aux, calibrated, num_classes, device, cfg.drift_warn_ratio)
-        info.update(drift.as_row())
-        return calibrated, info
+        self.gic.fit(victim, aux, device=device, seed=seed, progress=progress, amp=cfg.amp)
+        log.info("%s", self.gic.describe())
+        return self.gic.transform(aux, device), {**self.gic.info, **self.gic.summary}
 
     def purify(self, model: torch.nn.Module, aux: ImageSet, *, device: torch.device,
                train_augment: TrainAugment | None = None, monitor: Monitor | None = None,
                progress: bool | None = None) -> PurifyResult:
-        calibrated, info = self.calibrate(model, aux, device=device, progress=progress)
+        cfg = self.config
+        info: dict[str, Any] = {}
+        calibrated = None
+        if cfg.placement in CALIBRATED:
+            calibrated, info = self.calibrate(model, aux, device=device, progress=progress)
+        data = calibrated if cfg.placement in ("before", "both") else aux
         t0 = time.perf_counter()
-        result = self.base.purify(model, calibrated, device=device, train_augment=train_augment, monitor=monitor,
-                                  progress=progress)
+        result = purify_cache.purify(self.base, model, data, device=device, train_augment=train_augment,
+                                     monitor=monitor, progress=progress)
         info["base_seconds"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        if cfg.placement in ("bn-after", "both"):
+            recalibrate_bn(result.model, calibrated, batch_size=cfg.bn_batch_size, device=device)
+        elif cfg.placement == "bn-refresh":
+            recalibrate_bn(result.model, aux, batch_size=cfg.bn_batch_size, device=device)
+        elif cfg.placement == "bn-reset":
+            restore_bn_statistics(result.model, model)
+        result.model.eval()
+        info["placement_seconds"] = time.perf_counter() - t1
         result.extras.update(info)
         return result
 
     def __repr__(self) -> str:
-        gic = {k: getattr(self.config, k) for k in ("family", "norm", "delta", "obj_bn", "obj_ce", "obj_infomax",
-                                                     "obj_drift", "gic_steps", "gic_lr")}
-        return f"GICDefense({', '.join(f'{k}={v!r}' for k, v in gic.items())}, base={self.base!r})"
+        shown = {k: getattr(self.config, k) for k in ("placement", "family", "norm", "delta", "objectives",
+                                                       "gic_steps", "gic_lr")}
+        return f"GICDefense({', '.join(f'{k}={v!r}' for k, v in shown.items())}, base={self.base!r})"
+
+
+@torch.no_grad()
+def restore_bn_statistics(model: torch.nn.Module, source: torch.nn.Module) -> torch.nn.Module:
+    """Copy every BatchNorm layer's running statistics of ``source`` (same architecture) into ``model``."""
+    mine, theirs = batchnorm_layers(model), batchnorm_layers(source)
+    if [n for n, _ in mine] != [n for n, _ in theirs]:
+        raise ValueError("restore_bn_statistics: the two models' BatchNorm layers differ")
+    for (_, m), (_, s) in zip(mine, theirs):
+        m.running_mean.copy_(s.running_mean)
+        m.running_var.copy_(s.running_var)
+        if m.num_batches_tracked is not None and s.num_batches_tracked is not None:
+            m.num_batches_tracked.copy_(s.num_batches_tracked)
+    return model
 
 
 DEFENSES.add("gic", GICDefense)

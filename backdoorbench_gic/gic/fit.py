@@ -17,7 +17,7 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Sequence
 
 import torch
@@ -28,25 +28,29 @@ from ..data.imageset import ImageSet
 from ..utils.logs import progress_enabled
 from ..utils.runtime import autocast, make_generator
 from .calibrators import FAMILIES, NORMS, Calibrator, build_calibrator
-from ..bnstats import DISTANCES, dataset_bn_divergence
-from .objectives import GICObjective, ObjectiveWeights
+from ..bnstats import dataset_bn_divergence
+from .objectives import GICObjective
 
 log = logging.getLogger(__name__)
 
 
+def _not_identity(default: Any = None, **kw: Any) -> Any:
+    """A field that does not change what a fit computes (left out of the cache key)."""
+    if "default_factory" in kw:
+        return field(default_factory=kw["default_factory"], metadata={"identity": False})
+    return field(default=default, metadata={"identity": False})
+
+
 @dataclass
 class GICConfig:
-    """GIC's own keys (prefixed where a base defense uses the same word)."""
+    """GIC's own keys (prefixed where a base defense uses the same word). Every field enters the cache key of a
+    fit (:meth:`identity`) unless its metadata says ``identity: False``, so a new field cannot be forgotten."""
 
     family: str = "prompt"  # prompt | generator | prompt+generator
     norm: str = "linf"  # linf | l2
     delta: float | str = 16 / 255  # a number in pixel units, or "auto"
-    obj_bn: float = 1.0
-    obj_ce: float = 0.0
-    obj_infomax: float = 0.0
-    obj_drift: float = 0.0
-    bn_layer_weights: str | list[float] = "uniform"
-    bn_distance: str = "kl"  # kl | w2 (see backdoorbench_gic.bnstats)
+    # {name: weight} or {name: {weight: w, option: value}} over the registered objectives (gic/objectives.py)
+    objectives: dict = field(default_factory=lambda: {"bn": 1.0})
     gic_lr: float = 0.05
     gic_steps: int = 100
     # 100 steps of 32: the step count, not the batch, buys alignment (benchmarks/gic_budget.py: 98 % of 100 x 128's
@@ -58,13 +62,14 @@ class GICConfig:
     auto_delta_grid: list[float] = field(default_factory=lambda: [4 / 255, 8 / 255, 16 / 255, 32 / 255])
     auto_delta_steps: int = 40
     auto_delta_tol: float = 0.1
-    drift_warn_ratio: float = 2.0  # warn when a class's predicted share exceeds this multiple of its label share
-    gic_seed: int | None = None  # default: the run's random_seed
-    gic_cache: bool = True
+    # warn when a class's predicted share exceeds this multiple of its label share
+    drift_warn_ratio: float = _not_identity(2.0)
+    gic_seed: int | None = _not_identity(None)  # default: the run's random_seed (the resolved seed enters the key)
+    gic_cache: bool = _not_identity(True)
 
     def validate(self) -> None:
-        require(self.bn_distance in DISTANCES, "bn_distance",
-                f"must be one of {', '.join(DISTANCES)}, got {self.bn_distance!r}")
+        from .objectives import parse_objectives
+
         require(self.family in FAMILIES, "family", f"must be one of {', '.join(FAMILIES)}, got {self.family!r}")
         require(self.norm in NORMS, "norm", f"must be one of {', '.join(NORMS)}, got {self.norm!r}")
         if isinstance(self.delta, str):
@@ -73,10 +78,7 @@ class GICConfig:
             require(self.delta > 0, "delta", f"must be > 0, got {self.delta}")
             if self.norm == "linf":
                 require(self.delta <= 1, "delta", f"an L-infinity budget above 1 is meaningless for [0,1] pixels, got {self.delta}")
-        for k in ("obj_bn", "obj_ce", "obj_infomax", "obj_drift"):
-            check_range(self, k, 0)
-        require(self.obj_bn + self.obj_ce + self.obj_infomax > 0, "obj_bn",
-                "at least one of obj_bn, obj_ce and obj_infomax must be > 0")
+        parse_objectives(self.objectives)
         check_range(self, "gic_lr", 0, lo_open=True)
         check_range(self, "gic_steps", 0)
         check_range(self, "gic_batch_size", 1)
@@ -86,16 +88,15 @@ class GICConfig:
         require(all(d > 0 for d in self.auto_delta_grid) and len(self.auto_delta_grid) > 0, "auto_delta_grid",
                 "must be a non-empty list of budgets > 0")
 
-    @property
-    def weights(self) -> ObjectiveWeights:
-        return ObjectiveWeights(self.obj_bn, self.obj_ce, self.obj_infomax, self.obj_drift)
+    def identity(self) -> dict[str, Any]:
+        """The settings that determine a fitted g (for caching): every GICConfig field not marked otherwise."""
+        return {f.name: getattr(self, f.name) for f in fields(GICConfig) if f.metadata.get("identity", True)}
 
-    def key(self) -> dict[str, Any]:
-        """The settings that determine a fitted g (for caching)."""
-        return {k: getattr(self, k) for k in ("family", "norm", "delta", "obj_bn", "obj_ce", "obj_infomax", "obj_drift",
-                                              "bn_layer_weights", "bn_distance", "gic_lr", "gic_steps", "gic_batch_size", "gic_patience",
-                                              "generator_hidden", "per_source", "auto_delta_grid", "auto_delta_steps",
-                                              "auto_delta_tol")}
+    @property
+    def bn_layer_scheme(self) -> Any:
+        """The bn objective's layer weighting (what ``delta: auto`` scores budgets with)."""
+        bn = self.objectives.get("bn")
+        return bn.get("layer_weights", "uniform") if isinstance(bn, dict) else "uniform"
 
 
 @dataclass
@@ -122,11 +123,6 @@ def frozen(model: torch.nn.Module):
         for p, f in zip(model.parameters(), flags):
             p.requires_grad_(f)
         model.train(was_training)
-
-
-def _label_prior(aux: ImageSet, num_classes: int) -> torch.Tensor:
-    counts = torch.bincount(aux.labels, minlength=num_classes).float()
-    return counts / counts.sum().clamp_min(1)
 
 
 def _num_classes(victim: torch.nn.Module) -> int:
@@ -158,8 +154,7 @@ def fit_calibrator(victim: torch.nn.Module, aux: ImageSet, cfg: GICConfig, *, de
         return FitResult(calibrator.eval(), history, 0, time.perf_counter() - t0, delta, delta_search)
     num_classes = _num_classes(victim)
     with frozen(victim):
-        objective = GICObjective(victim, cfg.weights, cfg.bn_layer_weights, _label_prior(aux, num_classes),
-                                 cfg.bn_distance)
+        objective = GICObjective(victim, aux, cfg.objectives, device, num_classes)
         opt = torch.optim.Adam(calibrator.parameters(), lr=cfg.gic_lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
         ema, best, since_best = None, math.inf, 0
@@ -209,16 +204,16 @@ def apply_calibrator(calibrator: Calibrator, aux: ImageSet, device: torch.device
 def choose_delta(victim: torch.nn.Module, aux: ImageSet, cfg: GICConfig, *, device: torch.device, seed: int = 0,
                  amp: bool = True, grid: Sequence[float] | None = None) -> tuple[float, list[dict[str, float]]]:
     """The smallest budget whose short fit reaches (1 - tol) of the best BN-divergence reduction on ``aux``."""
-    if cfg.obj_bn <= 0:
-        raise ConfigError("key 'delta': 'auto' scores budgets by the BN divergence, so it needs obj_bn > 0")
+    if "bn" not in cfg.objectives:
+        raise ConfigError("key 'delta': 'auto' scores budgets by the BN divergence, so it needs the bn objective")
     grid = sorted(grid or cfg.auto_delta_grid)
-    base, _ = dataset_bn_divergence(victim, aux.images, device, layer_scheme=cfg.bn_layer_weights)
+    base, _ = dataset_bn_divergence(victim, aux.images, device, layer_scheme=cfg.bn_layer_scheme)
     rows = []
     for d in grid:
         fit = fit_calibrator(victim, aux, cfg, device=device, seed=seed, amp=amp, progress=False, delta=d,
                              steps=cfg.auto_delta_steps)
         cal = apply_calibrator(fit.calibrator, aux, device)
-        score, _ = dataset_bn_divergence(victim, cal.images, device, layer_scheme=cfg.bn_layer_weights)
+        score, _ = dataset_bn_divergence(victim, cal.images, device, layer_scheme=cfg.bn_layer_scheme)
         rows.append({"delta": d, "bn_divergence": score, "reduction": base - score})
     best = max(r["reduction"] for r in rows)
     if best <= 0:

@@ -1,0 +1,237 @@
+"""GIC as one calibration object, in the shape of ART's preprocessors: ``fit(victim, aux)``, ``__call__(x)``,
+``transform(aux)``, ``state_dict()`` / ``load_state_dict()``.
+
+```python
+gic = GIC({"delta": 16 / 255, "objectives": {"bn": 1.0}})
+gic.fit(victim, aux, device=device, seed=0)      # g fitted through the frozen victim (cached by content)
+calibrated = gic.transform(aux)                  # g(aux) as an ImageSet; gic(x) for a batch tensor
+print(gic.summary)                               # D_BN before/after, drift flag, fit time
+```
+
+A fit is keyed by content: the victim's weights, the auxiliary images, labels and provenance, every identity
+field of :class:`~backdoorbench_gic.gic.fit.GICConfig` (derived from the dataclass, so a new field cannot be left
+out) and the seed. Fits are kept in memory and under ``$BBGIC_CACHE_DIR`` (default
+``~/.cache/backdoorbench_gic/gic``), so a matrix fits g once per victim and auxiliary set and reuses it across base
+defenses. With ``per_source`` a mixed set gets one calibrator per provenance source. Test data is never calibrated.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict
+from typing import Any, Mapping
+
+import torch
+
+from ..bnstats import NoBatchNormError, dataset_bn_divergence
+from ..config import asdict_public, build_config
+from ..data.imageset import ImageSet
+from ..utils.cache import cache_dir, hash_weights
+from ..utils.io import atomic_torch_save
+from .calibrators import Calibrator, build_calibrator
+from .drift import drift_report
+from .fit import GICConfig, apply_calibrator, fit_calibrator
+
+log = logging.getLogger(__name__)
+
+_MEMORY_CACHE: dict[str, dict[str, Any]] = {}
+
+
+def fit_key(victim: torch.nn.Module, aux: ImageSet, cfg: GICConfig, seed: int) -> str:
+    h = hashlib.sha1()
+    hash_weights(h, victim)
+    h.update(aux.images.contiguous().numpy().tobytes())
+    h.update(aux.labels.numpy().tobytes())
+    h.update(aux.sources.numpy().tobytes())
+    h.update(json.dumps({**cfg.identity(), "seed": seed}, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:20]
+
+
+class GIC:
+    """Guided Input Calibration: a bounded input transformation g fitted through the frozen victim."""
+
+    def __init__(self, config: GICConfig | Mapping[str, Any] | None = None, **overrides: Any):
+        if config is None or isinstance(config, Mapping):
+            data = {**dict(config or {}), **overrides}
+            config = build_config(GICConfig, [(data, "GIC settings")])
+        elif overrides:
+            config = build_config(GICConfig, [(asdict_public(config), "config"), (overrides, "keyword arguments")])
+        else:
+            config.validate()
+        self.config: GICConfig = config
+        self.calibrators: dict[str | None, Calibrator] = {}  # None: the whole set; else one per source name
+        self.info: dict[str, Any] = {}
+        self.summary: dict[str, Any] = {}
+
+    @classmethod
+    def from_sources(cls, dataset: str | None = None, yaml_path: str | None = None,
+                     cli: Mapping[str, Any] | None = None) -> "GIC":
+        """``defense_configs/gic/<dataset>.yaml`` < ``yaml_path`` < ``cli``; a key GIC does not take is an error.
+        The yaml files configure the ``gic`` defense too: their defense-level keys (``placement``, the base, the
+        run-level BackdoorBench keys) are skipped there, not on the command line."""
+        from ..config import RunConfig, config_keys, default_yaml_for, read_yaml
+
+        defense_only = {"placement", "bn_batch_size", "base"} | set(config_keys(RunConfig))
+
+        def gic_part(path) -> dict[str, Any]:
+            return {k: v for k, v in read_yaml(path).items() if k not in defense_only}
+
+        layers: list[tuple[Mapping[str, Any], str]] = []
+        packaged = default_yaml_for("gic", dataset)
+        if packaged is not None:
+            layers.append((gic_part(packaged), str(packaged)))
+        if yaml_path:
+            layers.append((gic_part(yaml_path), str(yaml_path)))
+        if cli:
+            layers.append(({k: v for k, v in cli.items() if v is not None}, "the command line"))
+        return cls(build_config(GICConfig, layers))
+
+    @property
+    def fitted(self) -> bool:
+        return bool(self.calibrators)
+
+    # -- fitting ------------------------------------------------------------------------------------------------
+    def _fit_one(self, victim: torch.nn.Module, aux: ImageSet, device: torch.device, seed: int,
+                 progress: bool | None, amp: bool) -> tuple[Calibrator, dict[str, Any]]:
+        cfg = self.config
+        key = fit_key(victim, aux, cfg, seed)
+        if cfg.gic_cache and key in _MEMORY_CACHE:
+            entry = _MEMORY_CACHE[key]
+            return entry["calibrator"], {**entry["info"], "gic_cached": 1.0}
+        path = cache_dir() / f"{key}.pt"
+        if cfg.gic_cache and path.is_file():
+            try:
+                data = torch.load(path, map_location="cpu", weights_only=True)
+                cal = build_calibrator(data["family"], tuple(data["shape"]), float(data["delta"]), data["norm"],
+                                       int(data["hidden"]))
+                cal.load_state_dict(data["state"])
+                _MEMORY_CACHE[key] = {"calibrator": cal.to(device).eval(), "info": data["info"]}
+                return _MEMORY_CACHE[key]["calibrator"], {**data["info"], "gic_cached": 1.0}
+            except Exception as exc:  # a damaged cache entry is refitted, never trusted
+                log.warning("ignoring unreadable GIC cache entry %s: %s", path, exc)
+        fit = fit_calibrator(victim, aux, cfg, device=device, seed=seed, amp=amp,
+                             progress=progress)
+        info = {"gic_seconds": fit.seconds, "gic_steps": float(fit.steps), "gic_delta": fit.delta,
+                "gic_final_loss": fit.history[-1]["loss"] if fit.history else float("nan"), "gic_cached": 0.0}
+        if cfg.gic_cache:
+            _MEMORY_CACHE[key] = {"calibrator": fit.calibrator, "info": info}
+            try:
+                atomic_torch_save({"family": cfg.family, "shape": list(aux.shape), "delta": fit.delta, "norm": cfg.norm,
+                                   "hidden": cfg.generator_hidden,
+                                   "state": {k: v.detach().cpu() for k, v in fit.calibrator.state_dict().items()},
+                                   "info": info}, path)
+            except OSError as exc:
+                log.debug("could not write GIC cache %s: %s", path, exc)
+        return fit.calibrator, info
+
+    def fit(self, victim: torch.nn.Module, aux: ImageSet, *, device: torch.device | str = "cpu", seed: int = 0,
+            progress: bool | None = None, report: bool = True, amp: bool = True) -> "GIC":
+        """Fit g on ``aux`` through the frozen ``victim`` (its weights never change); with ``report`` also measure
+        the summary (D_BN before and after, the drift monitor) on the calibrated set. ``amp``: bf16 autocast on
+        CUDA (ignored on the CPU)."""
+        device = torch.device(device)
+        t0 = time.perf_counter()
+        groups: list[tuple[str | None, ImageSet]] = [(None, aux)]
+        if self.config.per_source and len(aux.source_names) > 1:
+            groups = [(s, aux.subset(aux.positions_of_source(s))) for s in aux.source_names
+                      if len(aux.positions_of_source(s))]
+        self.calibrators, self.info = {}, {}
+        for source, part in groups:
+            cal, part_info = self._fit_one(victim, part, device, seed, progress, amp)
+            self.calibrators[source] = cal
+            self.info.update(part_info if source is None else {f"{k}[{source}]": v for k, v in part_info.items()})
+        self.info["gic_total_seconds"] = time.perf_counter() - t0
+        self.summary = self.measure(victim, aux, device) if report else {}
+        return self
+
+    # -- applying -----------------------------------------------------------------------------------------------
+    def _require_fitted(self) -> None:
+        if not self.calibrators:
+            raise RuntimeError("GIC is not fitted: call fit(victim, aux) or load_state_dict() first")
+
+    def transform(self, aux: ImageSet, device: torch.device | str = "cpu") -> ImageSet:
+        """g(aux) as a float ImageSet with the same labels, indices and provenance."""
+        self._require_fitted()
+        device = torch.device(device)
+        if None in self.calibrators:
+            return apply_calibrator(self.calibrators[None], aux, device)
+        images = aux.float_images()
+        for source, cal in self.calibrators.items():
+            pos = aux.positions_of_source(source)
+            if len(pos):
+                images[pos] = apply_calibrator(cal, aux.subset(pos), device).images
+        return aux.with_images(images, name=f"{aux.name}+gic")
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, source: str | None = None) -> torch.Tensor:
+        """g(x) for a batch of images in [0,1] (N x C x H x W); ``source`` picks a per-source calibrator."""
+        self._require_fitted()
+        cal = self.calibrators.get(source) or self.calibrators.get(None)
+        if cal is None:
+            raise KeyError(f"no calibrator for source {source!r}; fitted sources: {sorted(map(str, self.calibrators))}")
+        cal.eval()
+        p = next(cal.parameters())
+        return cal(x.to(p.device, torch.float32)).clamp(0, 1).to(x.device)
+
+    # -- the summary ----------------------------------------------------------------------------------------------
+    def measure(self, victim: torch.nn.Module, aux: ImageSet, device: torch.device) -> dict[str, Any]:
+        """D_BN before/after (as ``bbgic aux-quality`` reports it: symmetric KL, layers alike) and the drift monitor."""
+        calibrated = self.transform(aux, device)
+        out: dict[str, Any] = {}
+        try:
+            out["bn_div_before"] = dataset_bn_divergence(victim, aux.images, device)[0]
+            out["bn_div_after"] = dataset_bn_divergence(victim, calibrated.images, device)[0]
+        except NoBatchNormError:
+            pass
+        drift = drift_report(victim, aux, calibrated, int(victim.head.out_features), device,
+                             self.config.drift_warn_ratio)
+        out.update(drift.as_row())
+        return out
+
+    def describe(self) -> str:
+        """One line for people: delta, D_BN before -> after, drift."""
+        s, delta = self.summary, self.info.get("gic_delta", self.config.delta)
+        line = f"GIC: delta {float(delta) * 255:.1f}/255"
+        if "bn_div_before" in s:
+            line += f", D_BN {s['bn_div_before']:.4f} -> {s['bn_div_after']:.4f}"
+        if "drift_class" in s:
+            line += f", drift: class {s['drift_class']} gets {s['drift_share']:.1%} of predictions"
+            if s.get("drift_flag"):
+                line += " (WARNING: concentrated)"
+        return line
+
+    # -- state ----------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        self._require_fitted()
+        return {"config": asdict(self.config), "info": dict(self.info), "summary": dict(self.summary),
+                "calibrators": {("" if s is None else s): {
+                    "family": self.config.family, "shape": list(_shape_of(c)), "delta": c.delta, "norm": c.norm,
+                    "hidden": self.config.generator_hidden,
+                    "state": {k: v.detach().cpu() for k, v in c.state_dict().items()}}
+                    for s, c in self.calibrators.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> "GIC":
+        self.config = build_config(GICConfig, [(state["config"], "a saved GIC state")])
+        self.info, self.summary = dict(state.get("info", {})), dict(state.get("summary", {}))
+        self.calibrators = {}
+        for s, d in state["calibrators"].items():
+            cal = build_calibrator(d["family"], tuple(d["shape"]), float(d["delta"]), d["norm"], int(d["hidden"]))
+            cal.load_state_dict(d["state"])
+            self.calibrators[s or None] = cal.eval()
+        return self
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"GIC(family={c.family!r}, norm={c.norm!r}, delta={c.delta!r}, objectives={c.objectives!r}, "
+                f"steps={c.gic_steps}, fitted={self.fitted})")
+
+
+def _shape_of(cal: Calibrator) -> tuple[int, ...]:
+    if hasattr(cal, "v"):
+        return tuple(cal.v.shape)
+    if hasattr(cal, "prompt"):
+        return tuple(cal.prompt.v.shape)
+    first = cal.net[0]
+    return (first.in_channels, 0, 0)
