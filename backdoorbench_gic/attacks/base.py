@@ -5,7 +5,8 @@ A subclass sets ``config_class`` (a dataclass extending :class:`AttackConfig`, v
 its trigger in :meth:`Attack.prepare_trigger` and implements :meth:`Attack.apply_trigger`; data-poisoning attacks
 need nothing else. Training-controlled attacks
 (WaNet) instead return a per-batch hook from :meth:`Attack.batch_hook` and build the bd_train record after
-training in :meth:`Attack.materialize_bd_train`. Training, evaluation and writing the record are the runner's
+training in :meth:`Attack.materialize_bd_train`; attacks whose trigger learns with the victim (Input-aware) return
+their own epoch from :meth:`Attack.prepare_training` and set ``dynamic_trigger``. Training, evaluation and writing the record are the runner's
 business (:mod:`backdoorbench_gic.attacks.runner`). Register a subclass with ``@ATTACKS.register("name")``.
 
 Poisoning follows BackdoorBench's BadNets flow (formats doc sections 2.1 and 8): ``round(pratio * N)`` training
@@ -92,6 +93,7 @@ class Attack:
     poisons: ClassVar[bool] = True  # False for clean (prototype) training
     clean_label: ClassVar[bool] = False  # poisoned training samples keep their labels
     writes_poison_index_list: ClassVar[bool] = True  # BackdoorBench's BadNets family writes train_poison_index_list
+    dynamic_trigger: ClassVar[bool] = False  # the trigger is learnt with the victim: bd_test is made anew per epoch
 
     def __init__(self, config: AttackConfig | None = None, **overrides: Any):
         if config is None:
@@ -216,6 +218,13 @@ class Attack:
 
     def batch_hook(self, generator: torch.Generator) -> Callable[[Batch], Batch] | None:
         """On-the-fly poisoning of training batches (training-controlled attacks); None for data poisoning."""
+        return None
+
+    def prepare_training(self, train: ImageSet, device: torch.device, generator: torch.Generator,
+                         progress: bool | None = None) -> Callable[..., Any] | None:
+        """Attacks that learn their trigger with the victim (Input-aware) do their pre-training here and return
+        their own epoch function (``training.train_epoch``'s signature); None: the shared loop with
+        :meth:`batch_hook`."""
         return None
 
     def materialize_bd_train(self, train: ImageSet) -> PoisonedSplit:

@@ -160,6 +160,8 @@ def run_attack(config: AttackConfig | Mapping[str, Any] | Attack, *, bb_root: st
                      time.time() - started, record_dir / CLEAN_MODEL_FILE)
             return record_dir
 
+        if attack.dynamic_trigger:  # the record holds the triggers the final generator makes
+            bd_test_set, bd_test = attack.poison_test(test)
         if bd_train is None:
             bd_train = attack.materialize_bd_train(train)
         if attack.writes_poison_index_list:
@@ -186,15 +188,20 @@ def _train(attack: Attack, model: torch.nn.Module, train_set, test, bd_test_set,
     scheduler = make_scheduler(optimizer, cfg)
     augment = TrainAugment.for_spec(attack.spec)
     hook = attack.batch_hook(generator) if attack.poisons else None
+    epoch_fn = attack.prepare_training(train_set, device, generator, progress) if attack.poisons else None
+    if epoch_fn is None:
+        epoch_fn = train_epoch
     columns = ATTACK_COLUMNS if attack.poisons else CLEAN_COLUMNS
     history = MetricLog()
     bar = tqdm(range(cfg.epochs), desc=f"{attack.name} {cfg.dataset}", disable=not progress_enabled(progress))
     for epoch in bar:
         t0 = time.time()
-        stats = train_epoch(model, train_set, optimizer, device=device, batch_size=cfg.batch_size, generator=generator,
+        stats = epoch_fn(model, train_set, optimizer, device=device, batch_size=cfg.batch_size, generator=generator,
                             augment=augment, amp=cfg.amp, batch_hook=hook, progress=progress,
                             desc=f"epoch {epoch + 1}/{cfg.epochs}")
         step_scheduler(scheduler, stats.loss)
+        if attack.dynamic_trigger:  # the trigger moved with this epoch's training
+            bd_test_set = attack.poison_test(test)[0]
         metrics = evaluate(model, test, bd_test_set, device=device, batch_size=EVAL_BATCH_SIZE, amp=False)
         values = {"epoch": epoch, **stats.as_row(), **metrics.as_row()}
         history.add({k: values[k] for k in columns})
