@@ -6,6 +6,9 @@
     python run_defense.py --dataset fashion-mnist        # the demo on another dataset
     python run_defense.py --result_file R --defense ft [--yaml_path Y --dataset D --device cuda:0 ...]
                                                # one defense on one record (as BackdoorBench's defense scripts)
+
+This file sits in the clone's root, so `python run_defense.py` works only from there; the installed commands
+`bbgic demo` and `bbgic defend --result_file R --defense D ...` do the same from any directory.
 """
 import sys
 

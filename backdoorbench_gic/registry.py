@@ -69,6 +69,11 @@ class Registry:
             except (AttributeError, TypeError):
                 pass
 
+    @property
+    def entry_point_group(self) -> str:
+        """The entry-point group third-party packages publish this registry's entries under."""
+        return self._entry_point_group
+
     # -- lookup ---------------------------------------------------------------------------------------------
     def _norm(self, name: str) -> str:
         return name.strip().lower()

@@ -11,6 +11,9 @@ import typing
 
 from .common import add_debug_arg
 
+# the parser is generated from every attack's config (importing torch), so cli.py builds it only for `bbgic attack`
+COMMANDS = {"attack": "train a victim with a backdoor attack (or clean) and write a BackdoorBench attack record"}
+
 # keys that are not plain per-run settings: given explicitly below, or read by defenses only
 _NOT_FLAGS = {"yaml_path", "bd_yaml_path"}
 
@@ -65,6 +68,26 @@ def _config_fields() -> dict[str, typing.Any]:
     return out
 
 
+def _generic_help(key: str, tp: typing.Any) -> str:
+    """Help for a config key _HELP does not describe: its type, which attacks take it and their default."""
+    import dataclasses
+
+    from ..config import _type_name
+    from ..registry import ATTACKS
+
+    users = []
+    for name in ATTACKS.names():
+        fields = {f.name: f for f in dataclasses.fields(ATTACKS.get(name).config_class)}
+        if key in fields:
+            f = fields[key]
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
+            users.append((name, default))
+    defaults = {repr(d) for _, d in users}
+    where = "every attack" if len(users) == len(ATTACKS.names()) else ", ".join(n for n, _ in users)
+    return f"{_type_name(tp)}; {where}" + (f" (default {users[0][1]})" if len(defaults) == 1 and users else "")
+
+
 def _is_list(tp: typing.Any) -> bool:
     """``list[...]`` or ``list[...] | None``: such keys take several values (``--steplr_milestones 100 200``)."""
     import types
@@ -75,7 +98,7 @@ def _is_list(tp: typing.Any) -> bool:
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
-        "attack", help="train a victim with a backdoor attack (or clean) and write a BackdoorBench attack record",
+        "attack", help=COMMANDS["attack"],
         description="Poison the training set (badnet, blended, sig) or each batch (wanet), train the victim, and write "
                     "<bb_root>/record/<save_folder_name>/ as BackdoorBench's attack scripts do. Precedence: defaults < "
                     "--yaml_path < --bd_yaml_path < flags. Values are checked against the attack's config: an unknown "
@@ -90,7 +113,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                                  "BackdoorBench's names; a flag left out keeps the yaml's or the default value")
     for key, tp in _config_fields().items():
         group.add_argument(f"--{key}", default=None, nargs="+" if _is_list(tp) else None, metavar=key.upper(),
-                           help=_HELP.get(key, argparse.SUPPRESS if key in _HIDDEN else None))
+                           help=_HELP.get(key, argparse.SUPPRESS if key in _HIDDEN else _generic_help(key, tp)))
     add_debug_arg(p)
     p.set_defaults(func=run)
     return p

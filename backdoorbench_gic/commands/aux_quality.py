@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .common import add_debug_arg, add_record_args
+from .common import add_debug_arg, add_device_arg, add_record_args
 
 
 def _parse_option(text: str) -> tuple[str, Any]:
@@ -28,7 +28,7 @@ def _add_set_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--random_seed", type=int, default=0, help="sampling seed")
     p.add_argument("--option", action="append", default=[], type=_parse_option, metavar="KEY=VALUE",
                    help="source option (YAML value), e.g. --option noise_std=0.3 --option shift_base=train")
-    p.add_argument("--device", default="cpu")
+    add_device_arg(p)
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -39,7 +39,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--reference", default=None, help="reference type for the Frechet distance (e.g. reserved)")
     p.add_argument("--plot", default=None, help="write a bar plot here (PNG/PDF/SVG)")
     p.add_argument("--csv", default=None, help="write the table here")
-    p.add_argument("--batch_size", type=int, default=256)
+    p.add_argument("--batch_size", type=int, default=256, help="batch size of the victim's passes (default 256)")
     p.add_argument("--flag_margin", type=float, default=0.25,
                    help="flag a class predicted at least this much above its label share ...")
     p.add_argument("--flag_ratio", type=float, default=2.0, help="... and at least this many times its share")
@@ -49,13 +49,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
     e = sub.add_parser("aux-export", help="write an auxiliary set in BackdoorBenchER's ImageFolder layout")
     add_record_args(e)
-    e.add_argument("--reserved_type", required=True, metavar="T")
+    e.add_argument("--reserved_type", required=True, metavar="T", help="the auxiliary type to export (reserved_noise, ...)")
     e.add_argument("--out", default=None,
                    help="target folder (default: <record's dataset folder>/<reserved_type>, where BackdoorBenchER's "
                         "--reserved_type reads it)")
     e.add_argument("--all", action="store_true", help="export the whole pool instead of a sample")
     e.add_argument("--refuse_float", action="store_true", help="refuse float sets instead of quantising them")
-    e.add_argument("--overwrite", action="store_true")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing export")
     _add_set_args(e)
     add_debug_arg(e)
     e.set_defaults(func=run_export)

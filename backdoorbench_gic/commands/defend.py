@@ -2,7 +2,7 @@
 
 Besides the named flags, any config key of the chosen defense can be given as ``--key value`` (or
 ``--key=value``; a bare ``--flag`` means true); the defense's config dataclass validates and types it, so an
-unknown key is an error that names it.
+unknown key is an error that names it. ``--defense sau --help`` lists sau's keys, their types and defaults.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from .common import add_debug_arg
+from .common import add_config_help, add_debug_arg, add_device_arg
 
 
 def add_defense_args(p: argparse.ArgumentParser) -> None:
@@ -18,7 +18,7 @@ def add_defense_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--defense", required=True, help="registered defense name (bbgic list defense)")
     p.add_argument("--yaml_path", default=None, help="yaml overriding defense_configs/<defense>/<dataset>.yaml")
     p.add_argument("--dataset", default=None, help="dataset name (default: the record's clean_data)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 or auto")
+    add_device_arg(p, from_config=True)
     p.add_argument("--bb_root", default=None, help="BackdoorBench root (default: the folder above record/)")
     p.add_argument("--reserved_type", default=None, help="auxiliary data type: train, reserved, reserved_noise, ...")
     p.add_argument("--n_per_class", type=int, default=None, help="auxiliary images per class (instead of --ratio)")
@@ -85,15 +85,35 @@ def request_from_args(args: argparse.Namespace, extra: list[str]):
 
 
 def format_row(row: dict) -> str:
+    """One run in percent (the tidy row keeps fractions): before -> after for C-Acc, ASR and RA, then DER and RIR
+    (50 % = no change; README, "Reading the results")."""
     return (f"{row['defense']} on {row['attack']} with {row['aux_type']} ({row['aux_size']} images): "
-            f"C-Acc {row['acc_before']:.4f} -> {row['acc_after']:.4f}, ASR {row['asr_before']:.4f} -> "
-            f"{row['asr_after']:.4f}, RA {row['ra_before']:.4f} -> {row['ra_after']:.4f}, DER {row['der']:.4f}, "
-            f"RIR {row['rir']:.4f} ({row['wall_seconds']:.1f} s on {row['device']})")
+            f"C-Acc {row['acc_before']:.2%} -> {row['acc_after']:.2%}, ASR {row['asr_before']:.2%} -> "
+            f"{row['asr_after']:.2%}, RA {row['ra_before']:.2%} -> {row['ra_after']:.2%}, DER {row['der']:.2%}, "
+            f"RIR {row['rir']:.2%} ({row['wall_seconds']:.1f} s on {row['device']})")
+
+
+def format_gic_summary(values: dict, prefix: str = "extra_") -> str | None:
+    """The GIC fit's summary line (delta, D_BN before -> after, drift), as ``bbgic calibrate`` prints it, from a
+    run's tidy row (GIC's info and summary keys under ``prefix``); None when the run fitted no calibration."""
+    get = lambda key: values.get(prefix + key)  # noqa: E731
+    if get("gic_delta") is None and get("bn_div_before") is None and get("drift_class") is None:
+        return None
+    parts = []
+    if get("gic_delta") is not None:
+        parts.append(f"delta {float(get('gic_delta')) * 255:.1f}/255")
+    if get("bn_div_before") is not None and get("bn_div_after") is not None:
+        parts.append(f"D_BN {float(get('bn_div_before')):.4f} -> {float(get('bn_div_after')):.4f}")
+    if get("drift_class") is not None:
+        parts.append(f"drift: class {int(get('drift_class'))} gets {float(get('drift_share')):.1%} of predictions"
+                     + (" (WARNING: concentrated)" if get("drift_flag") else ""))
+    return "GIC: " + ", ".join(parts)
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("defend", help="run one purification defense on one attack record",
+    p = sub.add_parser("defend", help="run one purification defense on one attack record", add_help=False,
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_help(p)
     add_defense_args(p)
     add_debug_arg(p)
     p.set_defaults(func=run, accepts_extra=True)
@@ -105,13 +125,17 @@ def run(args: argparse.Namespace) -> int:
 
     row = run_defense(request_from_args(args, getattr(args, "extra", [])))
     print(format_row(row))
+    summary = format_gic_summary(row)
+    if summary:
+        print(f"  {summary}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry for run_defense.py."""
-    p = argparse.ArgumentParser(prog="run_defense.py", description=__doc__,
+    p = argparse.ArgumentParser(prog="run_defense.py", description=__doc__, add_help=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_help(p)
     add_defense_args(p)
     add_debug_arg(p)
     args, extra = p.parse_known_args(argv)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_debug_arg, add_record_args
+from .common import add_debug_arg, add_device_arg, add_record_args
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -11,8 +11,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     add_record_args(p, positional=True)
     p.add_argument("--evaluate", action="store_true",
                    help="recompute C-Acc/ASR/RA and compare with attack_df_summary.csv (row 'last')")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--batch_size", type=int, default=512)
+    add_device_arg(p)
+    p.add_argument("--batch_size", type=int, default=512, help="evaluation batch size (default 512)")
     add_debug_arg(p)
     p.set_defaults(func=run)
     return p

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_debug_arg
+from .common import add_debug_arg, flag_names
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -15,27 +15,27 @@ def add_parser(sub) -> argparse.ArgumentParser:
     r.add_argument("spec", help="matrix spec YAML")
     r.add_argument("--executor", choices=["local", "ray"], default=None, help="override the spec's executor kind")
     r.add_argument("--workers", type=int, default=None, help="local: worker processes (default: one per GPU, else 1)")
-    r.add_argument("--ray-address", dest="ray_address", default=None,
+    r.add_argument(*flag_names("ray_address"), dest="ray_address", default=None,
                    help="ray: join this cluster (e.g. auto or host:6379); default: start a local Ray")
     r.add_argument("--max_cells", type=int, default=None, help="run at most this many pending cells")
     add_debug_arg(r)
     r.set_defaults(func=run)
 
     s = msub.add_parser("status", help="done / running / failed / pending counts")
-    s.add_argument("spec")
+    s.add_argument("spec", help="matrix spec YAML")
     s.add_argument("-v", "--verbose", action="store_true", help="list running and pending cells too")
     add_debug_arg(s)
     s.set_defaults(func=status)
 
     rep = msub.add_parser("report", help="tables (CSV, Markdown, LaTeX) and plots from the finished cells")
-    rep.add_argument("spec")
+    rep.add_argument("spec", help="matrix spec YAML")
     rep.add_argument("--out", default=None, help="folder for the report (default: <output_root>/report)")
-    rep.add_argument("--no_plots", action="store_true")
+    rep.add_argument("--no_plots", action="store_true", help="tables only, no PNG plots")
     add_debug_arg(rep)
     rep.set_defaults(func=report)
 
     v = msub.add_parser("validate", help="check the spec (names, configs, records) without running anything")
-    v.add_argument("spec")
+    v.add_argument("spec", help="matrix spec YAML")
     add_debug_arg(v)
     v.set_defaults(func=validate)
     return p

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_debug_arg
+from .common import add_debug_arg, flag_names
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -12,7 +12,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--check", action="store_true", help="verify an installed copy")
     mode.add_argument("--remove", action="store_true", help="remove what bbgic patch installed")
-    mode.add_argument("--write-patch", dest="write_patch", metavar="FILE", nargs="?", const="",
+    mode.add_argument(*flag_names("write_patch"), dest="write_patch", metavar="FILE", nargs="?", const="",
                       help="write the git-apply patch (default: patches/backdoorbench-gic.patch) instead")
     p.add_argument("--force", action="store_true", help="overwrite (or remove) files bbgic did not write or that changed")
     add_debug_arg(p)

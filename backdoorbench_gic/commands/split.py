@@ -16,7 +16,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                                    "the victim on the split name so that --reserved_type reserved has unseen data.")
     p.add_argument("--dataset", required=True, help="base dataset name (cifar10, gtsrb, mnist, fashion-mnist, ...)")
     p.add_argument("--split_ratio", type=float, default=0.05, help="share of each class reserved (default 0.05)")
-    p.add_argument("--random_seed", type=int, default=0)
+    p.add_argument("--random_seed", type=int, default=0, help="seed of the per-class reserved draw (default 0)")
     p.add_argument("--dataset_path", default="./data", help="BackdoorBench's dataset_path (default ./data)")
     p.add_argument("--bb_root", default=None, help="BackdoorBench root the dataset_path is relative to (default .)")
     p.add_argument("--ood_types", nargs="*", default=[], metavar="SHIFT",
@@ -25,7 +25,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--shift_seed", type=int, default=0, help="seed of the per-image shift parameters")
     p.add_argument("--noise_wrap", action="store_true",
                    help="BackdoorBenchER parity for noise: wrap out-of-range pixels around instead of clipping")
-    p.add_argument("--no_progress", action="store_true")
+    p.add_argument("--no_progress", action="store_true", help="no progress bars")
     add_debug_arg(p)
     p.set_defaults(func=run)
     return p

@@ -2,11 +2,12 @@
 
 - ``results.csv``: the tidy table, one row per cell (fractions in [0,1]);
 - ``leaderboard_<aux>@<size>.{csv,md,tex}``: BackdoorBench's layout, rows model x attack, columns
-  defense x {C-Acc, ASR, RA, DER}, mean +- std over seeds (percent in md/tex; the csv keeps fractions);
+  defense x {C-Acc, ASR, RA, DER}, mean +- std over seeds (percent in md/tex, the mean alone for a single seed;
+  the csv keeps fractions);
 - ``gic_comparison.{csv,md}``: per attack, base defense, auxiliary type and size, the means without and with
   GIC, the paired difference (mean +- standard error over seeds) and the share of the DER gap to ``reserved``
   that GIC closes (gic-method.md section 1; only where that gap exceeds 0.02);
-- ``der_heatmap[_gic].png`` (defense x auxiliary type) and ``acc_vs_asr.png`` (one panel per defense).
+- ``der_heatmap[_gic].png`` (defense x auxiliary type, DER in %) and ``acc_vs_asr.png`` (one panel per defense).
 Markdown and LaTeX are written here directly (no tabulate/jinja2 dependency).
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Iterable, Sequence
 import pandas as pd
 
 from ..analysis import finished_cells, gic_comparison, markdown_table  # noqa: F401  (re-exported)
+from ..analysis.tables import pm
 from ..utils.io import atomic_write_text, atomic_write_with
 
 log = logging.getLogger(__name__)
@@ -63,14 +65,12 @@ def _mean_std(values: pd.Series) -> tuple[float, float]:
     v = values.dropna().astype(float)
     if v.empty:
         return math.nan, math.nan
-    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else math.nan  # one seed: no spread to show
 
 
-def _fmt(mean: float, std: float, percent: bool = True, sep: str = " ± ") -> str:
-    if math.isnan(mean):
-        return "-"
-    scale = 100.0 if percent else 1.0
-    return f"{mean * scale:.2f}{sep}{std * scale:.2f}"
+def _fmt(mean: float, std: float) -> str:
+    """``mean ± std`` in percent; the mean alone where there is one seed (std NaN), ``-`` where there is none."""
+    return pm(mean, std, scale=100.0, digits=2)
 
 
 def _tex_escape(s: object) -> str:
@@ -113,7 +113,7 @@ def leaderboard(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str], list[list[st
                 m, s = _mean_std(gd[col]) if not gd.empty else (math.nan, math.nan)
                 nrow[f"{d}_{name}_mean"], nrow[f"{d}_{name}_std"] = m, s
                 nrow[f"{d}_n"] = len(gd)
-                trow.append(_fmt(m, s, percent=name != "DER"))
+                trow.append(_fmt(m, s))
         numeric_rows.append(nrow)
         text_rows.append(trow)
     return pd.DataFrame(numeric_rows), header, text_rows
@@ -138,7 +138,8 @@ def write_report(output_root: str | Path, out_dir: str | Path | None = None, plo
         tag = f"{aux}@{size}".replace(":", "_").replace("/", "_")
         numeric, header, rows = leaderboard(g)
         written.append(atomic_write_with(out / f"leaderboard_{tag}.csv", lambda p: numeric.to_csv(p, index=False)))
-        caption = f"auxiliary data {aux} ({size}); mean ± std over seeds; C-Acc/ASR/RA in %"
+        caption = (f"auxiliary data {aux} ({size}); C-Acc, ASR, RA and DER in %; mean ± std over "
+                   f"{g['seed'].nunique()} seed(s), the mean alone where a cell has one")
         written.append(atomic_write_text(out / f"leaderboard_{tag}.md", f"**{caption}**\n\n" + markdown_table(header, rows)))
         written.append(atomic_write_text(out / f"leaderboard_{tag}.tex", latex_table(header, rows, caption)))
     comp = gic_comparison(df)
@@ -147,13 +148,13 @@ def write_report(output_root: str | Path, out_dir: str | Path | None = None, plo
         header = ["attack", "defense", "aux", "size", "pairs", "C-Acc no GIC", "C-Acc GIC", "dC-Acc", "ASR no GIC",
                   "ASR GIC", "dASR", "DER no GIC", "DER GIC", "dDER", "gap closed"]
 
-        def pm(m, se):
-            return "-" if m != m else (f"{m * 100:+.2f} ± {se * 100:.2f}" if se == se else f"{m * 100:+.2f}")
+        def diff(m, se):  # paired difference in percentage points, ± its standard error where there are 2+ seeds
+            return pm(m, se, scale=100.0, digits=2, sign=True)
 
         rows = [[r.attack, r.base_defense, r.aux_type, r.aux_size_label, r.n_pairs, f"{r.acc_after_nogic * 100:.2f}",
-                 f"{r.acc_after_gic * 100:.2f}", pm(r.acc_after_diff, r.acc_after_diff_se), f"{r.asr_after_nogic * 100:.2f}",
-                 f"{r.asr_after_gic * 100:.2f}", pm(r.asr_after_diff, r.asr_after_diff_se), f"{r.der_nogic:.3f}",
-                 f"{r.der_gic:.3f}", "-" if r.der_diff != r.der_diff else f"{r.der_diff:+.3f}",
+                 f"{r.acc_after_gic * 100:.2f}", diff(r.acc_after_diff, r.acc_after_diff_se),
+                 f"{r.asr_after_nogic * 100:.2f}", f"{r.asr_after_gic * 100:.2f}", diff(r.asr_after_diff, r.asr_after_diff_se),
+                 f"{r.der_nogic * 100:.2f}", f"{r.der_gic * 100:.2f}", diff(r.der_diff, r.der_diff_se),
                  "-" if r.der_gap_closed != r.der_gap_closed else f"{r.der_gap_closed * 100:.0f}%"]
                 for r in comp.itertuples()]
         written.append(atomic_write_text(out / "gic_comparison.md", markdown_table(header, rows)))
@@ -170,18 +171,21 @@ def _plots(df: pd.DataFrame, out: Path) -> list[Path]:
 
     written = []
     for gic, g in df.groupby("gic"):
-        pivot = g.pivot_table(index="defense_label", columns="aux_type", values="der", aggfunc="mean")
-        fig, ax = plt.subplots(figsize=(1.2 + 1.1 * pivot.shape[1], 1.0 + 0.5 * pivot.shape[0]))
-        im = ax.imshow(pivot.values, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
-        ax.set_xticks(range(pivot.shape[1]), pivot.columns, rotation=45, ha="right", fontsize=8)
-        ax.set_yticks(range(pivot.shape[0]), pivot.index, fontsize=8)
-        for i in range(pivot.shape[0]):
-            for j in range(pivot.shape[1]):
+        pivot = g.pivot_table(index="defense_label", columns="aux_type", values="der", aggfunc="mean") * 100.0
+        rows, cols = pivot.shape
+        # cells of at least ~0.45 inch, and room for the rotated labels, the title and the colorbar with one row
+        fig, ax = plt.subplots(figsize=(max(4.0, 1.8 + 0.9 * cols), max(2.6, 1.8 + 0.45 * rows)))
+        im = ax.imshow(pivot.values, vmin=0.0, vmax=100.0, cmap="viridis", aspect="auto")
+        ax.set_xticks(range(cols), pivot.columns, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(rows), pivot.index, fontsize=8)
+        for i in range(rows):
+            for j in range(cols):
                 v = pivot.values[i, j]
                 if v == v:
-                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if v < 0.6 else "black")
-        ax.set_title(f"DER (mean over attacks and seeds){' with GIC' if gic else ''}", fontsize=9)
-        fig.colorbar(im, ax=ax, fraction=0.046)
+                    ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=8, color="white" if v < 60 else "black")
+        ax.set_title(f"DER (%){' with GIC' if gic else ''}, mean over attacks and seeds\n50 = no change, "
+                     "100 = backdoor removed at no C-Acc cost", fontsize=8)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="DER (%)")
         fig.tight_layout()
         target = out / f"der_heatmap{'_gic' if gic else ''}.png"
         written.append(atomic_write_with(target, lambda p: fig.savefig(p, format="png", dpi=110)))
@@ -193,11 +197,12 @@ def _plots(df: pd.DataFrame, out: Path) -> list[Path]:
     for ax, d in zip(axes[0], defenses):
         g = df[df["defense_label"] == d]
         for _, r in g.iterrows():
-            ax.scatter(r["asr_after"], r["acc_after"], color=colors[r["aux_type"]], marker="^" if r["gic"] else "o", s=18)
+            ax.scatter(r["asr_after"] * 100, r["acc_after"] * 100, color=colors[r["aux_type"]],
+                       marker="^" if r["gic"] else "o", s=18)
         ax.set_title(d, fontsize=9)
-        ax.set_xlabel("ASR after")
-        ax.set_xlim(-0.02, 1.02)
-    axes[0][0].set_ylabel("C-Acc after")
+        ax.set_xlabel("ASR after (%)")
+        ax.set_xlim(-2, 102)
+    axes[0][0].set_ylabel("C-Acc after (%)")
     handles = [plt.Line2D([], [], color=colors[a], marker="o", linestyle="", label=a) for a in aux_types]
     handles += [plt.Line2D([], [], color="grey", marker="^", linestyle="", label="with GIC")]
     fig.legend(handles=handles, fontsize=7, loc="lower center", ncol=min(6, len(handles)), bbox_to_anchor=(0.5, -0.02))

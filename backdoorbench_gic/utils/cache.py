@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
-import torch
+if TYPE_CHECKING:  # torch is imported where weights are hashed, so `bbgic list` finds the cache without it
+    import torch
 
 
 def cache_dir() -> Path:
@@ -17,6 +18,8 @@ def cache_dir() -> Path:
 def hash_weights(h, weights: torch.nn.Module | Mapping[str, torch.Tensor]) -> None:
     """Feed a network's weights (a module, unwrapped from its normalisation wrapper, or a state dict) to the
     hash ``h``, names sorted, bytes as stored."""
+    import torch
+
     if isinstance(weights, torch.nn.Module):
         weights = (weights.net if hasattr(weights, "net") else weights).state_dict()
     for k in sorted(weights):
