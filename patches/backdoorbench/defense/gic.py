@@ -5,17 +5,19 @@
 Run from the BackdoorBench (or BackdoorBenchER) root, like every other defense:
 
     python defense/gic.py --result_file badnet_demo --yaml_path ./config/defense/gic/cifar10.yaml \
-        --dataset cifar10 --device cuda:0 --reserved_type reserved_noise --base ft
+        --dataset cifar10 --reserved_type reserved_noise --base ft
 
 It fits a bounded input calibration g through the frozen backdoored model, calibrates the clean subset chosen
 by --ratio/--index/--reserved_type, and runs the base defense (--base: ft, ft-sam, fst, sau, i-bau, ...) on it.
 Results go to record/<result_file>/defense/gic-<base>/<yaml name>/ in BackdoorBench's layout
 (defense_result.pt, gic-<base>_df.csv, gic-<base>_df_summary.csv, log/, checkpoint/).
 
-The work is done by the backdoorbench-gic package (pip install backdoorbench-gic); nothing of BackdoorBench's
-code is imported, so it also runs where their loader fails (torch >= 2.6 refuses attack_result.pt without
-weights_only=False; this script loads it with weights_only=True and an allow-list of the numpy types such
-records contain).
+--device defaults to auto (CUDA when present, else the CPU). The work is done by the backdoorbench-gic package,
+which is not on PyPI: install it from its source tree (python -m pip install -e <path to backdoorbench-gic>)
+into the environment BackdoorBench runs in. Nothing of BackdoorBench's code is imported, so it also runs where
+their loader fails (torch >= 2.6 refuses attack_result.pt without weights_only=False; this script loads it with
+weights_only=True and an allow-list of the numpy types such records contain). The CUDA path has not yet run on a
+GPU (only the CPU path is tested).
 """
 import argparse
 import os
@@ -25,14 +27,16 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--result_file", required=True, help="the attack's save_folder_name under ./record/")
-    p.add_argument("--yaml_path", default="./config/defense/gic/config.yaml")
+    p.add_argument("--yaml_path", default="./config/defense/gic/config.yaml",
+                   help="GIC and base-defense settings (default ./config/defense/gic/config.yaml)")
     p.add_argument("--dataset", default=None, help="dataset name (as BackdoorBench: pass it explicitly)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None,
+                   help="auto (CUDA when present, else the CPU), cpu, cuda or cuda:N; default: the yaml's device (auto)")
     p.add_argument("--ratio", default=None, help="share of the training set used as clean data")
     p.add_argument("--index", default=None, help="file of clean-subset indices")
     p.add_argument("--reserved_type", default=None, help="BackdoorBenchER auxiliary data type (train, reserved, ...)")
     p.add_argument("--base", default=None, help="base defense run on the calibrated data (default from the yaml)")
-    p.add_argument("--random_seed", default=None)
+    p.add_argument("--random_seed", default=None, help="one seed for sampling, calibration and training")
     p.add_argument("--trust_checkpoint", action="store_true",
                    help="load attack_result.pt with weights_only=False (only for records you made or trust)")
     return p
@@ -44,7 +48,8 @@ def main(argv=None) -> int:
         from backdoorbench_gic.pipeline import DefenseRequest, run_defense
         from backdoorbench_gic.utils.logs import console_logging
     except ImportError:
-        print("defense/gic.py needs the backdoorbench-gic package: pip install backdoorbench-gic", file=sys.stderr)
+        print("defense/gic.py needs the backdoorbench-gic package (not on PyPI): python -m pip install -e "
+              "<path to the backdoorbench-gic source tree>", file=sys.stderr)
         return 2
     args, extra = build_parser().parse_known_args(argv)
     overrides = parse_extra_flags(extra)  # any GIC or base-defense key as --key value
