@@ -60,6 +60,10 @@ class RunReport:
     numpy_aliases: list[str] = field(default_factory=list)
     exit_code: int = 0
 
+    def note_calibrated(self, where: str, n: int) -> None:
+        if (where, n) not in self.calibrated:  # their defenses load the record twice (__init__ and defense())
+            self.calibrated.append((where, n))
+
 
 # ---------------------------------------------------------------------------------------------------------
 # GIC in front of their data
@@ -145,6 +149,13 @@ def fit_gic(record: Any, aux: Any, *, dataset: str | None = None, yaml_path: str
 # ---------------------------------------------------------------------------------------------------------
 # the patches
 # ---------------------------------------------------------------------------------------------------------
+def refusal(exc: UntrustedCheckpointError) -> BBRunError:
+    return BBRunError(
+        f"refused {exc.path}: it needs the pickle global(s) {', '.join(exc.globals)}, outside the numpy types a "
+        "BackdoorBench record holds. A pickle can run code while it loads; bb-run never loads such a file (none of "
+        "it ran). Re-save it as a plain state dict if it is yours.")
+
+
 @contextlib.contextmanager
 def allowlisted_torch_load(report: RunReport) -> Iterator[None]:
     """``torch.load`` -> the allow-list loader for the duration; the loader's own inner torch.load passes through."""
@@ -160,10 +171,7 @@ def allowlisted_torch_load(report: RunReport) -> Iterator[None]:
         try:
             obj = load_allowlisted(f, map_location=map_location)
         except UntrustedCheckpointError as exc:
-            raise BBRunError(
-                f"refused {exc.path}: it needs the pickle global(s) {', '.join(exc.globals)}, outside the numpy types a "
-                "BackdoorBench record holds. A pickle can run code while it loads; bb-run never loads such a file "
-                "(none of it ran). Re-save it as a plain state dict if it is yours.") from None
+            raise refusal(exc) from None
         finally:
             state.inside = False
         report.loads.append(str(f))
@@ -222,7 +230,7 @@ def _gic_hooks(stack: contextlib.ExitStack, report: RunReport, calibrator, shape
                 return result  # a defense_result.pt read through the same function: no data to calibrate
             if not isinstance(clean.wrapped_dataset, CalibratedImages):
                 clean.wrapped_dataset = CalibratedImages(clean.wrapped_dataset, calibrator, shape)
-                report.calibrated.append(("load_attack_result()['clean_train']", len(clean.wrapped_dataset)))
+                report.note_calibrated("load_attack_result()['clean_train']", len(clean.wrapped_dataset))
             return result
 
         stack.enter_context(_attribute(sla, "load_attack_result", load_attack_result))
@@ -241,7 +249,7 @@ def _gic_hooks(stack: contextlib.ExitStack, report: RunReport, calibrator, shape
                              "raw images to calibrate")
         if not isinstance(inner, CalibratedImages):
             out.wrapped_dataset = CalibratedImages(inner, calibrator, shape)
-            report.calibrated.append((f"get_reserved_data() [{reserved_type}]", len(out.wrapped_dataset)))
+            report.note_calibrated(f"get_reserved_data() [{reserved_type}]", len(out.wrapped_dataset))
         return out
 
     stack.enter_context(_attribute(base, "get_reserved_data", get_reserved_data))

@@ -330,7 +330,7 @@ def test_a_malicious_record_is_refused_and_its_payload_never_runs(tmp_path, caps
     for extra in ([], ["--gic"]):
         code, out = bbgic(capsys, "bb-run", "defense/ft.py", "--bb_root", root, "--result_file", "evil",
                           "--yaml_path", "./config/defense/ft/config.yaml", "--dataset", "cifar10", *extra)
-        assert code == 2 and "posix.system" in out and "refus" in out, out
+        assert code == 2 and "refused" in out and "pickle global(s) posix.system" in out and "none of it ran" in out, out
         assert not marker.exists()
     assert torch.load.__module__ == "torch.serialization"
 

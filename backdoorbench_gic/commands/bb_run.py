@@ -94,6 +94,7 @@ def their_settings(argv: list[str], root: Path, script: Path) -> dict[str, objec
 def run(args: argparse.Namespace) -> int:
     from .. import bbrun
     from ..auxdata import build_aux_set
+    from ..checkpoint import UntrustedCheckpointError
     from ..config import config_keys
     from ..gic.fit import GICConfig
     from ..records import load_attack_record
@@ -119,7 +120,10 @@ def run(args: argparse.Namespace) -> int:
                              "drop --gic, or name the uncalibrated type")
         if not s.get("result_file"):
             raise ValueError("--result_file is required")
-        record = load_attack_record(str(s["result_file"]), root)
+        try:
+            record = load_attack_record(str(s["result_file"]), root)
+        except UntrustedCheckpointError as exc:
+            raise bbrun.refusal(exc) from None
         ratio = float(s.get("ratio") or 0.05)
         seed = int(s.get("random_seed") or 0)
         index = s.get("index") or None
