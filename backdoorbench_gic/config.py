@@ -238,6 +238,22 @@ def default_yaml_for(name: str, dataset: str | None, configs_dir: Path | None = 
     return None
 
 
+def config_layers(name: str, dataset: str | None = None, yaml_path: str | Path | None = None,
+                  cli: Mapping[str, Any] | None = None,
+                  configs_dir: Path | None = None) -> list[tuple[Mapping[str, Any], str]]:
+    """The (values, source) layers in BackdoorBench's precedence: packaged ``<name>/<dataset>.yaml`` <
+    ``yaml_path`` < ``cli`` (None values in cli are unset)."""
+    layers: list[tuple[Mapping[str, Any], str]] = []
+    packaged = default_yaml_for(name, dataset, configs_dir)
+    if packaged is not None:
+        layers.append((read_yaml(packaged), str(packaged)))
+    if yaml_path:
+        layers.append((read_yaml(yaml_path), str(yaml_path)))
+    if cli:
+        layers.append(({k: v for k, v in cli.items() if v is not None}, "the command line"))
+    return layers
+
+
 def load_config(
     cls: type[T],
     name: str,
@@ -247,14 +263,7 @@ def load_config(
     configs_dir: Path | None = None,
 ) -> T:
     """Defaults < packaged ``<name>/<dataset>.yaml`` < ``yaml_path`` < ``cli`` (None values in cli are unset)."""
-    layers: list[tuple[Mapping[str, Any], str]] = []
-    packaged = default_yaml_for(name, dataset, configs_dir)
-    if packaged is not None:
-        layers.append((read_yaml(packaged), str(packaged)))
-    if yaml_path:
-        layers.append((read_yaml(yaml_path), str(yaml_path)))
-    if cli:
-        layers.append(({k: v for k, v in cli.items() if v is not None}, "the command line"))
+    layers = config_layers(name, dataset, yaml_path, cli, configs_dir)
     if dataset is not None and "dataset" in config_keys(cls):
         # an explicit --dataset wins over a yaml's (BackdoorBench's yamls carry wrong dataset values)
         layers.append(({"dataset": dataset}, "the --dataset argument"))

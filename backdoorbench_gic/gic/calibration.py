@@ -71,21 +71,12 @@ class GIC:
         """``defense_configs/gic/<dataset>.yaml`` < ``yaml_path`` < ``cli``; a key GIC does not take is an error.
         The yaml files configure the ``gic`` defense too: their defense-level keys (``placement``, the base, the
         run-level BackdoorBench keys) are skipped there, not on the command line."""
-        from ..config import RunConfig, config_keys, default_yaml_for, read_yaml
+        from ..config import RunConfig, config_keys, config_layers
 
         defense_only = {"placement", "bn_batch_size", "base"} | set(config_keys(RunConfig))
-
-        def gic_part(path) -> dict[str, Any]:
-            return {k: v for k, v in read_yaml(path).items() if k not in defense_only}
-
-        layers: list[tuple[Mapping[str, Any], str]] = []
-        packaged = default_yaml_for("gic", dataset)
-        if packaged is not None:
-            layers.append((gic_part(packaged), str(packaged)))
-        if yaml_path:
-            layers.append((gic_part(yaml_path), str(yaml_path)))
-        if cli:
-            layers.append(({k: v for k, v in cli.items() if v is not None}, "the command line"))
+        layers = [(values if source == "the command line" else
+                   {k: v for k, v in values.items() if k not in defense_only}, source)
+                  for values, source in config_layers("gic", dataset, yaml_path, cli)]
         return cls(build_config(GICConfig, layers))
 
     @property

@@ -28,7 +28,7 @@ from typing import Any, Mapping
 import torch
 
 from ..bnstats import batchnorm_layers, recalibrate_bn
-from ..config import ConfigError, RunConfig, build_config, check_range, config_keys, default_yaml_for, read_yaml, require
+from ..config import ConfigError, RunConfig, build_config, check_range, config_keys, config_layers, require
 from ..data.imageset import ImageSet
 from ..data.transforms import TrainAugment
 from ..defenses.base import Defense, DefenseConfig, Monitor, PurifyResult
@@ -121,14 +121,7 @@ class GICDefense(Defense):
                      name: str | None = None) -> "GICDefense":
         """GIC: gic yaml < --yaml_path < CLI; the base: its packaged yaml < its keys from those layers. The run-level
         keys of the result are the base's resolved ones, so both draw the same auxiliary set."""
-        layers: list[tuple[Mapping[str, Any], str]] = []
-        packaged = default_yaml_for("gic", dataset)
-        if packaged is not None:
-            layers.append((read_yaml(packaged), str(packaged)))
-        if yaml_path:
-            layers.append((read_yaml(yaml_path), str(yaml_path)))
-        if cli:
-            layers.append(({k: v for k, v in cli.items() if v is not None}, "the command line"))
+        layers = config_layers("gic", dataset, yaml_path, cli)
         base_choice: Any = cls.default_base or "ft"
         for data, _ in layers:
             b = data.get("base")
@@ -144,10 +137,7 @@ class GICDefense(Defense):
         base_name = DEFENSES.resolve(base_name)
         base_keys = set(config_keys(base_cls.config_class))
         gic_layers: list[tuple[Mapping[str, Any], str]] = []
-        base_layers: list[tuple[Mapping[str, Any], str]] = []
-        base_packaged = default_yaml_for(base_name, dataset)
-        if base_packaged is not None:
-            base_layers.append((read_yaml(base_packaged), str(base_packaged)))
+        base_layers = config_layers(base_name, dataset)
         for data, source in layers:
             g, b = split_keys(data, base_keys, source)
             gic_layers.append((g, source))
