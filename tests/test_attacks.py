@@ -308,7 +308,7 @@ def test_cli_precedence_and_unknown_yaml_key(tmp_path):
     proto.write_text("epochs: 7\npratio: 0.2\nlr: 0.05\nnum_workers: 4\n")
     bd = tmp_path / "bd.yaml"
     bd.write_text("attack: sig\npratio: 0.05\nsig_delta: 20\n")
-    args = build_parser().parse_args(["attack", "--yaml_path", str(proto), "--bd_yaml_path", str(bd),
+    args = build_parser("attack").parse_args(["attack", "--yaml_path", str(proto), "--bd_yaml_path", str(bd),
                                       "--dataset", "fashion-mnist", "--lr", "0.1"])
     attack = load_attack(args.attack, args.yaml_path, args.bd_yaml_path, cli_values(args))
     cfg = attack.config

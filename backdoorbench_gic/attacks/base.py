@@ -235,6 +235,12 @@ class Attack:
         """Attack-specific files beside the record (written before attack_result.pt); returns their paths."""
         return []
 
+    def load_extras(self, record_dir: str | os.PathLike) -> "Attack":
+        """Restore the trigger state a finished record's extras hold (a learnt generator, a crafted trigger), so
+        :meth:`apply_trigger` poisons as the run did; nothing to do for attacks whose trigger the config fixes."""
+        self._ensure_setup()
+        return self
+
 
 def poisoned_view(base: ImageSet, idx: np.ndarray, images: torch.Tensor, labels: torch.Tensor,
                   original_index_array: np.ndarray, name: str) -> tuple[ImageSet, PoisonedSplit]:

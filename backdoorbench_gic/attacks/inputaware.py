@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 GEN_SEED_OFFSET = 15485863  # the generators' initialisation, apart from index selection and the victim's init
 CROSS_SEED_OFFSET = 104729
 CHUNK = 1024  # images sent through the generators at once when whole sets are poisoned
+GENERATORS_FILE = "input_aware_generators.pt"
 EPS = 1e-7  # keeps the diversity ratio finite when two triggers coincide
 
 
@@ -219,15 +220,14 @@ class InputAware(Attack):
                 x = to_device(batch.x, device)
                 if len(x) < 2:
                     continue
-                x2 = x.roll(1, 0)
-                m1, m2 = self.netM(x), self.netM(x2)
-                div = diversity_loss(x, x2, m1, m2)
+                m1 = self.netM(x)  # pairs (x_i, x_{i-1}) of the batch: one forward pass serves both sides
+                div = diversity_loss(x, x.roll(1, 0), m1, m1.roll(1, 0))
                 norm = F.relu(m1.mean() - cfg.mask_density)
                 loss = cfg.lambda_div * div + cfg.lambda_norm * norm
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                total_norm += float(m1.mean())
+                total_norm += float(m1.detach().mean())
                 total_div += float(div)
                 batches += 1
             log.info("input-aware mask epoch %d/%d: mean mask %.4f (target %.4f), diversity %.4f (%.1fs)", epoch + 1,
@@ -318,6 +318,10 @@ class InputAware(Attack):
         idx = np.arange(len(test), dtype=np.int64)
         _, split = poisoned_view(test, idx, self.apply_cross(test.images), test.labels.clone(), idx, "cross_test")
         write_poisoned_split(split, self.bb_root, record_name, "cross_test_dataset")
-        path = record_dir / "input_aware_generators.pt"
+        path = record_dir / GENERATORS_FILE
         atomic_torch_save(self.generator_state(), path)
         return [record_dir / "cross_test_dataset", path]
+
+    def load_extras(self, record_dir) -> "InputAware":
+        self.load_generators(torch.load(Path(record_dir) / GENERATORS_FILE, map_location="cpu", weights_only=True))
+        return self

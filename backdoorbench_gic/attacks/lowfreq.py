@@ -201,3 +201,9 @@ class LowFrequency(Attack):
         atomic_torch_save({"trigger": self.trigger.contiguous(), "eps": cfg.eps, "cutoff": cfg.cutoff,
                            "craft_steps": cfg.craft_steps, "craft_lr": cfg.craft_lr}, path)
         return [path]
+
+    def load_extras(self, record_dir) -> "LowFrequency":
+        self._ensure_setup()
+        saved = torch.load(Path(record_dir) / TRIGGER_FILE, map_location="cpu", weights_only=True)
+        self.trigger = self._checked(saved["trigger"])
+        return self
