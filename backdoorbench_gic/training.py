@@ -1,4 +1,5 @@
-"""Optimizers, schedulers and the supervised epoch loop that attacks and defenses share.
+"""Optimizers, schedulers and the epoch loop that attacks and defenses share (a loop over batches that calls one
+training step; the plain cross-entropy step is :func:`supervised_step`).
 
 Optimizer and scheduler names follow BackdoorBench's keys (``client_optimizer``: sgd / adam / adamw /
 adadelta; ``lr_scheduler``: CosineAnnealingLR / StepLR / MultiStepLR / ReduceLROnPlateau / none). One
@@ -14,7 +15,7 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from .data.imageset import ImageSet
+from .data.imageset import Batch, ImageSet
 from .utils.logs import progress_enabled
 from .utils.progress import progress_bar
 from .utils.runtime import autocast, to_device
@@ -74,10 +75,34 @@ class EpochStats:
         return {"train_epoch_loss_avg_over_batch": self.loss, "train_acc": self.acc}
 
 
+Step = Callable[[torch.nn.Module, Batch], tuple[Any, torch.Tensor]]
+"""One training step: ``step(model, batch) -> (loss, logits)`` updates the model on one batch and returns the
+batch's loss (a number or a 0-d tensor) and logits (detached), from which :func:`train_epoch` keeps its
+statistics."""
+
+
+def supervised_step(optimizer: torch.optim.Optimizer, *, device: torch.device, amp: bool = True,
+                    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> Step:
+    """The plain step: forward, ``loss_fn(logits, y)`` (cross-entropy by default), backward, ``optimizer.step()``."""
+    loss_fn = loss_fn or F.cross_entropy
+
+    def step(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        x = to_device(batch.x, device)
+        with autocast(device, amp):
+            logits = model(x)
+            loss = loss_fn(logits.float(), batch.y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.detach(), logits.detach()
+
+    return step
+
+
 def train_epoch(
     model: torch.nn.Module,
     data: ImageSet,
-    optimizer: torch.optim.Optimizer,
+    step: Step | torch.optim.Optimizer,
     *,
     device: torch.device,
     batch_size: int,
@@ -86,31 +111,29 @@ def train_epoch(
     amp: bool = True,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     batch_hook: Callable | None = None,
+    train_mode: bool = True,
     progress: bool | None = None,
     desc: str = "train",
 ) -> EpochStats:
-    """One pass of cross-entropy training over ``data`` (shuffled by ``generator``).
+    """One pass over ``data`` (shuffled by ``generator``), calling ``step(model, batch)`` on every batch.
 
-    ``batch_hook(batch) -> batch`` can rewrite a batch before the step (on-the-fly poisoning);
-    ``loss_fn(logits, y)`` replaces cross-entropy.
+    ``step`` is a :data:`Step`, or an optimizer, for which the plain cross-entropy step is used (``loss_fn``
+    and ``amp`` configure it). ``batch_hook(batch) -> batch`` can rewrite a batch before the step (on-the-fly
+    poisoning). The model is put in train mode (``train_mode`` False: eval mode, BatchNorm statistics frozen)
+    before the first batch.
     """
-    loss_fn = loss_fn or F.cross_entropy
-    model.train()
+    if isinstance(step, torch.optim.Optimizer):
+        step = supervised_step(step, device=device, amp=amp, loss_fn=loss_fn)
+    model.train(train_mode)
     total_loss, batches, correct, seen = 0.0, 0, 0, 0
     it = data.batches(batch_size, shuffle=True, generator=generator, augment=augment, device=device)
     n_batches = (len(data) + batch_size - 1) // batch_size
     for batch in progress_bar(it, total=n_batches, desc=desc, leave=False, disable=not progress_enabled(progress)):
         if batch_hook is not None:
             batch = batch_hook(batch)
-        x = to_device(batch.x, device)
-        with autocast(device, amp):
-            logits = model(x)
-            loss = loss_fn(logits.float(), batch.y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total_loss += float(loss.detach())
+        loss, logits = step(model, batch)
+        total_loss += float(loss)
         batches += 1
-        correct += int((logits.detach().argmax(1) == batch.y).sum())
+        correct += int((logits.argmax(1) == batch.y).sum())
         seen += len(batch.y)
     return EpochStats(total_loss / max(batches, 1), correct / max(seen, 1), seen)

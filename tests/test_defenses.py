@@ -375,3 +375,12 @@ def test_runs_on_cuda_with_bf16_autocast(victim, name):
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
     build_model("smallcnn", 10, "cifar10", width=16).net.load_state_dict(state, strict=True)
     assert all(torch.equal(v, before[k]) for k, v in model.net.state_dict().items())
+
+
+@pytest.mark.parametrize("name", ["sau", "i-bau"])
+def test_epochs_is_refused_where_rounds_are_counted(name, tmp_path):
+    with pytest.raises(ConfigError, match="'epochs'.*'n_rounds'"):
+        DEFENSES.get(name)(epochs=1)
+    with pytest.raises(ConfigError, match="'epochs'.*'n_rounds'.*command line"):
+        DEFENSES.get(name).from_sources("fashion-mnist", cli={"epochs": 1})
+    assert DEFENSES.get(name)(n_rounds=1).config.n_rounds == 1

@@ -1,5 +1,5 @@
-"""Plumbing the purification defenses share: seeded generators, per-epoch history rows, the outer optimizer
-of the adversarial defenses, and norm-bounded perturbation arithmetic.
+"""Pieces the purification defenses share: the classifier head, the outer optimizer of the adversarial
+defenses, BatchNorm-statistics freezing, and norm-bounded perturbation arithmetic.
 
 Perturbations (SAU's per-sample PGD, i-BAU's universal trigger) are measured in the same units as
 BackdoorBench's, which perturbs *normalised* tensors, while our inputs are pixels in [0,1] with the
@@ -11,6 +11,7 @@ arithmetic runs in float32, outside autocast.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from typing import Any, Literal
@@ -24,23 +25,6 @@ log = logging.getLogger(__name__)
 
 NormType = Literal["L_inf", "L2"]
 BudgetSpace = Literal["normalized", "pixel"]
-
-
-def make_seeded_generator(seed: int) -> torch.Generator:
-    """A CPU generator for data order, augmentation and random initialisations (no global RNG is touched)."""
-    g = torch.Generator()
-    g.manual_seed(int(seed))
-    return g
-
-
-def history_row(epoch: int, loss: float, acc: float, model: torch.nn.Module, monitor=None) -> dict[str, Any]:
-    """One BackdoorBench-style row; the monitor's numbers are logged, never used."""
-    row: dict[str, Any] = {"epoch": epoch, "train_epoch_loss_avg_over_batch": float(loss), "train_acc": float(acc)}
-    if monitor is not None:
-        was_training = model.training
-        row.update(monitor(model))
-        model.train(was_training)
-    return row
 
 
 def classifier_head(model: torch.nn.Module) -> torch.nn.Linear:
@@ -132,3 +116,76 @@ def freeze_bn_stats(model: torch.nn.Module) -> list[tuple[torch.nn.modules.batch
 def restore_bn_stats(saved) -> None:
     for m, momentum in saved:
         m.momentum = momentum
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reaching layers of any network (the pruning and distillation defenses)
+# ---------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def capture_outputs(net: torch.nn.Module, names: list[str]):
+    """Within the block, ``outputs[name]`` holds the latest forward output of each named submodule."""
+    outputs: dict[str, torch.Tensor] = {}
+    handles = []
+    for name in names:
+        def hook(_module, _inputs, out, name=name):
+            outputs[name] = out
+        handles.append(net.get_submodule(name).register_forward_hook(hook))
+    try:
+        yield outputs
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def trace_layers(net: torch.nn.Module, shape: tuple[int, ...]) -> tuple[list[tuple[str, str]], list[str]]:
+    """One forward pass of a zero input of ``shape`` (C, H, W) through ``net`` (in eval mode, state untouched).
+
+    Returns (pairs, stages): ``pairs`` are (conv, batchnorm) names where the BatchNorm2d reads exactly the
+    Conv2d's output (a residual sum in between breaks the pair), in call order; ``stages`` are the direct
+    children of ``net`` that were called last at each spatial resolution above 1 x 1, in call order (for
+    BackdoorBench's PreActResNet: layer1 .. layer4).
+    """
+    names = {m: n for n, m in net.named_modules()}
+    made_by: dict[int, tuple[torch.Tensor, str]] = {}  # holds the tensors, so no id is reused during the pass
+    pairs: list[tuple[str, str]] = []
+    last_at: dict[tuple[int, int], str] = {}
+    children = {m for _, m in net.named_children()}
+    handles = []
+
+    def conv_hook(module, _inputs, out):
+        made_by[id(out)] = (out, names[module])
+
+    def bn_hook(module, inputs):
+        hit = made_by.get(id(inputs[0]))
+        if hit is not None and hit[0] is inputs[0]:
+            pairs.append((hit[1], names[module]))
+
+    def child_hook(module, _inputs, out):
+        if isinstance(out, torch.Tensor) and out.dim() == 4 and out.shape[2] * out.shape[3] > 1:
+            key = tuple(out.shape[2:])
+            last_at.pop(key, None)  # keep call order: re-insert at the end
+            last_at[key] = names[module]
+
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            handles.append(m.register_forward_hook(conv_hook))
+        elif isinstance(m, torch.nn.BatchNorm2d):
+            handles.append(m.register_forward_pre_hook(bn_hook))
+        if m in children:
+            handles.append(m.register_forward_hook(child_hook))
+    was_training = net.training
+    net.eval()
+    try:
+        param = next(net.parameters())
+        net(torch.zeros((1, *shape), device=param.device, dtype=param.dtype))
+    finally:
+        for h in handles:
+            h.remove()
+        net.train(was_training)
+    return pairs, list(last_at.values())
+
+
+def bare_net(model: torch.nn.Module) -> torch.nn.Module:
+    """The network behind a :class:`VictimModel` (whose ``.net`` holds BackdoorBench's parameter names)."""
+    return getattr(model, "net", model)

@@ -17,24 +17,18 @@ sphere before every step (``head_norm_constraint``; without it the penalty alone
 """
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..config import check_range
-from ..data.imageset import ImageSet
-from ..data.transforms import TrainAugment
+from ..data.imageset import Batch
 from ..registry import DEFENSES
-from ..training import make_optimizer, make_scheduler, step_scheduler, train_epoch
-from ..utils.logs import progress_enabled
-from ._common import classifier_head, history_row, make_seeded_generator
-from .base import Defense, DefenseConfig, Monitor, PurifyResult
+from ._common import classifier_head
+from .base import Defense, DefenseConfig, Run
 
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -72,46 +66,31 @@ class FST(Defense):
     csv_prefix = "fst"
     augment = False
 
-    def purify(self, model: torch.nn.Module, aux: ImageSet, *, device: torch.device,
-               train_augment: TrainAugment | None = None, monitor: Monitor | None = None,
-               progress: bool | None = None) -> PurifyResult:
-        cfg = self.config
-        gen = make_seeded_generator(cfg.random_seed)
-        net = self.copy_model(model, device)
-        head = classifier_head(net)
-        w_ori = reinit_head(head, gen)
-        radius = float(w_ori.float().norm())
-        log.info("%s: head re-initialised at the original norm %.4f", self.name, radius)
+    def setup(self, run: Run) -> None:
+        run.head = classifier_head(run.net)
+        run.w_ori = reinit_head(run.head, run.generator).float()
+        run.radius = float(run.w_ori.norm())
 
-        def alignment() -> float:
-            return float((head.weight.detach().float() * w_ori.float()).sum())
+    @torch.no_grad()
+    def project_head(self, run: Run) -> None:
+        if self.config.head_norm_constraint:
+            run.head.weight.mul_(run.radius / run.head.weight.float().norm().clamp_min(1e-12))
 
-        def penalised_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return F.cross_entropy(logits, y) + cfg.alpha * (head.weight.float() * w_ori.float()).sum()
+    def alignment(self, run: Run) -> float:
+        """``<w, w_ori>``"""
+        return float((run.head.weight.detach().float() * run.w_ori).sum())
 
-        @torch.no_grad()
-        def project_head():
-            if cfg.head_norm_constraint:
-                head.weight.mul_(radius / head.weight.float().norm().clamp_min(1e-12))
+    def step(self, run: Run, net: torch.nn.Module, batch: Batch):
+        self.project_head(run)  # the previous step's projection, taken before this step's forward pass
+        return super().step(run, net, batch)
 
-        def before_step(batch):  # the previous step's projection, taken before this step's forward pass
-            project_head()
-            return batch
+    def loss(self, run: Run, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, y) + self.config.alpha * (run.head.weight.float() * run.w_ori).sum()
 
-        optimizer = make_optimizer(net.parameters(), cfg)
-        scheduler = make_scheduler(optimizer, cfg, cfg.epochs)
-        augment = self.augment_fn(train_augment)
-        history = []
-        for epoch in tqdm(range(cfg.epochs), desc=self.name, disable=not progress_enabled(progress)):
-            stats = train_epoch(net, aux, optimizer, device=device, batch_size=cfg.batch_size, generator=gen,
-                                augment=augment, amp=cfg.amp, loss_fn=penalised_ce, batch_hook=before_step,
-                                progress=progress, desc=f"{self.name} epoch {epoch}")
-            project_head()
-            step_scheduler(scheduler, stats.loss)
-            history.append(history_row(epoch, stats.loss, stats.acc, net, monitor))
-            log.info("%s epoch %d/%d: loss %.4f, train acc %.4f, <w, w_ori> %.4f", self.name, epoch + 1, cfg.epochs,
-                     stats.loss, stats.acc, alignment())
-        net.eval()
+    def end_epoch(self, run: Run, epoch: int, stats) -> str:
+        self.project_head(run)
+        return f"<w, w_ori> {self.alignment(run):.4f}"
+
+    def finish(self, run: Run) -> dict:
         # head_alignment: <w, w_ori> / ||w_ori||^2, the cosine to the backdoored head while ||w|| is constrained
-        extras = {"head_norm": radius, "head_alignment": alignment() / max(radius ** 2, 1e-12)}
-        return PurifyResult(net, history, extras)
+        return {"head_norm": run.radius, "head_alignment": self.alignment(run) / max(run.radius ** 2, 1e-12)}

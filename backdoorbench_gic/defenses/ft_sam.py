@@ -21,24 +21,18 @@ statistics are updated by the first forward pass only.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..config import check_range, require
-from ..data.imageset import ImageSet
-from ..data.transforms import TrainAugment
+from ..data.imageset import Batch
 from ..registry import DEFENSES
-from ..training import make_optimizer, make_scheduler, step_scheduler
-from ..utils.logs import progress_enabled
 from ..utils.runtime import autocast, to_device
-from ._common import freeze_bn_stats, history_row, make_seeded_generator, restore_bn_stats
-from .base import Defense, DefenseConfig, Monitor, PurifyResult
+from ._common import freeze_bn_stats, restore_bn_stats
+from .base import Defense, DefenseConfig, Run
 
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -135,50 +129,37 @@ class FTSAM(Defense):
         frac = min(max(lr_now / cfg.lr, 0.0), 1.0)
         return cfg.rho_min + (cfg.rho_max - cfg.rho_min) * frac
 
-    def purify(self, model: torch.nn.Module, aux: ImageSet, *, device: torch.device,
-               train_augment: TrainAugment | None = None, monitor: Monitor | None = None,
-               progress: bool | None = None) -> PurifyResult:
+    def build_optimizer(self, run: Run) -> torch.optim.Optimizer:
+        base = super().build_optimizer(run)
+        run.sam = SAMStep(run.net.parameters(), base, adaptive=self.config.adaptive, alpha=self.config.alpha)
+        return base
+
+    def start_epoch(self, run: Run, epoch: int) -> None:
+        run.rho = self.rho_at(run.optimizer.param_groups[0]["lr"])
+
+    def step(self, run: Run, net: torch.nn.Module, batch: Batch):
         cfg = self.config
-        gen = make_seeded_generator(cfg.random_seed)
-        net = self.copy_model(model, device)
-        base = make_optimizer(net.parameters(), cfg)
-        scheduler = make_scheduler(base, cfg, cfg.epochs)
-        sam = SAMStep(net.parameters(), base, adaptive=cfg.adaptive, alpha=cfg.alpha)
-        augment = self.augment_fn(train_augment)
-        show = progress_enabled(progress)
-        n_batches = (len(aux) + cfg.batch_size - 1) // cfg.batch_size
-        history = []
-        for epoch in tqdm(range(cfg.epochs), desc=self.name, disable=not show):
-            net.train()
-            rho = self.rho_at(base.param_groups[0]["lr"])
-            total, batches, correct, seen = 0.0, 0, 0, 0
-            it = aux.batches(cfg.batch_size, shuffle=True, generator=gen, augment=augment, device=device)
-            for batch in tqdm(it, total=n_batches, desc=f"{self.name} epoch {epoch}", leave=False, disable=not show):
-                x, y = to_device(batch.x, device), batch.y
-                out = {}
+        x, y = to_device(batch.x, run.device), batch.y
+        out = {}
 
-                def closure(first: bool):
-                    saved = [] if first else freeze_bn_stats(net)
-                    try:
-                        with autocast(device, cfg.amp):
-                            logits = net(x)
-                        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-                        loss.backward()
-                    finally:
-                        restore_bn_stats(saved)
-                    if first:
-                        out["logits"] = logits.detach()
-                    return loss.detach()
+        def closure(first: bool):
+            saved = [] if first else freeze_bn_stats(net)
+            try:
+                with autocast(run.device, cfg.amp):
+                    logits = net(x)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+                loss.backward()
+            finally:
+                restore_bn_stats(saved)
+            if first:
+                out["logits"] = logits.detach()
+            return loss.detach()
 
-                loss = sam.step(closure, rho)
-                total += float(loss)
-                batches += 1
-                correct += int((out["logits"].argmax(1) == y).sum())
-                seen += len(y)
-            loss_avg, acc = total / max(batches, 1), correct / max(seen, 1)
-            step_scheduler(scheduler, loss_avg)
-            history.append(history_row(epoch, loss_avg, acc, net, monitor))
-            log.info("%s epoch %d/%d (rho %.3g): loss %.4f, train acc %.4f", self.name, epoch + 1, cfg.epochs, rho,
-                     loss_avg, acc)
-        net.eval()
-        return PurifyResult(net, history, {"rho_last": self.rho_at(base.param_groups[0]["lr"])})
+        loss = run.sam.step(closure, run.rho)
+        return loss, out["logits"]
+
+    def end_epoch(self, run: Run, epoch: int, stats) -> str:
+        return f"rho {run.rho:.3g}"
+
+    def finish(self, run: Run) -> dict:
+        return {"rho_last": self.rho_at(run.optimizer.param_groups[0]["lr"])}

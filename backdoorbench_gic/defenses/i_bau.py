@@ -34,25 +34,19 @@ the perturbed batches.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..config import check_range, require
-from ..data.imageset import ImageSet
-from ..data.transforms import TrainAugment
+from ..data.imageset import Batch, ImageSet
 from ..registry import DEFENSES
-from ..training import make_scheduler, step_scheduler
-from ..utils.logs import progress_enabled
-from ..utils.runtime import autocast, to_device
-from ._common import (BudgetSpace, NormType, ascent_step, flat_norm, history_row, input_scale, make_seeded_generator,
-                      outer_optimizer, perturb_pixels, project)
-from .base import Defense, DefenseConfig, Monitor, PurifyResult
+from ..utils.runtime import autocast, make_generator, to_device
+from ._common import (BudgetSpace, NormType, ascent_step, flat_norm, input_scale, outer_optimizer, perturb_pixels,
+                      project)
+from .base import Defense, DefenseConfig, Run, refuse_unused
 
-log = logging.getLogger(__name__)
 
 OPTIMS = ("adam", "sgd", "adamw", "adadelta")
 
@@ -63,7 +57,8 @@ class IBAUConfig(DefenseConfig):
     wd: float = 0.0
     lr_scheduler: str | None = "none"
     optim: str = "Adam"  # the outer optimizer (BackdoorBench's key); client_optimizer is not used
-    n_rounds: int = 5  # rounds; ``epochs`` is not used
+    n_rounds: int = 5  # rounds
+    epochs: int | None = None  # refused: i-BAU counts n_rounds
     K: int = 5
     pert_norm: float = 10.0
     norm_type: NormType = "L2"
@@ -76,6 +71,7 @@ class IBAUConfig(DefenseConfig):
     def validate(self) -> None:
         super().validate()
         require(self.optim.lower() in OPTIMS, "optim", f"must be one of Adam, SGD, AdamW, Adadelta, got {self.optim!r}")
+        refuse_unused(self, "epochs", "n_rounds", "i-BAU runs n_rounds rounds of unlearning")
         check_range(self, "n_rounds", 0)
         check_range(self, "K", 0)
         check_range(self, "pert_norm", 0, lo_open=True)
@@ -92,6 +88,8 @@ class IBAU(Defense):
     config_class = IBAUConfig
     csv_prefix = "i-bau"
     augment = True
+    epochs_key = "n_rounds"
+    unit = "round"
 
     def universal_perturbation(self, model: torch.nn.Module, data: ImageSet, *, device: torch.device,
                                generator: torch.Generator | None = None, augment=None,
@@ -99,7 +97,7 @@ class IBAU(Defense):
         """The inner maximisation: a 1 x C x H x W perturbation in normalised units with norm <= ``pert_norm``
         that maximises the mean loss of ``model`` over ``data`` (minus ``pert_reg * ||delta||^2``)."""
         cfg = self.config
-        generator = generator if generator is not None else make_seeded_generator(cfg.random_seed)
+        generator = generator if generator is not None else make_generator(cfg.random_seed)
         scale = input_scale(model, cfg.budget_space, device)
         delta = torch.zeros((1, *data.shape), device=device) if init is None else init.detach().float().to(device)
         was_training = model.training
@@ -146,37 +144,24 @@ class IBAU(Defense):
         optimizer.step()
         return float(loss.detach()), logits.detach()
 
-    def purify(self, model: torch.nn.Module, aux: ImageSet, *, device: torch.device,
-               train_augment: TrainAugment | None = None, monitor: Monitor | None = None,
-               progress: bool | None = None) -> PurifyResult:
-        cfg = self.config
-        gen = make_seeded_generator(cfg.random_seed)
-        net = self.copy_model(model, device)
-        optimizer = outer_optimizer(net.parameters(), cfg)
-        scheduler = make_scheduler(optimizer, cfg, cfg.n_rounds)
-        augment = self.augment_fn(train_augment)
-        scale = input_scale(net, cfg.budget_space, device)
-        show = progress_enabled(progress)
-        n_batches = (len(aux) + cfg.batch_size - 1) // cfg.batch_size
-        delta = None
-        history = []
-        for rnd in tqdm(range(cfg.n_rounds), desc=self.name, disable=not show):
-            delta = self.universal_perturbation(net, aux, device=device, generator=gen, augment=augment, init=delta)
-            net.train()
-            total, batches, correct, seen = 0.0, 0, 0, 0
-            it = aux.batches(cfg.batch_size, shuffle=True, generator=gen, augment=augment, device=device)
-            for batch in tqdm(it, total=n_batches, desc=f"{self.name} round {rnd}", leave=False, disable=not show):
-                loss, logits = self.hypergradient_step(net, optimizer, to_device(batch.x, device), batch.y, delta,
-                                                       scale, device)
-                total += loss
-                batches += 1
-                correct += int((logits.argmax(1) == batch.y).sum())
-                seen += len(batch.y)
-            loss_avg, acc = total / max(batches, 1), correct / max(seen, 1)
-            step_scheduler(scheduler, loss_avg)
-            history.append(history_row(rnd, loss_avg, acc, net, monitor))
-            log.info("%s round %d/%d: loss on x+delta %.4f, acc %.4f, ||delta|| %.3f", self.name, rnd + 1,
-                     cfg.n_rounds, loss_avg, acc, float(flat_norm(delta, cfg.norm_type)[0]))
-        net.eval()
-        extras = {"perturbation": None if delta is None else delta.cpu()}
-        return PurifyResult(net, history, extras)
+    def setup(self, run: Run) -> None:
+        run.scale = input_scale(run.net, self.config.budget_space, run.device)
+        run.delta = None
+
+    def build_optimizer(self, run: Run) -> torch.optim.Optimizer:
+        return outer_optimizer(self.parameters(run), self.config)
+
+    def start_epoch(self, run: Run, epoch: int) -> None:
+        """The inner step, warm-started from the previous round's perturbation."""
+        run.delta = self.universal_perturbation(run.net, run.aux, device=run.device, generator=run.generator,
+                                                augment=run.augment, init=run.delta)
+
+    def step(self, run: Run, net: torch.nn.Module, batch: Batch):
+        return self.hypergradient_step(net, run.optimizer, to_device(batch.x, run.device), batch.y, run.delta,
+                                       run.scale, run.device)
+
+    def end_epoch(self, run: Run, epoch: int, stats) -> str:
+        return f"||delta|| {float(flat_norm(run.delta, self.config.norm_type)[0]):.3f} (loss and acc on x + delta)"
+
+    def finish(self, run: Run) -> dict:
+        return {"perturbation": None if run.delta is None else run.delta.cpu()}

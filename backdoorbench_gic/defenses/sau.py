@@ -39,26 +39,20 @@ The PGD arithmetic and all losses run in float32; only the forward passes use au
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..config import check_range, require
-from ..data.imageset import ImageSet
-from ..data.transforms import TrainAugment
+from ..data.imageset import Batch
 from ..registry import DEFENSES
-from ..training import make_scheduler, step_scheduler
-from ..utils.logs import progress_enabled
-from ..utils.runtime import autocast, to_device
-from ._common import (BudgetSpace, NormType, ascent_step, history_row, init_delta, input_scale, keep_valid,
-                      make_seeded_generator, outer_optimizer, perturb_pixels, project)
-from .base import Defense, DefenseConfig, Monitor, PurifyResult
+from ..utils.runtime import autocast, make_generator, to_device
+from ._common import (BudgetSpace, NormType, ascent_step, init_delta, input_scale, keep_valid, outer_optimizer,
+                      perturb_pixels, project)
+from .base import Defense, DefenseConfig, Run, refuse_unused
 
-log = logging.getLogger(__name__)
 
 OPTIMS = ("adam", "sgd", "adamw", "adadelta")
 
@@ -69,7 +63,8 @@ class SAUConfig(DefenseConfig):
     wd: float = 0.0
     lr_scheduler: str | None = "none"  # BackdoorBench's sau keeps Adam's rate constant
     optim: str = "Adam"  # the outer optimizer (BackdoorBench's key); client_optimizer is not used
-    n_rounds: int = 100  # rounds over the auxiliary set; ``epochs`` is not used
+    n_rounds: int = 100  # rounds over the auxiliary set
+    epochs: int | None = None  # refused: SAU counts n_rounds
     outer_steps: int = 1
     lmd_1: float = 1.0
     lmd_2: float = 0.0
@@ -87,6 +82,7 @@ class SAUConfig(DefenseConfig):
     def validate(self) -> None:
         super().validate()
         require(self.optim.lower() in OPTIMS, "optim", f"must be one of Adam, SGD, AdamW, Adadelta, got {self.optim!r}")
+        refuse_unused(self, "epochs", "n_rounds", "SAU runs n_rounds rounds over the auxiliary set")
         check_range(self, "n_rounds", 0)
         check_range(self, "outer_steps", 1)
         for key in ("lmd_1", "lmd_2", "lmd_3", "beta_1", "beta_2"):
@@ -117,6 +113,8 @@ class SAU(Defense):
     config_class = SAUConfig
     csv_prefix = "sau"
     augment = False
+    epochs_key = "n_rounds"
+    unit = "round"
 
     def shared_adversarial_examples(self, model: torch.nn.Module, reference: torch.nn.Module, x: torch.Tensor,
                                     y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -126,7 +124,7 @@ class SAU(Defense):
         normalised units (``budget_space: normalized``: ``|x~ - x| / std``) or in pixels.
         """
         cfg = self.config
-        generator = generator if generator is not None else make_seeded_generator(cfg.random_seed)
+        generator = generator if generator is not None else make_generator(cfg.random_seed)
         x = x.float()
         scale = input_scale(model, cfg.budget_space, x.device)
         was_training = model.training
@@ -151,58 +149,52 @@ class SAU(Defense):
             model.train(was_training)
         return perturb_pixels(x, delta.detach(), scale).detach()
 
-    def purify(self, model: torch.nn.Module, aux: ImageSet, *, device: torch.device,
-               train_augment: TrainAugment | None = None, monitor: Monitor | None = None,
-               progress: bool | None = None) -> PurifyResult:
-        cfg = self.config
-        gen = make_seeded_generator(cfg.random_seed)
-        net = self.copy_model(model, device)
-        reference = self.copy_model(model, device).eval()
-        for p in reference.parameters():
+    def setup(self, run: Run) -> None:
+        run.reference = self.copy_model(run.net, run.device).eval()  # the frozen backdoored model h_bd
+        for p in run.reference.parameters():
             p.requires_grad_(False)
-        optimizer = outer_optimizer(net.parameters(), cfg)
-        scheduler = make_scheduler(optimizer, cfg, cfg.n_rounds)
-        augment = self.augment_fn(train_augment)
-        show = progress_enabled(progress)
-        n_batches = (len(aux) + cfg.batch_size - 1) // cfg.batch_size
-        history, shared_rates = [], []
-        for rnd in tqdm(range(cfg.n_rounds), desc=self.name, disable=not show):
-            total, batches, correct, seen, shared = 0.0, 0, 0, 0, 0
-            it = aux.batches(cfg.batch_size, shuffle=True, generator=gen, augment=augment, device=device)
-            for batch in tqdm(it, total=n_batches, desc=f"{self.name} round {rnd}", leave=False, disable=not show):
-                x, y = to_device(batch.x, device), batch.y
-                net.train(cfg.train_mode)
-                x_adv = self.shared_adversarial_examples(net, reference, x, y, gen)
-                with torch.no_grad(), autocast(device, cfg.amp):
-                    ref_adv = reference(x_adv).float()
-                for step in range(cfg.outer_steps):
-                    with autocast(device, cfg.amp):
-                        logits = net(x) if cfg.lmd_1 or step == 0 else None
-                        logits_adv = net(x_adv) if (cfg.lmd_2 or cfg.lmd_3) else None
-                    loss = torch.zeros((), device=device)
-                    if cfg.lmd_1:
-                        loss = loss + cfg.lmd_1 * F.cross_entropy(logits.float(), y)
-                    if cfg.lmd_2:
-                        loss = loss + cfg.lmd_2 * F.cross_entropy(logits_adv.float(), y)
-                    if cfg.lmd_3:
-                        loss = loss + cfg.lmd_3 * shared_loss(logits_adv, ref_adv, y)
-                    if step == 0:
-                        total += float(loss.detach())
-                        correct += int((logits.detach().argmax(1) == y).sum())
-                        if logits_adv is not None:
-                            pa = logits_adv.detach().argmax(1)
-                            shared += int(((pa == ref_adv.argmax(1)) & (pa != y)).sum())
-                    if loss.requires_grad:
-                        optimizer.zero_grad(set_to_none=True)
-                        loss.backward()
-                        optimizer.step()
-                batches += 1
-                seen += len(y)
-            loss_avg, acc = total / max(batches, 1), correct / max(seen, 1)
-            shared_rates.append(shared / max(seen, 1))
-            step_scheduler(scheduler, loss_avg)
-            history.append(history_row(rnd, loss_avg, acc, net, monitor))
-            log.info("%s round %d/%d: loss %.4f, train acc %.4f, shared adversarial rate %.3f", self.name, rnd + 1,
-                     cfg.n_rounds, loss_avg, acc, shared_rates[-1])
-        net.eval()
-        return PurifyResult(net, history, {"shared_adversarial_rate": shared_rates})
+        run.shared, run.shared_rates = 0, []
+
+    def build_optimizer(self, run: Run) -> torch.optim.Optimizer:
+        return outer_optimizer(self.parameters(run), self.config)
+
+    @property
+    def train_mode(self) -> bool:
+        return self.config.train_mode
+
+    def step(self, run: Run, net: torch.nn.Module, batch: Batch):
+        """Generate shared adversarial examples of the batch, then ``outer_steps`` updates that unlearn them."""
+        cfg, device = self.config, run.device
+        x, y = to_device(batch.x, device), batch.y
+        x_adv = self.shared_adversarial_examples(net, run.reference, x, y, run.generator)
+        with torch.no_grad(), autocast(device, cfg.amp):
+            ref_adv = run.reference(x_adv).float()
+        for step in range(cfg.outer_steps):
+            with autocast(device, cfg.amp):
+                logits = net(x) if cfg.lmd_1 or step == 0 else None
+                logits_adv = net(x_adv) if (cfg.lmd_2 or cfg.lmd_3) else None
+            loss = torch.zeros((), device=device)
+            if cfg.lmd_1:
+                loss = loss + cfg.lmd_1 * F.cross_entropy(logits.float(), y)
+            if cfg.lmd_2:
+                loss = loss + cfg.lmd_2 * F.cross_entropy(logits_adv.float(), y)
+            if cfg.lmd_3:
+                loss = loss + cfg.lmd_3 * shared_loss(logits_adv, ref_adv, y)
+            if step == 0:
+                first = loss.detach(), logits.detach()
+                if logits_adv is not None:
+                    pa = logits_adv.detach().argmax(1)
+                    run.shared += int(((pa == ref_adv.argmax(1)) & (pa != y)).sum())
+            if loss.requires_grad:
+                run.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                run.optimizer.step()
+        return first
+
+    def end_epoch(self, run: Run, epoch: int, stats) -> str:
+        run.shared_rates.append(run.shared / max(stats.n, 1))
+        run.shared = 0
+        return f"shared adversarial rate {run.shared_rates[-1]:.3f}"
+
+    def finish(self, run: Run) -> dict:
+        return {"shared_adversarial_rate": run.shared_rates}
