@@ -23,7 +23,7 @@ def python_quickstart() -> str:
 
 def test_snippet_covers_the_whole_flow():
     code = python_quickstart()
-    for step in ("load_attack_record(", "build_aux_set(", ".calibrate(", ".purify(", "evaluate("):
+    for step in ("load_attack_record(", "build_aux_set(", ".fit(", ".transform(", ".purify(", "evaluate("):
         assert step in code, step
     assert len([line for line in code.splitlines() if line.strip()]) <= 22
 
