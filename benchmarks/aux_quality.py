@@ -1,12 +1,16 @@
-"""Alignment of each auxiliary-data type with a victim's training distribution (the quality half of the
-auxiliary-data benchmark; the purification half, DER per type, is wired by the matrix runner).
+"""The auxiliary-data diagnostic per auxiliary type on one victim (the score half of the auxiliary-data benchmark;
+benchmarks/aux_evidence.py joins it with the efficacy blocks' purification outcomes).
 
 For one attack record, builds every requested auxiliary type with BackdoorBenchER's sampling rule and measures
-it with :mod:`backdoorbench_gic.auxdata.quality` (BN-statistics divergence, prediction entropy, predicted-class
-histogram with the target-class flag, Frechet distance to the reference set, alignment score). Writes
-``benchmarks/results/aux_quality_<record>.csv``, ``.md`` (with the machine and wall time) and ``.png``.
+it with :mod:`backdoorbench_gic.auxdata.quality` (the headline purification risk and its verdict, BN-statistics
+divergence, entropy before and after BN adapts, predicted-class histogram with the target-class flag, Frechet
+distance to the reference set). Writes ``benchmarks/results/aux_quality_<record>.csv``, ``.md`` (with the machine
+and wall time) and ``.png``; ``--append`` measures only the given types and merges them into an existing CSV (a new
+shift for aux_evidence.py).
 
-    python benchmarks/aux_quality.py --result_file badnet_demo --bb_root /path/to/BackdoorBench
+    python benchmarks/aux_quality.py --result_file badnet_fm_cnn16 --bb_root bbgic_bench --n_per_class 20 --seed 0
+    python benchmarks/aux_quality.py --result_file badnet_fm_cnn16 --bb_root bbgic_bench --n_per_class 20 --seed 0 \
+        --append --types reserved_jpeg
     python benchmarks/aux_quality.py --demo          # a small generated split + victim (fixture numbers only)
 """
 from __future__ import annotations
@@ -19,6 +23,7 @@ from pathlib import Path
 
 from backdoorbench_gic.analysis import describe_machine
 from backdoorbench_gic.auxdata.quality import plot_quality, quality_table
+from backdoorbench_gic.config import parse_key_values
 from backdoorbench_gic.records import load_attack_record
 from backdoorbench_gic.utils.io import atomic_write_text, atomic_write_with
 from backdoorbench_gic.utils.logs import console_logging
@@ -26,7 +31,7 @@ from backdoorbench_gic.utils.logs import console_logging
 RESULTS = Path(__file__).resolve().parent / "results"
 SPLIT_TYPES = ["train", "reserved", "reserved_brightness", "reserved_contrast", "reserved_color_jitter",
                "reserved_gaussian_blur", "reserved_rotation", "reserved_noise", "reserved_jpeg", "synthetic:inversion",
-               "mix:reserved+reserved_noise"]
+               "mix:reserved+reserved_noise+reserved_rotation"]
 PLAIN_TYPES = ["train", "reserved_gaussian_blur", "reserved_rotation", "reserved_noise", "synthetic:inversion"]
 
 
@@ -43,13 +48,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--option", action="append", default=[], help="source option key=value (YAML value)")
     p.add_argument("--demo", action="store_true", help="make a small generated split record and measure it")
     p.add_argument("--out_dir", default=str(RESULTS))
+    p.add_argument("--append", action="store_true",
+                   help="merge the measured types into the existing aux_quality_<record>.csv (same types replaced)")
     args = p.parse_args(argv)
+    if args.append and not args.types:
+        p.error("--append needs --types (the types to add)")
     console_logging()
-    import yaml
-
-    options = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.option)}
+    options = parse_key_values(args.option, "--option")
     if args.demo:
-        from backdoorbench_gic.auxdata.fixtures import make_split_record
+        from backdoorbench_gic.testing import make_split_record
 
         root = Path(tempfile.mkdtemp(prefix="bbgic_auxq_"))
         record_dir = make_split_record(root, "badnet_demo", "cifar10", n_train=600, n_test=100, split_ratio=0.2,
@@ -75,13 +82,20 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - t0
     out = Path(args.out_dir)
     stem = f"aux_quality_{record.name}"
+    if args.append and (out / f"{stem}.csv").is_file():
+        import pandas as pd
+
+        old = pd.read_csv(out / f"{stem}.csv")
+        df = pd.concat([old[~old["reserved_type"].isin(types)], df], ignore_index=True)
     atomic_write_with(out / f"{stem}.csv", lambda path: df.to_csv(path, index=False))
-    plot_quality(df, out / f"{stem}.png", title=f"{record.name}: auxiliary-data alignment")
-    md = [f"# Auxiliary-data alignment: {record.name}", "",
+    plot_quality(df, out / f"{stem}.png", title=f"{record.name}: purification risk per auxiliary set")
+    md = [f"# Auxiliary-data diagnostic: {record.name}", "",
           f"record `{record.name}` ({record.model_name}, {record.clean_data}, target {record.target}); "
           f"sampling {'n_per_class ' + str(n_per_class) if n_per_class else 'ratio ' + str(ratio)}, seed {args.seed}; "
           f"reference {reference}; options {options or '-'}; {describe_machine(torch_threads=True)}; {wall:.1f} s"
-          + ("; demo fixture: numbers describe generated data, not a real dataset" if args.demo else ""), "",
+          + ("; demo fixture: numbers describe generated data, not a real dataset" if args.demo else "")
+          + (f"; this run measured {', '.join(types)} and merged them into the earlier table" if args.append else ""),
+          "",
           df.to_markdown(index=False, floatfmt=".4f") if _has_tabulate()
           else "```\n" + df.to_string(index=False) + "\n```"]
     atomic_write_text(out / f"{stem}.md", "\n".join(md) + "\n")

@@ -8,8 +8,9 @@ import pandas as pd
 import pytest
 import torch
 
-from backdoorbench_gic.auxdata.quality import (BNMoments, frechet_distance, measure_quality, quality_table,
-                                           recalibrate_bn, symmetric_gaussian_kl)
+from backdoorbench_gic.auxdata.quality import (VERDICTS, BNMoments, frechet_distance, measure_quality,
+                                               purification_risk, quality_table, recalibrate_bn, risk_verdict,
+                                               symmetric_gaussian_kl)
 from backdoorbench_gic.data.imageset import ImageSet
 
 
@@ -137,3 +138,116 @@ def test_cli_writes_table_and_plot(record, tmp_path, capsys):
                  "--n_per_class", "2"]) == 0
     folder = record.dataset_dir() / "external_digits"
     assert len(list(folder.rglob("*.png"))) == 20 and (folder / "meta.txt").is_file()
+
+
+def test_risk_and_verdict_by_hand():
+    assert purification_risk(0.01, 0.25) == pytest.approx(0.01)  # entropy factor 1 at H_a = 1/4
+    assert purification_risk(0.01, 0.5) == pytest.approx(0.16)  # (0.5 / 0.25)^4 = 16
+    assert purification_risk(0.003, 0.2) == pytest.approx(0.003 * 0.8 ** 4)
+    assert math.isnan(purification_risk(float("nan"), 0.3))
+    assert risk_verdict(0.0015, 0.24, 0.24) == "close"
+    assert risk_verdict(0.002, 0.24, 0.24) == "shifted"  # the threshold belongs to shifted
+    assert risk_verdict(0.07, 0.015, 0.26) == "fitted"  # confident only with the victim's own statistics
+    assert risk_verdict(0.07, 0.43, 0.30) == "shifted"
+    assert risk_verdict(float("nan"), 0.2, float("nan")) == "unknown"
+    assert set(VERDICTS) == {"close", "shifted", "fitted", "unknown"}
+
+
+class _ScaleNet(torch.nn.Module):
+    """1x1 convolution without bias -> BN -> mean pool -> linear: BN in training statistics absorbs a global scale."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.conv = torch.nn.Conv2d(1, 3, 1, bias=False)
+        self.bn = torch.nn.BatchNorm2d(3, eps=1e-10)  # eps would break the exact scale invariance
+        self.fc = torch.nn.Linear(3, 4)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.randn(3, 1, 1, 1, generator=g))
+            self.fc.weight.copy_(torch.randn(4, 3, generator=g) * 3)
+            self.bn.running_mean.copy_(torch.tensor([0.2, -0.1, 0.3]))
+            self.bn.running_var.copy_(torch.tensor([0.05, 0.02, 0.08]))
+        self.eval()
+
+    def forward(self, x):
+        return self.fc(self.bn(self.conv(x)).mean((2, 3)))
+
+
+def test_adapted_entropy_sees_through_a_global_scale_and_risk_ranks_it():
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(64, 1, 4, 4, generator=g) * 0.5
+    labels = torch.arange(64) % 4
+    base = ImageSet(x, labels, name="base")
+    scaled = ImageSet(x * 2.0, labels, name="scaled")  # a contrast-like shift
+    model = _ScaleNet()
+    a = measure_quality(model, base, 4, batch_size=64)
+    b = measure_quality(model, scaled, 4, batch_size=64)
+    # eval mode: the doubled inputs change the BN statistics and the predictions ...
+    assert b.bn_div > a.bn_div and b.entropy != pytest.approx(a.entropy, abs=1e-3)
+    # ... while with statistics re-estimated on each set (one batch: exact) they normalise to the same features
+    assert b.entropy_adapted == pytest.approx(a.entropy_adapted, abs=1e-6)
+    # the headline is the formula of its two inputs, the verdict follows the thresholds
+    for r in (a, b):
+        assert r.risk == pytest.approx(r.bn_div * (r.entropy_adapted / 0.25) ** 4)
+        assert r.verdict == risk_verdict(r.risk, r.entropy, r.entropy_adapted)
+    assert b.risk > a.risk
+    # adapted entropy on the very statistics the victim holds equals the eval-mode entropy
+    own = recalibrate_bn(_ScaleNet(), base)
+    same = measure_quality(own, base, 4, batch_size=64)
+    assert same.bn_div < 1e-9 and same.entropy_adapted == pytest.approx(same.entropy, abs=1e-9)
+    # no BatchNorm: no risk, verdict unknown
+    rep = measure_quality(_AlwaysThree(), ImageSet(torch.zeros(10, 1, 4, 4), torch.arange(10)), 10)
+    assert math.isnan(rep.risk) and rep.verdict == "unknown" and math.isnan(rep.entropy_adapted)
+
+
+def test_report_text_ranks_says_directions_verdicts_and_warns_of_the_target():
+    from backdoorbench_gic.commands.aux_quality import report_text
+
+    df = pd.DataFrame({"reserved_type": ["reserved_noise", "reserved", "synthetic:inversion"], "n": [200] * 3,
+                       "risk": [0.07, 0.0016, 0.072], "verdict": ["shifted", "close", "fitted"],
+                       "bn_div": [0.035, 0.002, 0.06], "entropy": [0.43, 0.24, 0.015], "hist_tvd": [0.45, 0.05, 0.0],
+                       "top_class": [0, 3, 0], "top_share": [0.545, 0.115, 0.1], "flagged": ["0", "", ""]})
+    text = report_text(df)
+    lines = text.splitlines()
+    assert [ln.split()[0] for ln in lines[1:4]] == ["reserved", "reserved_noise", "synthetic:inversion"]  # by risk
+    assert "risk: lower is better" in text and "hist_tvd: lower is better" in text
+    assert "bn_div: lower is better" in text and "entropy: closer to the reserved/train row" in text
+    assert f"reserved: close - {VERDICTS['close']}" in text
+    assert f"synthetic:inversion: fitted - {VERDICTS['fitted']}" in text
+    assert "warning: reserved_noise: class(es) 0" in text and "target class" in text
+    assert "warning: reserved:" not in text
+
+
+def test_aux_evidence_joins_any_efficacy_csv(tmp_path):
+    """benchmarks/aux_evidence.py on hand-made CSVs: rho by hand, a repeated block counted once, a missing type named."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "aux_evidence.py"
+    types = ["reserved", "a", "b", "c"]
+    pd.DataFrame({"reserved_type": types, "risk": [0.001, 0.01, 0.02, 0.03], "verdict": ["close"] + ["shifted"] * 3,
+                  "bn_div": [0.04, 0.03, 0.02, 0.01], "entropy": [0.2] * 4, "hist_tvd": [0.0] * 4}
+                 ).to_csv(tmp_path / "aux_quality_v.csv", index=False)
+
+    def block(name, acc, extra=()):
+        rows = [{"attack": "v", "base_defense": "ft", "aux_type": t, "aux_size_label": "n20", "acc_after_nogic": a,
+                 "asr_after_nogic": 0.1, "der_nogic": 0.8, "acc_loss": acc[0] - a} for t, a in zip(types, acc)]
+        rows += [{"attack": "v", "base_defense": "ft", "aux_type": t, "aux_size_label": "n20", "acc_after_nogic": 0.5,
+                  "asr_after_nogic": 0.1, "der_nogic": 0.8, "acc_loss": acc[0] - 0.5} for t in extra]
+        path = tmp_path / f"efficacy_{name}.csv"
+        pd.DataFrame(rows).to_csv(path, index=False)
+        return str(path)
+
+    d = block("design", [0.80, 0.79, 0.75, 0.70])  # loss 0, 1, 5, 10 points: risk ranks it exactly
+    v = block("new", [0.80, 0.81, 0.82, 0.83], extra=["reserved_tv:X"])  # reversed; one type not measured yet
+    dup = block("design-budget", [0.80, 0.79, 0.75, 0.70])
+    out = tmp_path / "ev.md"
+    r = subprocess.run([sys.executable, str(script), "--efficacy", d, v, dup, "--quality_dir", str(tmp_path),
+                        "--design", "design", "--out", str(out)], capture_output=True, text=True, check=True)
+    text = out.read_text()
+    assert "| design | v | ft | n20 | 4 | design | +1.00 | -1.00 |" in text  # risk +1, bn_div the other way
+    assert "| new | v | ft | n20 | 4 | validation | -1.00 | +1.00 |" in text
+    assert "in 1 of 2 groups (validation: 0 of 1)" in text and "held-out types (in no design group): none" in text
+    assert "`design-budget` v ft n20: the same uncalibrated cells as `design`, counted once" in text
+    assert "lacks reserved_tv:X" in r.stderr and "--append --types 'reserved_tv:X'" in r.stderr

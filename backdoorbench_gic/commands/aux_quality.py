@@ -1,6 +1,8 @@
-"""``bbgic aux-quality``: how far auxiliary sets are from a victim's training distribution (BN-statistics
-divergence, prediction entropy, predicted-class histogram, Frechet distance to a reference, alignment score;
-see :mod:`backdoorbench_gic.auxdata.quality`), as a table, a CSV and a bar plot.
+"""``bbgic aux-quality``: which auxiliary set to purify with. Headline: the purification risk, a rank score of the
+clean accuracy purification loses with each set (lower is better), with a verdict and what to do about it; beside it
+the signals it is built from and the target-class warning (BN-statistics divergence, entropy before and after BN
+adapts, predicted-class histogram, Frechet distance to a reference; see :mod:`backdoorbench_gic.auxdata.quality`),
+as a table, a CSV and a bar plot.
 
 ``bbgic aux-export`` (registered here too, since it shares the set-building arguments): write an auxiliary set
 in BackdoorBenchER's ImageFolder layout, ``data/<ds>/<type>/<label:05d>/<i:05d>.png``, so their defenses read it.
@@ -14,12 +16,12 @@ from .common import add_debug_arg, add_device_arg, add_record_args
 
 
 def _parse_option(text: str) -> tuple[str, Any]:
-    import yaml
+    from ..config import ConfigError, parse_key_value
 
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"--option needs key=value, got {text!r}")
-    k, v = text.split("=", 1)
-    return k.strip(), yaml.safe_load(v)
+    try:
+        return parse_key_value(text, "--option")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _add_set_args(p: argparse.ArgumentParser) -> None:
@@ -32,7 +34,7 @@ def _add_set_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("aux-quality", help="measure how well auxiliary sets match a victim's training distribution")
+    p = sub.add_parser("aux-quality", help="rank auxiliary sets by the clean accuracy purification would lose with them")
     add_record_args(p)
     p.add_argument("--reserved_type", nargs="+", required=True, metavar="T",
                    help="auxiliary types to measure (train reserved reserved_noise external:digits ...)")
@@ -80,13 +82,7 @@ def run(args: argparse.Namespace) -> int:
                           ratio=None if args.n_per_class else args.ratio, n_per_class=args.n_per_class,
                           seed=args.random_seed, options=dict(args.option), device=resolve_device(args.device),
                           batch_size=args.batch_size, flag_margin=args.flag_margin, flag_ratio=args.flag_ratio)
-    with pd.option_context("display.width", 200, "display.max_columns", 40, "display.float_format", "{:.4f}".format):
-        print(df.to_string(index=False))
-    flagged = df[df["flagged"].astype(str).str.strip() != ""]
-    for _, row in flagged.iterrows():
-        print(f"note: {row['reserved_type']}: class(es) {row['flagged']} attract far more predictions than their "
-              f"label share (top class {row['top_class']}: {row['top_share']:.1%}); on a backdoored victim this "
-              "can point at the target class")
+    print(report_text(df))
     if args.csv:
         atomic_write_with(args.csv, lambda p: df.to_csv(p, index=False))
         print(f"csv: {args.csv}")
@@ -94,6 +90,31 @@ def run(args: argparse.Namespace) -> int:
         plot_quality(df, args.plot, title=f"{record.name}: auxiliary-data alignment")
         print(f"plot: {args.plot}")
     return 0
+
+
+def report_text(df) -> str:
+    """The table (best risk first), which direction is better per column, each set's verdict with what to do,
+    and the target-class warnings."""
+    import pandas as pd
+
+    from ..auxdata.quality import SIGNAL_DIRECTIONS, VERDICTS
+
+    table = df.sort_values("risk", na_position="last", kind="stable")
+    with pd.option_context("display.width", 200, "display.max_columns", 40, "display.float_format", "{:.4g}".format):
+        lines = [table.to_string(index=False), "",
+                 "risk ranks the sets by the clean accuracy (C-Acc) purification loses with them: purify with the "
+                 "lowest. It is a rank score measured on this victim, not a forecast in points."]
+    lines += ["", "columns:"] + [f"  {c}: {d}" for c, d in SIGNAL_DIRECTIONS.items() if c in df.columns]
+    lines += ["", "verdicts:"]
+    for _, row in table.iterrows():
+        lines.append(f"  {row['reserved_type']}: {row['verdict']} - {VERDICTS[row['verdict']]}")
+    flagged = table[table["flagged"].astype(str).str.strip().replace("nan", "") != ""]
+    for _, row in flagged.iterrows():
+        lines.append(f"warning: {row['reserved_type']}: class(es) {row['flagged']} attract far more predictions than "
+                     f"their label share (top class {row['top_class']}: {row['top_share']:.1%}); on a backdoored victim "
+                     "this can point at the target class: a set that pulls predictions there looks trigger-like to the "
+                     "victim; check whether the same class is flagged across unrelated sets")
+    return "\n".join(lines)
 
 
 def run_export(args: argparse.Namespace) -> int:
