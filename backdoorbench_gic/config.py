@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import re
 import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import Any, Iterable, Mapping, TypeVar
 
 import yaml
 
@@ -203,6 +204,28 @@ def _with_origin(message: str, origin: Mapping[str, str]) -> str:
     if m and m.group(1) in origin and " (from " not in message:
         return f"{message} (from {origin[m.group(1)]})"
     return message
+
+
+def parse_key_value(text: str, flag: str = "--option") -> tuple[str, Any]:
+    """One ``KEY=VALUE`` command-line item -> ``(key, value)``, the value typed as JSON where it parses as JSON
+    (``1e-3`` is a number, ``true`` a bool, ``[1, 2]`` a list), else as YAML (``yes``, ``{a: 1}``, plain strings).
+    ``flag`` names the option in the error."""
+    if not isinstance(text, str) or "=" not in text or not text.split("=", 1)[0].strip():
+        raise ConfigError(f"{flag} needs KEY=VALUE, got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        return key.strip(), json.loads(raw)
+    except ValueError:
+        pass
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{flag} {text!r}: the value is neither JSON nor YAML ({exc})") from None
+
+
+def parse_key_values(items: Iterable[str], flag: str = "--option") -> dict[str, Any]:
+    """Repeated ``KEY=VALUE`` items (:func:`parse_key_value`) -> a dict; a later item overrides an earlier one."""
+    return dict(parse_key_value(item, flag) for item in items)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from .evaluation import Metrics, compare, evaluate
 from .records import AttackRecord, load_attack_record
 from .registry import DEFENSES
 from .results import MetricLog, defense_output_dir, write_defense_result, write_tidy_row
-from .utils.cache import hash_weights
+from .utils.cache import cache_dir, hash_images, hash_weights
 from .utils import purify_cache
 from .utils.io import atomic_write_json
 from .utils.logs import run_log, timestamp
@@ -61,12 +61,6 @@ class DefenseRequest:
     extra_row: dict[str, Any] = field(default_factory=dict)  # copied into the tidy row (matrix cell keys)
 
 
-def _state_fingerprint(state: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha1()
-    hash_weights(h, state)
-    return h.hexdigest()[:16]
-
-
 def eval_sets(record: AttackRecord, limit: int | None) -> tuple[ImageSet, ImageSet | None]:
     """(clean test, poisoned test), or fixed subsets of at most ``limit`` images each: positions drawn once with
     seed 0, so every cell of a matrix (and the victim) is measured on the same images."""
@@ -85,23 +79,25 @@ def eval_sets(record: AttackRecord, limit: int | None) -> tuple[ImageSet, ImageS
 
 def victim_metrics(record: AttackRecord, model: torch.nn.Module, device: torch.device, batch_size: int = 512,
                    eval_limit: int | None = None) -> Metrics:
-    """The victim's own C-Acc/ASR/RA, cached next to the record (keyed by a hash of its weights and the test
-    subset), so that the cells of a matrix do not re-evaluate the same victim."""
-    suffix = f"_eval{eval_limit}" if eval_limit else ""
-    cache = record.record_dir / f"bbgic_victim_metrics{suffix}.json"
-    key = _state_fingerprint(record.state_dict)
+    """The victim's own C-Acc/ASR/RA, cached in the cache directory (``$BBGIC_CACHE_DIR/victim_metrics``, keyed by
+    a hash of its weights and of the test images it is measured on), so that the cells of a matrix do not
+    re-evaluate the same victim. Nothing is written next to the record: inputs stay read-only."""
+    clean_test, bd_test = eval_sets(record, eval_limit)
+    h = hashlib.sha1()
+    hash_weights(h, record.state_dict)
+    for data in (clean_test, bd_test):
+        if data is not None:
+            hash_images(h, data)
+    cache = cache_dir() / "victim_metrics" / f"{h.hexdigest()[:24]}.json"
     if cache.is_file():
         try:
-            data = json.loads(cache.read_text())
-            if data.get("fingerprint") == key:
-                return Metrics(**data["metrics"])
+            return Metrics(**json.loads(cache.read_text())["metrics"])
         except (ValueError, TypeError, KeyError):
             pass
-    clean_test, bd_test = eval_sets(record, eval_limit)
     m = evaluate(model, clean_test, bd_test, device=device, batch_size=batch_size)
     try:
-        atomic_write_json(cache, {"fingerprint": key, "metrics": m.as_dict()})
-    except OSError as exc:  # a read-only record folder is fine
+        atomic_write_json(cache, {"record": record.name, "eval_limit": eval_limit, "metrics": m.as_dict()})
+    except OSError as exc:  # an unwritable cache only costs the next run an evaluation
         log.debug("could not cache victim metrics: %s", exc)
     return m
 
@@ -135,7 +131,7 @@ def default_variant(dataset: str, reserved_type: str, yaml_path: str | None) -> 
 
 def run_defense(req: DefenseRequest, record: AttackRecord | None = None) -> dict[str, Any]:
     """Run one defense on one record; returns the tidy result row (also written as result.json)."""
-    from .auxdata import build_aux_set
+    from .auxdata import build_aux_set, check_aux_request
     from .data.transforms import TrainAugment
 
     t0 = time.perf_counter()
@@ -149,6 +145,13 @@ def run_defense(req: DefenseRequest, record: AttackRecord | None = None) -> dict
     defense = defense_cls.from_sources(dataset, req.yaml_path, overrides, name=DEFENSES.resolve(req.defense))
     cfg = defense.config
     device = resolve_device(cfg.device)
+    # everything checkable without the model, before it is built or evaluated
+    check_aux_request(record, cfg.reserved_type, options=req.aux_options, n_per_class=req.n_per_class,
+                      index_file=cfg.index)
+    if req.eval_limit is not None and req.eval_limit < 1:
+        raise ValueError(f"eval_limit must be a positive number of test images, got {req.eval_limit}")
+    if req.monitor_every < 0:
+        raise ValueError(f"monitor_every must be >= 0 (0: evaluate only at the end), got {req.monitor_every}")
     variant = req.variant or default_variant(dataset, cfg.reserved_type, req.yaml_path)
     out_dir = Path(req.output_dir) if req.output_dir else defense_output_dir(record.record_dir, defense.name, variant)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -255,6 +255,45 @@ def make_bb_record(bb_root: str | Path, name: str = "badnet_fixture", dataset: s
     return record_dir
 
 
+def make_split_record(bb_root: str | Path, name: str = "badnet_split", dataset: str = "cifar10", *,
+                      split_ratio: float = 0.2, split_seed: int = 0, model_name: str = "smallcnn",
+                      width: int | None = 16,
+                      train_steps: int = 80, n_train: int = 200, n_test: int = 60, target: int = 0, ratio: float = 0.1,
+                      trigger_size: int = 8, seed: int = 0, make_data: bool = True) -> Path:
+    """A BackdoorBenchER-style record: the ``reserved`` family of auxiliary types needs a victim whose
+    ``clean_data`` is ``<ds>_split_<pct>_seed_<s>``, which is what BackdoorBenchER's README flow gives (split, then
+    attack on the split); :func:`make_bb_record` makes records on plain datasets.
+
+    A BackdoorBench root with ``data/<dataset>`` (a generated fixture unless ``make_data`` is False, e.g. for the
+    system's Fashion-MNIST), ``data/<dataset>_split_<pct>_seed_<s>/`` and ``record/<name>/`` whose victim was
+    trained (Adam, batch 64, ``train_steps`` steps) on the split's train part with a BadNets patch."""
+    from .auxdata.split import make_split
+    from .data.datasets import open_dataset
+    from .models import build_model
+
+    bb_root = Path(bb_root)
+    if make_data:
+        if dataset == "cifar10":
+            make_cifar10(bb_root / "data" / dataset, n_train, n_test, seed)
+        elif dataset in ("mnist", "fashion-mnist"):
+            make_mnist_like(bb_root / "data" / dataset, "MNIST" if dataset == "mnist" else "FashionMNIST", n_train,
+                            n_test, seed)
+        else:
+            raise ValueError(f"no generated fixture for {dataset!r}; pass make_data=False for data already on disk")
+    split_dir = make_split(dataset, split_ratio, split_seed, bb_root=bb_root)
+    ds = open_dataset(split_dir.name, directory=split_dir)
+    train, test = ds.train, ds.test
+    bd_train, bd_test = poison_splits(train, test, target=target, ratio=ratio, seed=seed,
+                                      trigger=lambda imgs: badnet_patch(imgs, trigger_size))
+    torch.manual_seed(seed)
+    model = build_model(model_name, ds.spec.num_classes, split_dir.name, width=width)
+    if train_steps:
+        _quick_train(model, train, bd_train, train_steps, seed)
+    return write_attack_record(bb_root, name, model_name=model_name, num_classes=ds.spec.num_classes,
+                               state_dict=model.net.state_dict(), clean_data=split_dir.name,
+                               img_size=ds.spec.input_shape, bd_train=bd_train, bd_test=bd_test)
+
+
 def _bd_view(base: ImageSet, split: PoisonedSplit) -> ImageSet:
     """Only the poisoned samples of ``split``, as an ImageSet."""
     idx = np.array(sorted(split.images), dtype=np.int64)

@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from backdoorbench_gic.analysis import IN_DISTRIBUTION, md_table
+from backdoorbench_gic.analysis import IN_DISTRIBUTION, Victims, finished_cells, md_table
 
 HERE = Path(__file__).resolve().parent
 
@@ -46,10 +45,9 @@ def collect(output_root: Path, bb_root: Path, defenses: list[str], eval_limit: i
     from backdoorbench_gic.bnstats import recalibrate_bn
     from backdoorbench_gic.evaluation import evaluate
     from backdoorbench_gic.pipeline import eval_sets
-    from backdoorbench_gic.records import load_attack_record
-    from backdoorbench_gic.results import load_defense_result
+    from backdoorbench_gic.results import TIDY_ROW_FILE
 
-    records: dict[str, tuple] = {}
+    victims = Victims(bb_root)
     aux_cache: dict[tuple, object] = {}
 
     def aux_set(record, aux_type: str, ratio: float, seed: int):
@@ -59,18 +57,17 @@ def collect(output_root: Path, bb_root: Path, defenses: list[str], eval_limit: i
         return aux_cache[key]
 
     rows = []
-    for result in sorted((output_root / "cells").rglob("result.json")):
-        row = json.loads(result.read_text())
-        defense = row.get("base_defense", row["defense"])
+    for cell in finished_cells(output_root):
+        row, result = cell.row, cell.cell_dir / TIDY_ROW_FILE
+        defense = cell.base_defense
         if defense not in defenses or not covered(row["aux_type"]):
             continue
         label = str(row["aux_size_label"])
         if not label.startswith("r"):
             raise SystemExit(f"{result}: this test re-draws ratio-sized auxiliary sets; the cell's size is {label!r}")
-        if row["attack"] not in records:
-            record = load_attack_record(row["attack"], bb_root)
-            records[row["attack"]] = (record, record.build_model(), *eval_sets(record, eval_limit))
-        record, model, clean, bd = records[row["attack"]]
+        record = victims.record(cell.attack)
+        model, clean, bd = victims.derived(cell.attack, "model and test sets",
+                                           lambda r: (r.build_model(), *eval_sets(r, eval_limit)))
         seed, ratio = int(row["seed"]), float(label[1:])
         out = {k: row[k] for k in ("attack", "aux_type", "seed", "gic", "acc_before", "asr_before", "acc_after",
                                    "asr_after")}
@@ -85,12 +82,12 @@ def collect(output_root: Path, bb_root: Path, defenses: list[str], eval_limit: i
             m = evaluate(model.eval(), clean, bd)
             return m.acc, m.asr
 
-        purified = load_defense_result(result.parent / "defense_result.pt")["model"]
+        purified = cell.purified_state()
         out["acc_purified"], out["asr_purified"] = measure(purified)
         out["acc_restat_reserved"], out["asr_restat_reserved"] = measure(purified, aux_set(record, "reserved", ratio, seed))
         if not row["gic"]:
             own = aux_set(record, row["aux_type"], ratio, seed)
-            drawn = result.parent / "log" / "index.txt"
+            drawn = cell.cell_dir / "log" / "index.txt"
             if drawn.is_file() and not np.array_equal(np.sort(np.loadtxt(drawn, dtype=np.int64, ndmin=1)),
                                                       np.sort(own.indices.numpy())):
                 raise SystemExit(f"{result}: the re-drawn {row['aux_type']} set differs from the cell's log/index.txt")
@@ -156,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--spec", default=str(HERE / "efficacy_5pct.yaml"))
     p.add_argument("--defenses", nargs="+", default=["ft", "fst"], help="base defenses that fine-tune in train mode")
     p.add_argument("--out", default=None, help="default: benchmarks/results/bn_restat_<spec name>.md")
+    p.add_argument("--report_only", action="store_true", help="re-render the report from the saved CSV beside --out")
     args = p.parse_args(argv)
 
     from backdoorbench_gic.matrix import load_spec
@@ -163,11 +161,14 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     spec = load_spec(args.spec)
-    df = collect(Path(spec.output_root), Path(spec.bb_root), args.defenses, spec.eval_limit)
-    text = report(df, Path(args.spec).name)
     out = Path(args.out) if args.out else HERE / "results" / f"bn_restat_{spec.name}.md"
+    if args.report_only:
+        df = pd.read_csv(out.with_suffix(".csv"))
+    else:
+        df = collect(Path(spec.output_root), Path(spec.bb_root), args.defenses, spec.eval_limit)
+        atomic_write_text(out.with_suffix(".csv"), df.to_csv(index=False))
+    text = report(df, Path(args.spec).name)
     atomic_write_text(out, text + "\n")
-    df.to_csv(out.with_suffix(".csv"), index=False)
     print(text)
     return 0
 

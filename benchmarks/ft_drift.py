@@ -30,13 +30,12 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-from backdoorbench_gic.analysis import IN_DISTRIBUTION, frame_table
+from backdoorbench_gic.analysis import IN_DISTRIBUTION, Victims, finished_cells, frame_table
 
 HERE = Path(__file__).resolve().parent
 
@@ -82,25 +81,17 @@ def spearman(a: pd.Series, b: pd.Series) -> float:
 
 
 def collect(output_root: Path, bb_root: Path) -> pd.DataFrame:
-    from backdoorbench_gic.records import load_attack_record
-    from backdoorbench_gic.results import load_defense_result
-
-    victims: dict[str, dict] = {}
-    norms: dict[str, float] = {}
+    victims = Victims(bb_root)
     rows, updates = [], {}
-    for result in sorted((output_root / "cells").rglob("result.json")):
-        row = json.loads(result.read_text())
-        cell_dir = result.parent
-        if row["attack"] not in victims:
-            victims[row["attack"]] = load_attack_record(row["attack"], bb_root).state_dict
-            norms[row["attack"]] = weight_norm(victims[row["attack"]])
-        victim = victims[row["attack"]]
-        purified = load_defense_result(cell_dir / "defense_result.pt")["model"]
+    for cell in finished_cells(output_root):
+        row = {k: v for k, v in cell.row.items() if k != "cell_dir"}
+        victim = victims.record(cell.attack).state_dict
+        norm = victims.derived(cell.attack, "weight norm", lambda r: weight_norm(r.state_dict))
+        purified = cell.purified_state()
         update = update_vector(purified, victim)
-        rows.append({**row, "drift": float(update.double().norm()) / norms[row["attack"]],
-                     "bn_shift": bn_shift(purified, victim), "loss0": first_epoch_loss(cell_dir)})
-        pair = (row["attack"], row.get("base_defense", row["defense"]), row["aux_type"], row["seed"])
-        updates[pair, bool(row.get("gic", False))] = update
+        rows.append({**row, "drift": float(update.double().norm()) / norm,
+                     "bn_shift": bn_shift(purified, victim), "loss0": first_epoch_loss(cell.cell_dir)})
+        updates[cell.pair_key, cell.gic] = update
     if not rows:
         raise SystemExit(f"no finished cells under {output_root}/cells: run the efficacy spec first")
     df = pd.DataFrame(rows)

@@ -124,7 +124,7 @@ def test_cli_split_with_shifted_sets(root, capsys):
 
 @pytest.fixture(scope="module")
 def split_record(root):
-    from backdoorbench_gic.auxdata.fixtures import make_split_record
+    from backdoorbench_gic.testing import make_split_record
     from backdoorbench_gic.records import load_attack_record
 
     rd = make_split_record(root, "badnet_split", "cifar10", split_ratio=0.2, train_steps=0, make_data=False,

@@ -336,7 +336,7 @@ def test_a_malicious_record_is_refused_and_its_payload_never_runs(tmp_path, caps
 
 
 def test_backdoorbench_er_reserved_type_calibrates_what_get_reserved_data_returns(tmp_path, capsys):
-    from backdoorbench_gic.auxdata.fixtures import make_split_record
+    from backdoorbench_gic.testing import make_split_record
 
     root = make_checkout(tmp_path / "BackdoorBenchER", er=True)
     make_split_record(root, RECORD, n_train=100, n_test=30, train_steps=10, width=8, split_ratio=0.4)

@@ -37,7 +37,7 @@ def one_thread():
 
 
 def test_readme_python_quickstart_runs(tmp_path, monkeypatch, capsys, one_thread):
-    from backdoorbench_gic.auxdata.fixtures import make_split_record
+    from backdoorbench_gic.testing import make_split_record
 
     monkeypatch.setenv("BBGIC_CACHE_DIR", str(tmp_path / "cache"))
     # 300 train / 100 reserved images: 5 % of |train| is 15, one reserved image per class (BackdoorBenchER's rule)

@@ -80,6 +80,8 @@ class AuxContext:
     n_per_class: int | None = None
     victim_model: torch.nn.Module | None = None
     reserved_type: str = ""
+    index_file: Any = None  # positions to take instead of sampling (BackdoorBenchER's log/index.txt)
+    replacement: bool = False  # repeat images of classes that have too few
     _train_size: int | None = None
 
     def opt(self, key: str, default: Any = None) -> Any:
@@ -138,9 +140,18 @@ def victim_train_size(record) -> int:
 
 
 def aux_source(name: str, *, options: dict[str, tuple[Any, str]] | None = None, arg: str = "none",
-               arg_help: str = "", aliases: tuple[str, ...] = ()):
+               arg_help: str = "", aliases: tuple[str, ...] = (), usage: str | None = None,
+               suffix: str | None = None, check: Callable[[AuxContext, str | None], None] | None = None,
+               whole_set: bool = False, accepted: Callable[[str | None], dict[str, tuple[Any, str]]] | None = None):
     """Register ``fn(ctx, arg) -> Pool`` under ``name``; ``arg`` is "none", "optional" or "required" (the part
-    after ``name:``); ``options`` maps each accepted option to (default, help)."""
+    after ``name:``); ``options`` maps each accepted option to (default, help).
+
+    How a source is written and checked, declared here rather than special-cased by name:
+    ``usage`` is how listings show it (default ``name``, ``name:<arg>``, ...); ``suffix`` lets ``<arg><suffix>``
+    name it too (``reserved_vp`` for ``vp:reserved``); ``check(ctx, arg)`` raises :class:`AuxDataError` for a
+    request that cannot work, cheaply and before any model is built (a missing folder); ``whole_set`` sources
+    return the sampled :class:`ImageSet` themselves (a mix samples each part) instead of a :class:`Pool`, and
+    ``accepted(arg)`` gives their options when they depend on the argument."""
     if arg not in ("none", "optional", "required"):
         raise ValueError(f"arg must be none, optional or required, got {arg!r}")
 
@@ -148,6 +159,11 @@ def aux_source(name: str, *, options: dict[str, tuple[Any, str]] | None = None, 
         fn.aux_options = dict(options or {})  # type: ignore[attr-defined]
         fn.aux_arg = arg  # type: ignore[attr-defined]
         fn.aux_arg_help = arg_help  # type: ignore[attr-defined]
+        fn.aux_usage = usage or {"none": name, "optional": f"{name}[:<arg>]", "required": f"{name}:<arg>"}[arg]
+        fn.aux_suffix = suffix  # type: ignore[attr-defined]
+        fn.aux_check = check  # type: ignore[attr-defined]
+        fn.aux_whole_set = whole_set  # type: ignore[attr-defined]
+        fn.aux_accepted = accepted  # type: ignore[attr-defined]
         AUX_SOURCES.add(name, fn, aliases=aliases)
         return fn
 

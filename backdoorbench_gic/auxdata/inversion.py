@@ -37,6 +37,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..bnstats import BNBatchStats, NoBatchNormError
+
 log = logging.getLogger(__name__)
 
 
@@ -68,49 +70,16 @@ class InversionConfig:
             raise ValueError(f"inversion jitter must be >= 0, got {self.jitter}")
 
 
-class _BNStatLoss:
-    """Forward hooks on every BatchNorm layer collecting the distance of the batch's input statistics to the
-    layer's running statistics (autograd flows through them)."""
-
-    def __init__(self, model: torch.nn.Module, distance: str = "kl"):
-        if distance not in ("kl", "l2"):
-            raise ValueError(f"bn distance must be 'kl' or 'l2', got {distance!r}")
-        self.distance = distance
-        self.terms: list[torch.Tensor] = []
-        self.handles = []
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
-                self.handles.append(m.register_forward_pre_hook(self._hook))
-
-    def _hook(self, module, inputs):
-        x = inputs[0]
-        dims = [0] + list(range(2, x.dim()))
-        mean = x.mean(dim=dims)
-        var = x.var(dim=dims, unbiased=False)
-        if self.distance == "l2":  # DeepInversion's: scale-dependent, so its weight must suit the network
-            self.terms.append(torch.linalg.vector_norm(mean - module.running_mean) +
-                              torch.linalg.vector_norm(var - module.running_var))
-        else:  # symmetric Gaussian KL per channel, averaged: the quality module's D_BN, scale-free
-            from ..bnstats import symmetric_gaussian_kl
-
-            kl = symmetric_gaussian_kl(mean, var, module.running_mean, module.running_var, module.eps)
-            self.terms.append(kl.mean())
-
-    def __len__(self) -> int:
-        return len(self.handles)
-
-    def pop(self) -> torch.Tensor:
-        if not self.terms:
-            return torch.zeros(())
-        stacked = torch.stack(self.terms)
-        total = stacked.mean() if self.distance == "kl" else stacked.sum()
-        self.terms = []
-        return total
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
+def _bn_term(stats, distance: str) -> torch.Tensor:
+    """R_BN of the last forward pass from the BN-statistics hooks (:class:`~backdoorbench_gic.bnstats.BNBatchStats`):
+    ``kl``, the mean over layers of the channel-mean symmetric KL; ``l2``, DeepInversion's
+    ``sum_l ||mu_l(x) - mu_l||_2 + ||var_l(x) - var_l||_2``. Zero without BatchNorm layers (``stats`` None)."""
+    if stats is None:
+        return torch.zeros(())
+    if distance == "l2":  # DeepInversion's: scale-dependent, so its weight must suit the network
+        return sum(torch.linalg.vector_norm(m - layer.running_mean) + torch.linalg.vector_norm(v - layer.running_var)
+                   for layer, m, v in zip(stats.layers, stats.means, stats.vars))
+    return stats.divergences().mean()
 
 
 def _tv2(x: torch.Tensor) -> torch.Tensor:
@@ -142,8 +111,10 @@ def invert_victim(model: torch.nn.Module, num_classes: int, per_class: int, chw:
     requires = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
-    hooks = _BNStatLoss(model, cfg.bn_distance)
-    if len(hooks) == 0:
+    try:
+        hooks = BNBatchStats(model, "kl")
+    except NoBatchNormError:
+        hooks = None
         log.warning("the victim has no BatchNorm layer: inversion falls back to cross-entropy plus image priors, "
                     "which gives images far from the training distribution")
     labels = balanced_labels(num_classes, per_class)
@@ -166,10 +137,9 @@ def invert_victim(model: torch.nn.Module, num_classes: int, per_class: int, chw:
             for step in range(cfg.steps):
                 dy, dx = shifts[step]
                 inp = torch.roll(x, shifts=(dy, dx), dims=(2, 3)) if (dy or dx) else x
-                hooks.terms = []
                 logits = model(inp)
                 ce = F.cross_entropy(logits, y)
-                bn = hooks.pop().to(ce.device)
+                bn = _bn_term(hooks, cfg.bn_distance).to(ce.device)
                 loss = ce + cfg.bn_weight * bn + cfg.tv_weight * _tv2(x) + cfg.l2_weight * (x ** 2).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -179,16 +149,16 @@ def invert_victim(model: torch.nn.Module, num_classes: int, per_class: int, chw:
                     x.clamp_(0.0, 1.0)
                 bar.update(1)
             with torch.no_grad():
-                hooks.terms = []
                 final = model(x)
-                bn_final = float(hooks.pop())
+                bn_final = float(_bn_term(hooks, cfg.bn_distance))
                 acc = float((final.argmax(1) == y).float().mean())
             last = {"ce": float(ce.detach()), "bn": bn_final, "acc": acc}
             log.debug("inversion batch %d/%d: ce %.3f bn %.3f acc %.3f", b + 1, n_batches, last["ce"], last["bn"], acc)
             out[sl] = x.detach().cpu()
     finally:
         bar.close()
-        hooks.remove()
+        if hooks is not None:
+            hooks.remove()
         for p, r in zip(model.parameters(), requires):
             p.requires_grad_(r)
         model.train(was_training)
@@ -207,7 +177,8 @@ def inversion_cache_key(model: torch.nn.Module, num_classes: int, per_class: int
     h = hashlib.sha1()
     hash_weights(h, model)
     h.update(json.dumps({"num_classes": num_classes, "per_class": per_class, "chw": list(chw), "seed": int(seed),
-                         **asdict(config)}, sort_keys=True, default=str).encode())
+                         "bn_moments": "bnstats.BNBatchStats", **asdict(config)}, sort_keys=True,
+                        default=str).encode())
     return h.hexdigest()[:20]
 
 

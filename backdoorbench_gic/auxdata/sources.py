@@ -19,7 +19,7 @@ Names follow BackdoorBenchER's ``reserved_type`` where it has one (gic-method.md
 - ``folder:<name or path>`` and any other ``reserved_*`` name: an ImageFolder under the record's dataset folder
   (BackdoorBenchER reads unknown types that way: ``reserved_imagenet``, ``reserved_synthetic``).
 - ``<type>_vp``: calibrated arrays ``data/<ds>/<type>_vp/<result_file>/{images,labels}.npy``.
-- ``mix:<a>+<b>[@w]+...``: several sources in one set, with per-sample provenance (handled in ``build_aux_set``).
+- ``mix:<a>+<b>[@w]+...``: several sources in one set, with per-sample provenance (each part sampled by ``build_aux_set``).
 """
 from __future__ import annotations
 
@@ -246,23 +246,29 @@ def _folder_imageset(ctx: AuxContext, folder, source_name: str, label_map: Any =
     return ImageSet(nhwc_to_nchw(images[keep]), labels[keep], source_names=[source_name], name=source_name)
 
 
-@aux_source("folder", arg="required", options={"label_map": (None, "{class folder name or number: victim label}")})
-def folder_source(ctx: AuxContext, arg: str | None) -> Pool:
-    """An ImageFolder under the record's dataset folder (BackdoorBenchER: reserved_imagenet, ...) or a path."""
+def _locate_folder(ctx: AuxContext, arg: str | None):
+    """The folder a ``folder:`` type names: under the record's dataset folder, else a path; an error otherwise."""
     name = arg or ""
     local = ctx.dataset_dir() / name
     if local.is_dir():
-        folder = local
-    else:
-        try:
-            folder = resolve_user_path(name, ctx, f"folder:{name}")
-        except AuxDataError:
-            from .shifts import SHIFT_NAMES
+        return local
+    try:
+        return resolve_user_path(name, ctx, f"folder:{name}")
+    except AuxDataError:
+        from .shifts import SHIFT_NAMES
 
-            raise AuxDataError(
-                f"unknown auxiliary type {name!r}: it is not a registered source and {local} does not exist. Known "
-                f"shifts: {', '.join('reserved_' + s for s in SHIFT_NAMES)}; BackdoorBenchER-made sets such as "
-                "reserved_imagenet or reserved_synthetic are read from data/<split>/<name>/") from None
+        raise AuxDataError(
+            f"unknown auxiliary type {name!r}: it is not a registered source and {local} does not exist. Known "
+            f"shifts: {', '.join('reserved_' + s for s in SHIFT_NAMES)}; BackdoorBenchER-made sets such as "
+            "reserved_imagenet or reserved_synthetic are read from data/<split>/<name>/") from None
+
+
+@aux_source("folder", arg="required", options={"label_map": (None, "{class folder name or number: victim label}")},
+            check=_locate_folder)
+def folder_source(ctx: AuxContext, arg: str | None) -> Pool:
+    """An ImageFolder under the record's dataset folder (BackdoorBenchER: reserved_imagenet, ...) or a path."""
+    name = arg or ""
+    folder = _locate_folder(ctx, arg)
     return Pool.from_imageset(_folder_imageset(ctx, folder, name, ctx.opt("label_map")), name, str(folder))
 
 
@@ -376,7 +382,15 @@ def synthetic_source(ctx: AuxContext, arg: str | None) -> Pool:
                               f"inversion of {ctx.record.name}, seed {ctx.seed}")
 
 
-@aux_source("vp", arg="required")
+def _vp_check(ctx: AuxContext, arg: str | None) -> None:
+    from .layout import vp_dir
+
+    folder = vp_dir(ctx.dataset_dir(), str(arg), ctx.record.name)
+    if not folder.is_dir():
+        raise AuxDataError(f"calibrated set {arg}_vp: no arrays at {folder} (write them with `bbgic calibrate`)")
+
+
+@aux_source("vp", arg="required", usage="<type>_vp", suffix="_vp", check=_vp_check)
 def vp_source(ctx: AuxContext, arg: str | None) -> Pool:
     """Calibrated (GIC output): <type>_vp reads data/<ds>/<type>_vp/<result_file>/{images,labels}.npy.
 
@@ -392,7 +406,103 @@ def vp_source(ctx: AuxContext, arg: str | None) -> Pool:
     return Pool.from_imageset(vp_to_imageset(images, labels, name), name, str(folder), short_tolerance=1)
 
 
-@aux_source("mix", arg="required")
-def mix_source(ctx: AuxContext, arg: str | None) -> Pool:  # pragma: no cover - build_aux_set handles mix itself
-    """Heterogeneous: mix:<a>+<b>[@weight]+... draws each part's share of the count, provenance per sample."""
-    raise AuxDataError("mix: is assembled by build_aux_set")
+def _split_mix(arg: str) -> list[tuple[str, float]]:
+    """``a+b@2+c`` -> [(a, 1.0), (b, 2.0), (c, 1.0)]; the weights must be positive numbers."""
+    from .shifts import _split_top
+
+    parts = []
+    for p in _split_top(arg, "+"):
+        if not p:
+            raise AuxDataError(f"empty part in mix:{arg} (write mix:<a>+<b>[@weight]+...)")
+        w = 1.0
+        if "@" in p and not p.endswith(")"):
+            p, wt = p.rsplit("@", 1)
+            try:
+                w = float(wt)
+            except ValueError:
+                raise AuxDataError(f"mix weight {wt!r} of {p!r} is not a number") from None
+            if not w > 0:
+                raise AuxDataError(f"mix weight of {p!r} must be > 0, got {w}")
+        parts.append((p.strip(), w))
+    return parts
+
+
+def _largest_remainder(total: int, weights: list[float]) -> list[int]:
+    shares = np.asarray(weights, dtype=np.float64) / sum(weights) * total
+    base = np.floor(shares + 1e-9).astype(int)
+    rest = total - int(base.sum())
+    order = np.argsort(-(shares - base), kind="stable")
+    for i in order[:rest]:
+        base[i] += 1
+    return base.tolist()
+
+
+def _mix_parts(arg: str | None) -> list[tuple[str, float, str]]:
+    """(part type, weight, its source name) per part; a part that is itself a whole-set source is refused."""
+    from ..registry import AUX_SOURCES
+    from .build import parse_reserved_type
+
+    out = []
+    for part, w in _split_mix(arg or ""):
+        src, _ = parse_reserved_type(part)
+        if getattr(AUX_SOURCES.get(src), "aux_whole_set", False):
+            raise AuxDataError(f"mix parts cannot be mixes themselves ({part!r})")
+        out.append((part, w, src))
+    return out
+
+
+def _mix_options(arg: str | None) -> dict[str, tuple[Any, str]]:
+    from ..registry import AUX_SOURCES
+    from .base import COMMON_OPTIONS, source_options
+
+    out: dict[str, tuple[Any, str]] = dict(COMMON_OPTIONS)
+    for _, _, src in _mix_parts(arg):
+        out.update(source_options(AUX_SOURCES.get(src)))
+    return out
+
+
+def _mix_check(ctx: AuxContext, arg: str | None) -> None:
+    from ..registry import AUX_SOURCES
+    from .base import source_options
+    from .build import parse_reserved_type
+
+    for part, _, src in _mix_parts(arg):
+        check = getattr(AUX_SOURCES.get(src), "aux_check", None)
+        if check is not None:
+            own = {k: v for k, v in ctx.options.items() if k in source_options(AUX_SOURCES.get(src))}
+            check(AuxContext(ctx.record, options=own, reserved_type=part), parse_reserved_type(part)[1])
+
+
+@aux_source("mix", arg="required", usage="mix:<a>+<b>[@w]+...", whole_set=True, accepted=_mix_options,
+            check=_mix_check)
+def mix_source(ctx: AuxContext, arg: str | None) -> ImageSet:
+    """Heterogeneous: mix:<a>+<b>[@weight]+... draws each part's share of the count, provenance per sample.
+
+    ``n_per_class`` counts the whole set, split among the parts by weight (largest remainder); a ratio is split
+    by weight; each part draws with its own seed derived from the run's."""
+    from ..registry import AUX_SOURCES
+    from .base import source_options
+    from .build import build_aux_set
+
+    if ctx.index_file is not None:
+        raise AuxDataError("index files cannot select from a mix: (indices of different sources would collide); "
+                           "build the parts separately")
+    parts = _mix_parts(arg)
+    if len(parts) < 2:
+        log.warning("mix:%s has one part only", arg)
+    weights = [w for _, w, _ in parts]
+    n_per_class, ratio = ctx.n_per_class, ctx.ratio
+    per_part_n = _largest_remainder(int(n_per_class), weights) if n_per_class is not None else [None] * len(parts)
+    sets = []
+    for i, ((part, w, src), n_i) in enumerate(zip(parts, per_part_n)):
+        if n_per_class is not None and n_i == 0:
+            continue
+        own = {k: v for k, v in ctx.options.items() if k in source_options(AUX_SOURCES.get(src))}
+        part_ratio = None if ratio is None else ratio * w / sum(weights)
+        part_seed = int(np.random.SeedSequence([int(ctx.seed), i]).generate_state(1)[0])
+        sets.append(build_aux_set(ctx.record, part, ratio=part_ratio, n_per_class=n_i, seed=part_seed,
+                                  replacement=ctx.replacement, victim=ctx.victim_model, device=ctx.device,
+                                  options=own))
+    mixed = ImageSet.concat(sets, name=ctx.reserved_type)
+    log.info("mix %s: %s", ctx.reserved_type, ", ".join(f"{s.name} {len(s)}" for s in sets))
+    return mixed

@@ -7,7 +7,6 @@ unknown key is an error that names it. ``--defense sau --help`` lists sau's keys
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from .common import add_config_help, add_debug_arg, add_device_arg
@@ -57,16 +56,10 @@ def parse_extra_flags(extra: list[str]) -> dict[str, object]:
 
 
 def parse_options(items: list[str]) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--aux_option needs KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
+    """``--aux_option KEY=VALUE`` items (the library's one KEY=VALUE parser)."""
+    from ..config import parse_key_values
+
+    return parse_key_values(items, "--aux_option")
 
 
 def request_from_args(args: argparse.Namespace, extra: list[str]):

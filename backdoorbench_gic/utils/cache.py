@@ -25,3 +25,12 @@ def hash_weights(h, weights: torch.nn.Module | Mapping[str, torch.Tensor]) -> No
     for k in sorted(weights):
         h.update(k.encode())
         h.update(weights[k].detach().cpu().contiguous().numpy().tobytes())
+
+
+def hash_images(h, data) -> None:
+    """Feed an image set's content to the hash ``h``: images (as stored), labels, original labels and poison flags,
+    so two sets hash alike exactly when a model sees the same pixels and is scored against the same labels."""
+    for t in (data.images, data.labels, data.original_labels, data.poison):
+        if t is not None:
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
