@@ -36,14 +36,15 @@ Headline, the purification risk (a rank score: higher = purification with this s
 
 D_BN is the shift purification writes into the BN statistics; ``(H_a / 0.25)^4`` (1 at ``H_a`` = 1/4) raises it for
 sets whose content the victim still cannot read after BN adapts (rotation, mixtures), which D_BN underrates. The form
-(a product, exponent 4 from {0, 0.5, 1, 2, 3, 4, 5, 6}) was chosen on the 20-per-class efficacy block (both victims,
-FT/FST/SAU); on the 5 % blocks it was not designed on its Spearman rho with the C-Acc lost is 0.86-0.96 (D_BN alone
-0.70-0.87; the earlier composite ``alignment`` below, 0.08-0.41, the wrong way round); BENCHMARKS.md, "Auxiliary data".
+(a product; the exponent 4 of {0, 0.5, 1, 2, 3, 4, 5, 6}, the best mean rho) was chosen on the 20-per-class efficacy
+block (both victims, FT/FST/SAU: rho with the C-Acc lost +0.70 to +0.95, D_BN alone +0.66 to +0.87). On the 5 % blocks
+it was not designed on, rho is +0.85 to +0.95 (D_BN alone +0.70 to +0.87; the earlier composite ``alignment`` below
+-0.32 to -0.41, the wrong way round); BENCHMARKS.md, "Auxiliary data", and ``benchmarks/aux_evidence.py``.
 It needs no test data and no reference set: only the victim and the candidate set.
 
 Verdicts (``verdict`` column; what to do in :data:`VERDICTS`):
 - ``close``: risk < 0.002 (the benchmark victims' own train/reserved/brightness sets scored 0.0005-0.0019): use it.
-- ``shifted``: risk >= 0.002: purification lost 1-16 C-Acc points with such sets in the benchmarks; prefer a set
+- ``shifted``: risk >= 0.002: purification lost up to 16 C-Acc points with such sets in the benchmarks; prefer a set
   with a lower risk; compare candidates with the risk column (it ranks them, it is not a forecast in points).
 - ``fitted``: the victim is confident on the set only with its own statistics (``entropy < H_a / 3``): images
   optimised against the victim (model inversion); purification with them lost 25-65 C-Acc points: do not use alone.
@@ -92,7 +93,7 @@ FITTED_ENTROPY_RATIO = 1.0 / 3.0  # eval-mode entropy below this share of H_a: t
 # what to do with each verdict (printed by `bbgic aux-quality`)
 VERDICTS: dict[str, str] = {
     "close": "use it: purification should cost about what in-distribution data costs",
-    "shifted": "expect purification to lose C-Acc (1-16 points with such sets in BENCHMARKS.md); prefer a candidate "
+    "shifted": "expect purification to lose C-Acc (up to 16 points with such sets in BENCHMARKS.md); prefer a candidate "
                "with a lower risk, and check C-Acc after purifying",
     "fitted": "images fitted to the victim (e.g. model inversion): purification with them lost 25-65 C-Acc points in "
               "BENCHMARKS.md; do not purify with this set alone",
