@@ -137,6 +137,9 @@ def test_fitted_g_is_reused_across_base_defenses(victim_record, spy_registered, 
     gic_calibration._MEMORY_CACHE.clear()  # from disk now
     third = GICDefense.from_sources(None, None, {**cli, "base": "ft"}).calibrate(victim, aux, device=torch.device("cpu"))
     assert third[1]["gic_cached"] == 1.0 and torch.allclose(third[0].images, first[0].images)
+    summary = ("bn_div_before", "bn_div_after", "drift_class", "drift_share", "drift_flag")
+    assert {k: third[1][k] for k in summary} == {k: first[1][k] for k in summary}  # the summary is cached too
+    assert len(list((tmp_path / "cache").glob("summary-*.json"))) == 1
 
 
 def test_per_source_fits_one_g_per_provenance(victim_record, tmp_path, monkeypatch):

@@ -29,7 +29,7 @@ from ..bnstats import NoBatchNormError, dataset_bn_divergence
 from ..config import asdict_public, build_config
 from ..data.imageset import ImageSet
 from ..utils.cache import cache_dir, hash_weights
-from ..utils.io import atomic_torch_save
+from ..utils.io import atomic_torch_save, atomic_write_text
 from .calibrators import Calibrator, build_calibrator
 from .drift import drift_report
 from .fit import GICConfig, apply_calibrator, fit_calibrator
@@ -64,6 +64,7 @@ class GIC:
         self.calibrators: dict[str | None, Calibrator] = {}  # None: the whole set; else one per source name
         self.info: dict[str, Any] = {}
         self.summary: dict[str, Any] = {}
+        self._last: tuple[ImageSet, ImageSet] | None = None  # (set, g(set)) of the last transform
 
     @classmethod
     def from_sources(cls, dataset: str | None = None, yaml_path: str | None = None,
@@ -128,14 +129,38 @@ class GIC:
         if self.config.per_source and len(aux.source_names) > 1:
             groups = [(s, aux.subset(aux.positions_of_source(s))) for s in aux.source_names
                       if len(aux.positions_of_source(s))]
-        self.calibrators, self.info = {}, {}
+        self.calibrators, self.info, self._last = {}, {}, None
+        keys = []
         for source, part in groups:
             cal, part_info = self._fit_one(victim, part, device, seed, progress, amp)
             self.calibrators[source] = cal
+            keys.append(fit_key(victim, part, self.config, seed))
             self.info.update(part_info if source is None else {f"{k}[{source}]": v for k, v in part_info.items()})
+        self.summary = self._cached_summary(victim, aux, device, "+".join(keys)) if report else {}
         self.info["gic_total_seconds"] = time.perf_counter() - t0
-        self.summary = self.measure(victim, aux, device) if report else {}
         return self
+
+    def _cached_summary(self, victim: torch.nn.Module, aux: ImageSet, device: torch.device, key: str) -> dict[str, Any]:
+        """:meth:`measure`, kept beside the fits: a function of the victim, the set and the fitted g alone."""
+        key = "summary-" + hashlib.sha1(key.encode()).hexdigest()[:20]
+        path = cache_dir() / f"{key}.json"
+        if self.config.gic_cache:
+            if key in _MEMORY_CACHE:
+                return dict(_MEMORY_CACHE[key])
+            try:
+                summary = json.loads(path.read_text())
+                _MEMORY_CACHE[key] = summary
+                return dict(summary)
+            except (OSError, ValueError):
+                pass
+        summary = self.measure(victim, aux, device)
+        if self.config.gic_cache:
+            _MEMORY_CACHE[key] = summary
+            try:
+                atomic_write_text(path, json.dumps(summary))
+            except OSError as exc:
+                log.debug("could not write GIC cache %s: %s", path, exc)
+        return dict(summary)
 
     # -- applying -----------------------------------------------------------------------------------------------
     def _require_fitted(self) -> None:
@@ -146,6 +171,13 @@ class GIC:
         """g(aux) as a float ImageSet with the same labels, indices and provenance."""
         self._require_fitted()
         device = torch.device(device)
+        if self._last is not None and self._last[0] is aux:  # the set fitted and measured last: computed once
+            return self._last[1]
+        out = self._transform(aux, device)
+        self._last = (aux, out)
+        return out
+
+    def _transform(self, aux: ImageSet, device: torch.device) -> ImageSet:
         if None in self.calibrators:
             return apply_calibrator(self.calibrators[None], aux, device)
         images = aux.float_images()
@@ -206,7 +238,7 @@ class GIC:
     def load_state_dict(self, state: Mapping[str, Any]) -> "GIC":
         self.config = build_config(GICConfig, [(state["config"], "a saved GIC state")])
         self.info, self.summary = dict(state.get("info", {})), dict(state.get("summary", {}))
-        self.calibrators = {}
+        self.calibrators, self._last = {}, None
         for s, d in state["calibrators"].items():
             cal = build_calibrator(d["family"], tuple(d["shape"]), float(d["delta"]), d["norm"], int(d["hidden"]))
             cal.load_state_dict(d["state"])
