@@ -82,7 +82,24 @@ def _require_bn(model: nn.Module, layers) -> None:
             "statistics to compare with; use the 'ce' (needs labels) or 'infomax' (label-free) objective instead")
 
 
-class BNMoments:
+class _BNHooks:
+    """Owns hooks on a network's BN layers: ``remove()`` them, or use the object as a context manager."""
+
+    handles: list
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+class BNMoments(_BNHooks):
     """Forward pre-hooks accumulating, per BN layer, exact float64 sums of x and x^2 of the layer's input."""
 
     def __init__(self, model: nn.Module):
@@ -106,17 +123,6 @@ class BNMoments:
             else:
                 self.s1[name], self.s2[name], self.count[name] = s1, s2, flat.shape[1]
         return hook
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-
-    def __enter__(self) -> "BNMoments":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
 
     def divergences(self, distance: str = "kl") -> list[tuple[str, float]]:
         """Per layer (mean over channels), in layer order."""
@@ -151,8 +157,9 @@ def channel_moments(x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor,
     return m + shift, (s2 - n * m * m).clamp_min(0) / max(n - 1, 1)
 
 
-class BNBatchStats:
-    """Forward hooks recording differentiable per-batch moments of every BN layer's input."""
+class BNBatchStats(_BNHooks):
+    """Forward hooks recording differentiable per-batch moments of every BN layer's input: the one collector behind
+    GIC's BN objective and the data-free inversion source."""
 
     def __init__(self, model: nn.Module, distance: str = "kl"):
         self.layers = [m for _, m in batchnorm_layers(model)]
@@ -160,7 +167,7 @@ class BNBatchStats:
         self.fn = distance_fn(distance)
         self.means: list[torch.Tensor | None] = [None] * len(self.layers)
         self.vars: list[torch.Tensor | None] = [None] * len(self.layers)
-        self._handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.layers)]
+        self.handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.layers)]
 
     def _hook(self, i: int):
         def hook(module, inputs, output):
@@ -172,16 +179,6 @@ class BNBatchStats:
         return torch.stack([self.fn(mu, var, layer.running_mean.float(), layer.running_var.float(), layer.eps).mean()
                             for layer, mu, var in zip(self.layers, self.means, self.vars)])
 
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-    def __enter__(self) -> "BNBatchStats":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
 
 
 @torch.no_grad()

@@ -97,28 +97,24 @@ class Shift:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.params().items())})"
 
 
-class Brightness(Shift):
+class _FactorShift(Shift):
+    """One factor per image drawn uniformly from ``factor_range``, applied by torchvision's ``adjust_<name>``."""
+
+    def __init__(self, factor_range=(0.5, 1.5)):
+        self.factor_range = _pair(factor_range, "factor_range")
+
+    def __call__(self, x, g):
+        from torchvision.transforms.v2 import functional as F
+
+        return getattr(F, f"adjust_{self.name}")(x, _uniform(g, *self.factor_range))
+
+
+class Brightness(_FactorShift):
     name = "brightness"
 
-    def __init__(self, factor_range=(0.5, 1.5)):
-        self.factor_range = _pair(factor_range, "factor_range")
 
-    def __call__(self, x, g):
-        from torchvision.transforms.v2 import functional as F
-
-        return F.adjust_brightness(x, _uniform(g, *self.factor_range))
-
-
-class Contrast(Shift):
+class Contrast(_FactorShift):
     name = "contrast"
-
-    def __init__(self, factor_range=(0.5, 1.5)):
-        self.factor_range = _pair(factor_range, "factor_range")
-
-    def __call__(self, x, g):
-        from torchvision.transforms.v2 import functional as F
-
-        return F.adjust_contrast(x, _uniform(g, *self.factor_range))
 
 
 class ColorJitter(Shift):

@@ -280,8 +280,7 @@ def validate_spec(spec: MatrixSpec) -> list[str]:
         if (record_dir / "attack_result.pt").is_file():
             try:
                 rec = load_attack_record(record_dir, spec.bb_root, trust=spec.trust_checkpoint)
-                missing = [p for p, _, _ in rec.bd_test_state.entries.values()
-                           if not rec._resolve_png(p, rec.bd_test_state).is_file()]
+                missing = rec.missing_pngs("bd_test")
                 if missing:
                     problems.append(f"record {a.record}: {len(missing)} bd_test PNGs missing (first {missing[0]})")
                 rec.dataset().locate()
