@@ -260,13 +260,15 @@ def test_defense_script_writes_backdoorbench_layout_and_remove_restores(bb_check
     index = [int(line) for line in (out_dir / "log" / "index.txt").read_text().split()]
     assert len(index) == 10 and len(set(index)) == 10 and all(0 <= i < 200 for i in index)  # ratio 0.05 of 200
 
-    # removal takes out exactly what bbgic patch added; the defense's results stay under record/<R>/
+    # removal takes out exactly what bbgic patch added; the defense's results stay in their BackdoorBench folder
+    # record/<R>/defense/<name>/, and nothing else is written into the record (caches live in the cache directory)
     code, out = bbgic(capsys, "patch", root, "--remove")
     assert code == 0, out
     after = snapshot(root)
     assert {k: v for k, v in after.items() if k in before} == before
     added = set(after) - set(before)
-    assert added and all(k.startswith(f"record/{RECORD}/") for k in added), sorted(added)
+    assert added and all(k == f"record/{RECORD}/defense" or k.startswith(f"record/{RECORD}/defense/")
+                         for k in added), sorted(added)
     assert not any(k.startswith(("defense/", "config/")) for k in added)
 
 
