@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from backdoorbench_gic.analysis import (GAP_THRESHOLD, Col, extra_column, frame_table, gic_comparison, md_table,
                                         paired, pm, reference_gaps, share_recovered, standard_error)
@@ -122,3 +123,30 @@ def test_stored_efficacy_report_regenerates(csv):
     assert shown[3] == pm(fig["acc_recovered_mean"], math.nan, digits=0)
     shown = re.search(r"\| DER gap closed where the gap > 0.02 \| (\d+) of \d+ cells \| (\S+)", md)
     assert int(shown[1]) == fig["der_gap_cells"] and shown[2] == pm(fig["der_gap_closed_mean"], math.nan, digits=0)
+
+
+def test_finished_cells_walk_rows_purified_models_and_victims(bb_record, tmp_path):
+    """Cells under <output_root>/cells are finished once result.json exists; each gives its row, its pairing key and
+    its purified weights (safe loader), and each victim's record is loaded once."""
+    from backdoorbench_gic.analysis import Victims, finished_cells
+    from backdoorbench_gic.results import write_defense_result, write_tidy_row
+
+    root, _ = bb_record
+    state = {"w": torch.arange(4.0)}
+    for i, gic in enumerate((False, True)):
+        cell = tmp_path / "out" / "cells" / f"c{i}"
+        write_defense_result(cell, csv_prefix="ft", model_name="m", num_classes=2, state_dict=state,
+                             history=[{"epoch": 1, "test_acc": 0.5}], plots=False)
+        write_tidy_row(cell, {"attack": "badnet_fixture", "defense": "gic-ft" if gic else "ft", "base_defense": "ft",
+                              "gic": gic, "aux_type": "train", "seed": 0})
+    (tmp_path / "out" / "cells" / "unfinished").mkdir()  # no result.json: not a finished cell
+    cells = list(finished_cells(tmp_path / "out"))
+    assert [c.row["cell_dir"] for c in cells] == ["cells/c0", "cells/c1"]
+    assert [c.gic for c in cells] == [False, True] and cells[0].pair_key == cells[1].pair_key
+    assert torch.equal(cells[1].purified_state()["w"], state["w"])
+    victims = Victims(root)
+    first = victims.record("badnet_fixture")
+    assert victims.record("badnet_fixture") is first
+    calls = []
+    assert victims.derived("badnet_fixture", "n", lambda r: calls.append(1) or r.num_classes) == 10
+    assert victims.derived("badnet_fixture", "n", lambda r: calls.append(1) or 0) == 10 and calls == [1]
