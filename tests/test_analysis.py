@@ -150,3 +150,22 @@ def test_finished_cells_walk_rows_purified_models_and_victims(bb_record, tmp_pat
     calls = []
     assert victims.derived("badnet_fixture", "n", lambda r: calls.append(1) or r.num_classes) == 10
     assert victims.derived("badnet_fixture", "n", lambda r: calls.append(1) or 0) == 10 and calls == [1]
+
+
+def test_gic_reports_every_key_the_analysis_reads(bb_record):
+    """The column names the reports read (analysis.keys.GicInfo) are the keys GIC reports: a rename on either side
+    fails here instead of turning table cells into '-'."""
+    from backdoorbench_gic.analysis import GicInfo
+    from backdoorbench_gic.auxdata import build_aux_set
+    from backdoorbench_gic.gic.calibration import GIC
+    from backdoorbench_gic.records import load_attack_record
+
+    root, _ = bb_record
+    record = load_attack_record("badnet_fixture", root)
+    victim = record.build_model().eval()
+    aux = build_aux_set(record, "train", n_per_class=2, ratio=None, seed=0)
+    gic = GIC({"gic_steps": 2, "gic_cache": False})
+    gic.fit(victim, aux, device="cpu", seed=0)
+    reported = {**gic.info, **gic.summary}
+    wanted = [v for k, v in vars(GicInfo).items() if k.isupper() and v != GicInfo.BASE_SECONDS]
+    assert not [k for k in wanted if k not in reported], sorted(reported)
