@@ -106,3 +106,18 @@ def test_inversion_bn_term_by_hand():
     assert float(_bn_term(None, "kl")) == 0.0
     stats.remove()
     assert not math.isnan(kl)
+
+
+def test_matrix_validation_checks_each_aux_type_against_the_records(root, tmp_path):
+    """A spec naming a folder type its records lack is refused by validation, before any cell runs."""
+    import yaml
+
+    from backdoorbench_gic.matrix import load_spec, validate_spec
+
+    spec = {"name": "t", "output_root": str(tmp_path / "out"), "bb_root": str(root), "attacks": ["victim"],
+            "defenses": [{"name": "ft", "overrides": {"epochs": 1}}], "aux": ["train", "reserved_foo"],
+            "seeds": [0], "defaults": {"device": "cpu"}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    problems = validate_spec(load_spec(tmp_path / "s.yaml"))
+    assert [p for p in problems if "reserved_foo" in p and "victim" in p], problems
+    assert not [p for p in problems if "'train'" in p], problems

@@ -35,7 +35,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..auxdata import build_aux_set, vp_dir, write_vp_arrays
+    from ..auxdata import build_aux_set, check_aux_request, vp_dir, write_vp_arrays
     from ..gic.calibration import GIC
     from ..records import load_attack_record
     from ..utils.runtime import resolve_device, seed_everything
@@ -50,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dataset is None:
         gic = GIC.from_sources(dataset, args.yaml_path, cli)
     device = resolve_device(args.device or "auto")
+    check_aux_request(record, args.reserved_type, n_per_class=args.n_per_class)  # before the victim is built
     seed_everything(seed)
     victim = record.build_model().to(device)
     ratio = args.ratio if args.n_per_class is None else None

@@ -275,6 +275,7 @@ def validate_spec(spec: MatrixSpec) -> list[str]:
 
     problems: list[str] = []
     datasets: dict[str, str] = {}
+    loaded: dict[str, Any] = {}  # records on disk, to check each auxiliary type against (a folder type's folder)
     for a in spec.attacks:
         record_dir = spec.bb_root / "record" / a.record
         if (record_dir / "attack_result.pt").is_file():
@@ -285,6 +286,7 @@ def validate_spec(spec: MatrixSpec) -> list[str]:
                     problems.append(f"record {a.record}: {len(missing)} bd_test PNGs missing (first {missing[0]})")
                 rec.dataset().locate()
                 datasets[a.record] = rec.clean_data
+                loaded[a.record] = rec
             except Exception as exc:
                 problems.append(f"record {a.record}: {type(exc).__name__}: {exc}")
         elif a.generate is None:
@@ -317,14 +319,16 @@ def validate_spec(spec: MatrixSpec) -> list[str]:
                         cls.from_sources(ds or None, None, overrides, name=DEFENSES.resolve(d.name))
                 except Exception as exc:
                     problems.append(f"defense {d.label}{' with GIC' if gic else ''} on {ds}: {exc}")
-    try:
-        from ..auxdata import parse_reserved_type
-    except ImportError:  # pragma: no cover
-        parse_reserved_type = None
+    from ..auxdata import check_aux_request, parse_reserved_type
+
     for x in spec.aux:
-        if parse_reserved_type is not None:
-            try:
-                parse_reserved_type(x)
-            except Exception as exc:
-                problems.append(f"aux {x!r}: {exc}")
+        try:
+            parse_reserved_type(x)
+            for name, rec in loaded.items():
+                try:
+                    check_aux_request(rec, x)
+                except Exception as exc:
+                    problems.append(f"aux {x!r} for record {name}: {exc}")
+        except Exception as exc:
+            problems.append(f"aux {x!r}: {exc}")
     return problems
