@@ -233,6 +233,10 @@ def test_placements(placement, victim_record, tmp_path, monkeypatch):
         if placement == "bn-reset":
             assert all(torch.equal(a, b) for a, b in zip(got, before))
             assert "gic_seconds" not in out.extras  # no calibration fitted
+        elif placement == "bn-transfer":  # Shift re-estimates on the shifted set, like the victim's probe: so the
+            # purified model's statistics on it equal the victim's, and the transfer lands on the victim's own
+            assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(got, before))
+            assert "gic_seconds" not in out.extras
         elif placement == "bn-refresh":  # the shift's own statistics, re-estimated on the raw set
             ref = _bn_means(recalibrate_bn(Shift().copy_model(victim, torch.device("cpu")), shifted))
             assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, ref))
@@ -251,3 +255,28 @@ def test_restore_bn_statistics_refuses_other_architectures(victim_record):
     other = build_model("preactresnet18", num_classes=10, width=4)
     with pytest.raises(ValueError, match="differ"):
         restore_bn_statistics(victim_record.build_model(), other)
+
+
+def test_transfer_bn_statistics_by_hand():
+    """One BN layer over 1 channel: victim running (mu 2, var 4); the victim on aux sees (mean 3, var 1), the
+    purified model on aux (mean 10, var 9): z = (2 - 3) / 1 = -1 -> mean 10 - 1 * 3 = 7; var 9 * 4 / 1 = 36."""
+    from backdoorbench_gic.gic.defense import transfer_bn_statistics
+
+    class Net(torch.nn.Module):
+        def __init__(self, scale, shift):
+            super().__init__()
+            self.scale, self.shift = scale, shift
+            self.bn = torch.nn.BatchNorm2d(1, eps=1e-12)  # eps out of the hand computation
+
+        def forward(self, x):
+            return self.bn(x * self.scale + self.shift)
+
+    aux = ImageSet(torch.tensor([0.25, 0.75]).view(2, 1, 1, 1), [0, 1])  # mean 0.5, unbiased var 0.125
+    victim = Net(8 ** 0.5, 3 - 0.5 * 8 ** 0.5)  # on aux: mean 3, var 8 * 0.125 = 1
+    victim.bn.running_mean.fill_(2.0)
+    victim.bn.running_var.fill_(4.0)
+    purified = Net(72 ** 0.5, 10 - 0.5 * 72 ** 0.5)  # on aux: mean 10, var 72 * 0.125 = 9
+    transfer_bn_statistics(purified, victim, aux, batch_size=None)
+    assert float(purified.bn.running_mean) == pytest.approx(7.0, abs=1e-5)
+    assert float(purified.bn.running_var) == pytest.approx(36.0, abs=1e-4)
+    assert float(victim.bn.running_mean) == 2.0 and float(victim.bn.running_var) == 4.0  # untouched

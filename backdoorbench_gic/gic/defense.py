@@ -15,7 +15,13 @@ Placement (``placement``):
   (g fitted through the victim; no labels needed, no test data);
 - ``both``: purify on g(aux), then re-estimate on g(aux);
 - baselines without calibration: ``bn-reset`` (put the victim's own running statistics back after purification)
-  and ``bn-refresh`` (re-estimate them on the raw auxiliary set).
+  and ``bn-refresh`` (re-estimate them on the raw auxiliary set);
+- ``bn-transfer``: calibrate the statistics instead of the inputs, guided by the victim. Per BatchNorm channel, the
+  victim shows how the auxiliary set's statistics differ from its training statistics (its running ones); the
+  purified model's statistics on the auxiliary set are moved by that same difference, in standardised units:
+  mean_p + (mu_v - mean_v) / sd_v * sd_p and var_p * sigma2_v / var_v, where mean/var are a layer's input moments on
+  the auxiliary set (train-mode passes) and mu_v, sigma2_v the victim's running statistics. Scale-equivariant, so it
+  survives fine-tuning rescaling the weights (which is what breaks ``bn-reset``); no labels, no g.
 Test data is never calibrated.
 """
 from __future__ import annotations
@@ -39,7 +45,7 @@ from .fit import GICConfig
 
 log = logging.getLogger(__name__)
 
-PLACEMENTS = ("before", "bn-after", "both", "bn-reset", "bn-refresh")
+PLACEMENTS = ("before", "bn-after", "both", "bn-reset", "bn-refresh", "bn-transfer")
 CALIBRATED = ("before", "bn-after", "both")  # placements that fit g
 
 
@@ -47,7 +53,7 @@ CALIBRATED = ("before", "bn-after", "both")  # placements that fit g
 class GICDefenseConfig(DefenseConfig, GICConfig):
     base: Any = "ft"  # a defense name, or {name: <defense>, <its keys>} (resolved into self.base by from_sources)
     placement: str = "before"
-    bn_batch_size: int = 256  # batch of the BatchNorm re-estimation passes (bn-after, both, bn-refresh)
+    bn_batch_size: int = 256  # batch of the BatchNorm re-estimation passes (bn-after, both, bn-refresh, bn-transfer)
 
     def validate(self) -> None:
         DefenseConfig.validate(self)
@@ -188,6 +194,8 @@ class GICDefense(Defense):
             recalibrate_bn(result.model, aux, batch_size=cfg.bn_batch_size, device=device)
         elif cfg.placement == "bn-reset":
             restore_bn_statistics(result.model, model)
+        elif cfg.placement == "bn-transfer":
+            transfer_bn_statistics(result.model, model, aux, batch_size=cfg.bn_batch_size, device=device)
         result.model.eval()
         info["placement_seconds"] = time.perf_counter() - t1
         result.extras.update(info)
@@ -210,6 +218,32 @@ def restore_bn_statistics(model: torch.nn.Module, source: torch.nn.Module) -> to
         m.running_var.copy_(s.running_var)
         if m.num_batches_tracked is not None and s.num_batches_tracked is not None:
             m.num_batches_tracked.copy_(s.num_batches_tracked)
+    return model
+
+
+def _bn_stats(model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
+    return [(m.running_mean.clone(), m.running_var.clone(), m.eps) for _, m in batchnorm_layers(model)]
+
+
+@torch.no_grad()
+def transfer_bn_statistics(model: torch.nn.Module, victim: torch.nn.Module, aux: ImageSet, *,
+                           batch_size: int | None = 256, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """``bn-transfer``: set ``model``'s running statistics to its statistics on ``aux`` moved, channel by channel and
+    in standardised units, by the difference between the victim's training statistics and the victim's statistics
+    on ``aux``. ``victim`` is not modified (a copy is re-estimated)."""
+    import copy
+
+    theirs = _bn_stats(victim)
+    probe = recalibrate_bn(copy.deepcopy(victim).to(device), aux, batch_size=batch_size, device=device)
+    on_aux_v = _bn_stats(probe)
+    recalibrate_bn(model, aux, batch_size=batch_size, device=device)
+    layers = batchnorm_layers(model)
+    if len(layers) != len(theirs):
+        raise ValueError("transfer_bn_statistics: the two models' BatchNorm layers differ")
+    for (_, m), (mu_v, var_v, eps), (mean_v, v_v, _) in zip(layers, theirs, on_aux_v):
+        z = (mu_v - mean_v) / (v_v + eps).sqrt()
+        m.running_mean.add_(z * (m.running_var + m.eps).sqrt())
+        m.running_var.mul_((var_v + eps) / (v_v + eps))
     return model
 
 
