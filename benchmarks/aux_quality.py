@@ -8,9 +8,12 @@ distance to the reference set). Writes ``benchmarks/results/aux_quality_<record>
 and wall time) and ``.png``; ``--append`` measures only the given types and merges them into an existing CSV (a new
 shift for aux_evidence.py).
 
-    python benchmarks/aux_quality.py --result_file badnet_fm_cnn16 --bb_root bbgic_bench --n_per_class 20 --seed 0
-    python benchmarks/aux_quality.py --result_file badnet_fm_cnn16 --bb_root bbgic_bench --n_per_class 20 --seed 0 \
+    python benchmarks/aux_quality.py --result_file badnet_fm_cnn16 --bb_root bbgic_bench --n_per_class 20 --seed 0 1 2
+    python benchmarks/aux_quality.py --result_file badnet_fm_cnn16 --bb_root bbgic_bench --n_per_class 20 --seed 0 1 2 \
         --append --types reserved_jpeg
+
+Several ``--seed`` values measure one draw per seed (the draws an efficacy spec's seeds purify with) and report each
+column's mean over the draws (the verdict from the means, a class flagged in any draw; ``top_*`` from the first).
     python benchmarks/aux_quality.py --demo          # a small generated split + victim (fixture numbers only)
 """
 from __future__ import annotations
@@ -43,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reference", default=None, help="reference for the Frechet distance (default: reserved or train)")
     p.add_argument("--ratio", type=float, default=0.05)
     p.add_argument("--n_per_class", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, nargs="+", default=[0], help="sampling seed(s); several: the mean over draws")
     p.add_argument("--device", default="cpu")
     p.add_argument("--option", action="append", default=[], help="source option key=value (YAML value)")
     p.add_argument("--demo", action="store_true", help="make a small generated split record and measure it")
@@ -77,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         options.setdefault("shift_base", "train")  # no held-out split: shift seen images (stated in the output)
     reference = args.reference or ("reserved" if is_split else "train")
     t0 = time.perf_counter()
-    df, _ = quality_table(record, types, reference=reference, ratio=ratio, n_per_class=n_per_class, seed=args.seed,
-                          options=options, device=args.device)
+    df = mean_over_draws([quality_table(record, types, reference=reference, ratio=ratio, n_per_class=n_per_class,
+                                        seed=seed, options=options, device=args.device)[0] for seed in args.seed])
     wall = time.perf_counter() - t0
     out = Path(args.out_dir)
     stem = f"aux_quality_{record.name}"
@@ -91,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     plot_quality(df, out / f"{stem}.png", title=f"{record.name}: purification risk per auxiliary set")
     md = [f"# Auxiliary-data diagnostic: {record.name}", "",
           f"record `{record.name}` ({record.model_name}, {record.clean_data}, target {record.target}); "
-          f"sampling {'n_per_class ' + str(n_per_class) if n_per_class else 'ratio ' + str(ratio)}, seed {args.seed}; "
+          f"sampling {'n_per_class ' + str(n_per_class) if n_per_class else 'ratio ' + str(ratio)}, "
+          f"seed(s) {', '.join(map(str, args.seed))}{' (column means over the draws)' if len(args.seed) > 1 else ''}; "
           f"reference {reference}; options {options or '-'}; {describe_machine(torch_threads=True)}; {wall:.1f} s"
           + ("; demo fixture: numbers describe generated data, not a real dataset" if args.demo else "")
           + (f"; this run measured {', '.join(types)} and merged them into the earlier table" if args.append else ""),
@@ -102,6 +106,31 @@ def main(argv: list[str] | None = None) -> int:
     print(df.to_string(index=False))
     print(f"wrote {out / stem}.{{csv,md,png}} in {wall:.1f} s")
     return 0
+
+
+def mean_over_draws(frames: list):
+    """One table from per-draw tables of the same types: numeric columns averaged, the verdict recomputed from the
+    means (against the mean reference risk), ``flagged`` the classes flagged in any draw, ``top_class`` (and its
+    share and attraction) the first draw's."""
+    import pandas as pd
+
+    from backdoorbench_gic.auxdata.quality import risk_verdict
+
+    if len(frames) == 1:
+        return frames[0]
+    first = frames[0]
+    out = first.copy()
+    keep_first = {"reserved_type", "n", "top_class", "top_share", "top_attraction", "verdict", "flagged"}
+    for c in first.columns:
+        if c not in keep_first and pd.api.types.is_numeric_dtype(first[c]):
+            out[c] = sum(f[c].to_numpy(dtype=float) for f in frames) / len(frames)
+    refs = [f.attrs.get("reference_risk") for f in frames]
+    ref = sum(refs) / len(refs) if all(r is not None for r in refs) else None
+    out.attrs.update(first.attrs, reference_risk=ref)
+    out["verdict"] = [risk_verdict(r, e, ea, ref) for r, e, ea in zip(out["risk"], out["entropy"], out["entropy_adapted"])]
+    out["flagged"] = [" ".join(sorted({c for f in frames for c in str(f["flagged"].iloc[i]).split() if c != "nan"},
+                                      key=int)) for i in range(len(first))]
+    return out
 
 
 def _has_tabulate() -> bool:

@@ -116,6 +116,10 @@ def test_fd_against_reference_and_the_table(record):
     assert df.loc[1, "bn_div"] > df.loc[0, "bn_div"] and df.loc[1, "fd"] > 0
     assert (df["alignment"].between(0, 1)).all() and (df["n"] == 50).all()
     assert df.loc[0, "alignment"] > df.loc[1, "alignment"]
+    # the headline: the reference's own risk is measured on the same draw, so its row is exactly 'close' to it
+    assert df.attrs["reference_risk"] == pytest.approx(df.loc[0, "risk"])
+    assert df.loc[0, "verdict"] == "close" and df.loc[1, "risk"] > df.loc[0, "risk"]
+    assert list(df.columns[:5]) == ["reserved_type", "n", "risk", "verdict", "bn_div"]
 
 
 def test_cli_writes_table_and_plot(record, tmp_path, capsys):
@@ -150,6 +154,10 @@ def test_risk_and_verdict_by_hand():
     assert risk_verdict(0.07, 0.015, 0.26) == "fitted"  # confident only with the victim's own statistics
     assert risk_verdict(0.07, 0.43, 0.30) == "shifted"
     assert risk_verdict(float("nan"), 0.2, float("nan")) == "unknown"
+    # against a reference set's risk: close up to twice it, whatever the absolute scale
+    assert risk_verdict(0.0019, 0.17, 0.17, reference_risk=0.0005) == "shifted"
+    assert risk_verdict(0.0026, 0.24, 0.24, reference_risk=0.0013) == "close"
+    assert risk_verdict(0.07, 0.015, 0.26, reference_risk=0.05) == "fitted"
     assert set(VERDICTS) == {"close", "shifted", "fitted", "unknown"}
 
 
@@ -211,6 +219,9 @@ def test_report_text_ranks_says_directions_verdicts_and_warns_of_the_target():
     lines = text.splitlines()
     assert [ln.split()[0] for ln in lines[1:4]] == ["reserved", "reserved_noise", "synthetic:inversion"]  # by risk
     assert "risk: lower is better" in text and "hist_tvd: lower is better" in text
+    assert "verdicts (close: risk below 0.002; with --reference reserved" in text
+    df.attrs.update(reference="reserved", reference_risk=0.0016)
+    assert "verdicts (close: risk at most 2 x the reference reserved's 0.0016):" in report_text(df)
     assert "bn_div: lower is better" in text and "entropy: closer to the reserved/train row" in text
     assert f"reserved: close - {VERDICTS['close']}" in text
     assert f"synthetic:inversion: fitted - {VERDICTS['fitted']}" in text

@@ -37,14 +37,17 @@ Headline, the purification risk (a rank score: higher = purification with this s
 D_BN is the shift purification writes into the BN statistics; ``(H_a / 0.25)^4`` (1 at ``H_a`` = 1/4) raises it for
 sets whose content the victim still cannot read after BN adapts (rotation, mixtures), which D_BN underrates. The form
 (a product; the exponent 4 of {0, 0.5, 1, 2, 3, 4, 5, 6}, the best mean rho) was chosen on the 20-per-class efficacy
-block (both victims, FT/FST/SAU: rho with the C-Acc lost +0.70 to +0.95, D_BN alone +0.66 to +0.87). On the 5 % blocks
-it was not designed on, rho is +0.85 to +0.95 (D_BN alone +0.70 to +0.87; the earlier composite ``alignment`` below
--0.32 to -0.41, the wrong way round); BENCHMARKS.md, "Auxiliary data", and ``benchmarks/aux_evidence.py``.
+block (both victims, FT/FST/SAU). Scored as the mean over the three draws the efficacy seeds purify with, its rho with
+the C-Acc lost is +0.70 to +0.95 there (D_BN alone +0.66 to +0.89) and +0.85 to +0.98 on the 5 % blocks it was not
+designed on (D_BN alone +0.70 to +0.88; the earlier composite ``alignment`` below -0.30 to -0.37, the wrong way
+round); BENCHMARKS.md, "Auxiliary data", and ``benchmarks/aux_evidence.py``.
 It needs no test data and no reference set: only the victim and the candidate set.
 
 Verdicts (``verdict`` column; what to do in :data:`VERDICTS`):
-- ``close``: risk < 0.002 (the benchmark victims' own train/reserved/brightness sets scored 0.0005-0.0019): use it.
-- ``shifted``: risk >= 0.002: purification lost up to 16 C-Acc points with such sets in the benchmarks; prefer a set
+- ``close``: with a reference set (``--reference reserved``), risk <= 2 x the reference's; without one, risk < 0.002
+  (the benchmark victims' own train/reserved/brightness sets scored 0.0004-0.0018, but the scale moves with the
+  victim's confidence, so give a reference when you have one): use it.
+- ``shifted``: otherwise: purification lost up to 16 C-Acc points with such sets in the benchmarks; prefer a set
   with a lower risk; compare candidates with the risk column (it ranks them, it is not a forecast in points).
 - ``fitted``: the victim is confident on the set only with its own statistics (``entropy < H_a / 3``): images
   optimised against the victim (model inversion); purification with them lost 25-65 C-Acc points: do not use alone.
@@ -87,7 +90,8 @@ log = logging.getLogger(__name__)
 HEADLINE = "risk"
 RISK_ENTROPY_SCALE = 0.25  # H_a at which the entropy factor is 1
 RISK_ENTROPY_POWER = 4.0
-CLOSE_RISK = 0.002  # below: as close as the benchmark victims' own train/reserved sets
+CLOSE_RISK = 0.002  # without a reference: below, as close as the benchmark victims' own train/reserved sets
+CLOSE_RATIO = 2.0  # with a reference set: close = at most this multiple of the reference's risk
 FITTED_ENTROPY_RATIO = 1.0 / 3.0  # eval-mode entropy below this share of H_a: the set was fitted to the victim
 
 # what to do with each verdict (printed by `bbgic aux-quality`)
@@ -161,12 +165,16 @@ def purification_risk(bn_div: float, entropy_adapted: float) -> float:
     return float(bn_div * (entropy_adapted / RISK_ENTROPY_SCALE) ** RISK_ENTROPY_POWER)
 
 
-def risk_verdict(risk: float, entropy: float, entropy_adapted: float) -> str:
-    """``fitted``, ``close``, ``shifted`` or ``unknown`` (no BN statistics); see :data:`VERDICTS`."""
+def risk_verdict(risk: float, entropy: float, entropy_adapted: float, reference_risk: float | None = None) -> str:
+    """``fitted``, ``close``, ``shifted`` or ``unknown`` (no BN statistics); see :data:`VERDICTS`. With the risk of a
+    reference set of the same victim (e.g. ``reserved``), close means at most ``CLOSE_RATIO`` times it (the scale
+    moves between victims); without, below ``CLOSE_RISK``."""
     if not (risk == risk):
         return "unknown"
     if entropy < FITTED_ENTROPY_RATIO * entropy_adapted:
         return "fitted"
+    if reference_risk is not None and reference_risk == reference_risk:
+        return "close" if risk <= CLOSE_RATIO * reference_risk else "shifted"
     return "close" if risk < CLOSE_RISK else "shifted"
 
 
@@ -324,10 +332,12 @@ def quality_table(record, reserved_types: Sequence[str], *, reference: str | Non
     kw = dict(ratio=ratio, n_per_class=n_per_class, seed=seed, victim=victim, device=device)
     types = list(reserved_types)
     per_type = options_for(types + ([reference] if reference else []), options)
-    ref_moments = None
+    ref_moments, ref_risk = None, None
     if reference:
         ref_set = build_aux_set(record, reference, options=per_type[-1], **kw)
         ref_moments = reference_feature_moments(victim, ref_set, device, batch_size, progress)
+        ref_risk = measure_quality(victim, ref_set, record.num_classes, device=device, batch_size=batch_size,
+                                   progress=progress).risk
     from ..utils.logs import progress_enabled
     from ..utils.progress import progress_bar
 
@@ -346,7 +356,12 @@ def quality_table(record, reserved_types: Sequence[str], *, reference: str | Non
     df = df.drop(columns=["name"])
     if not reference:
         df = df.drop(columns=["fd"])
+    if ref_risk is not None:  # verdicts relative to the reference set's risk
+        for rep in reports:
+            rep.verdict = risk_verdict(rep.risk, rep.entropy, rep.entropy_adapted, ref_risk)
+        df["verdict"] = [r.verdict for r in reports]
     df.attrs["reference"] = reference
+    df.attrs["reference_risk"] = ref_risk
     df.attrs["record"] = str(record.record_dir)
     return df, reports
 

@@ -97,7 +97,7 @@ def report_text(df) -> str:
     and the target-class warnings."""
     import pandas as pd
 
-    from ..auxdata.quality import SIGNAL_DIRECTIONS, VERDICTS
+    from ..auxdata.quality import CLOSE_RATIO, CLOSE_RISK, SIGNAL_DIRECTIONS, VERDICTS
 
     table = df.sort_values("risk", na_position="last", kind="stable")
     with pd.option_context("display.width", 200, "display.max_columns", 40, "display.float_format", "{:.4g}".format):
@@ -105,7 +105,11 @@ def report_text(df) -> str:
                  "risk ranks the sets by the clean accuracy (C-Acc) purification loses with them: purify with the "
                  "lowest. It is a rank score measured on this victim, not a forecast in points."]
     lines += ["", "columns:"] + [f"  {c}: {d}" for c, d in SIGNAL_DIRECTIONS.items() if c in df.columns]
-    lines += ["", "verdicts:"]
+    ref, ref_risk = df.attrs.get("reference"), df.attrs.get("reference_risk")
+    lines += ["", f"verdicts (close: risk at most {CLOSE_RATIO:g} x the reference {ref}'s {ref_risk:.3g}):"
+              if ref_risk is not None and ref_risk == ref_risk else
+              f"verdicts (close: risk below {CLOSE_RISK:g}; with --reference reserved, judged against your own "
+              "in-distribution set instead):"]
     for _, row in table.iterrows():
         lines.append(f"  {row['reserved_type']}: {row['verdict']} - {VERDICTS[row['verdict']]}")
     flagged = table[table["flagged"].astype(str).str.strip().replace("nan", "") != ""]
