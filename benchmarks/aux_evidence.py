@@ -4,7 +4,7 @@ finished efficacy blocks (`efficacy_<block>.csv`, one row per attack x defense x
 and reports, per block, victim and defense, the Spearman rank correlation of each column with the C-Acc that
 purification lost against `reserved` (`acc_loss` = C-Acc(reserved) - C-Acc(type)).
 
-    python benchmarks/aux_quality.py --result_file badnet_fm_cnn16 --bb_root bbgic_bench --n_per_class 20 --seed 0
+    python benchmarks/aux_quality.py --result_file badnet_fm_cnn16 --bb_root bbgic_bench --n_per_class 20 --seed 0 1 2
     python benchmarks/aux_evidence.py                       # every benchmarks/results/efficacy_*.csv
     python benchmarks/aux_evidence.py --efficacy benchmarks/results/efficacy_new.csv ...   # add a finished block
 
@@ -122,13 +122,13 @@ def main(argv: list[str] | None = None) -> int:
         qpath = Path(args.quality_dir) / f"aux_quality_{attack}.csv"
         if not qpath.is_file():
             missing.append(f"{attack}: no {qpath.name}; run `python benchmarks/aux_quality.py --result_file {attack} "
-                           "--bb_root bbgic_bench --n_per_class 20 --seed 0`")
+                           "--bb_root bbgic_bench --n_per_class 20 --seed 0 1 2`")
             continue
         q = pd.read_csv(qpath).rename(columns={"reserved_type": "aux_type"}).drop_duplicates("aux_type", keep="last")
         absent = sorted(set(g["aux_type"]) - set(q["aux_type"]))
         if absent:
             missing.append(f"{attack}: {qpath.name} lacks {', '.join(absent)}; run `python benchmarks/aux_quality.py "
-                           f"--result_file {attack} --bb_root bbgic_bench --n_per_class 20 --seed 0 --append --types "
+                           f"--result_file {attack} --bb_root bbgic_bench --n_per_class 20 --seed 0 1 2 --append --types "
                            + " ".join(f"'{t}'" for t in absent) + "`")
         joined.append(g.merge(q, on="aux_type", how="inner", suffixes=("", "_q")))
     for m in missing:
