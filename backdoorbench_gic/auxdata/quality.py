@@ -391,6 +391,8 @@ def plot_quality(df, path: str | os.PathLike, title: str | None = None) -> Path:
             ax.set_xscale("symlog", linthresh={"risk": CLOSE_RISK, "bn_div": 0.01}.get(col, 1.0))  # values span decades
         ax.tick_params(labelsize=8)
     axes[0][0].invert_yaxis()
+    if any(c == "tab:red" for c in colors):
+        title = (title + "; " if title else "") + "red: a class pulls in predictions (possible backdoor target)"
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
