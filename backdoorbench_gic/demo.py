@@ -131,10 +131,10 @@ def reading(rows: list[dict[str, Any]]) -> str:
     line = (f"Reading: {best['defense']} on {best['aux_type']} removes the most (ASR {best['asr_before']:.1%} -> "
             f"{best['asr_after']:.1%}, C-Acc {best['acc_before']:.1%} -> {best['acc_after']:.1%})")
     plain = {(r["defense"], r["aux_type"]): r for r in rows}
-    effects = [f"{(r['der'] - plain[(r['defense'][4:], r['aux_type'])]['der']) * 100:+.1f} on {r['aux_type']}"
+    effects = [f"{(r['der'] - plain[(r['defense'][4:], r['aux_type'])]['der']) * 100:+.1f} points on {r['aux_type']}"
                for r in rows if r["defense"].startswith("gic-") and (r["defense"][4:], r["aux_type"]) in plain]
     if effects:
-        line += f"; GIC changes DER by {', '.join(effects)} points"
+        line += f"; GIC changes DER by {', '.join(effects)}"
     n_test = f" on {best['eval_n_clean']} test images" if best.get("eval_n_clean") else ""
     return line + f". One seed{n_test}: differences of a few points are within seed noise."
 

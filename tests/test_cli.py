@@ -172,7 +172,7 @@ def test_demo_table_is_in_percent_with_a_reading(capsys):
              "asr_before": 0.96, "asr_after": 0.30, "eval_n_clean": 360}]
     line = reading(rows)
     assert "gic-ft on noise removes the most (ASR 96.0% -> 30.0%" in line
-    assert "GIC changes DER by +5.0 on noise points" in line and "360 test images" in line
+    assert "GIC changes DER by +5.0 points on noise" in line and "360 test images" in line
 
 
 def test_defend_prints_the_gic_summary_from_the_row():
