@@ -10,12 +10,15 @@ All fractions in [0, 1]; predictions are the argmax of the logits.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .data.imageset import ImageSet
+from .utils.logs import progress_enabled
+from .utils.progress import progress_bar
 from .utils.runtime import autocast, to_device
 
 
@@ -54,7 +57,10 @@ def predict_logits(model: torch.nn.Module, data: ImageSet, device: torch.device 
     model.eval()
     out = []
     try:
-        for batch in data.batches(batch_size, device=device):
+        batches = progress_bar(data.batches(batch_size, device=device), total=math.ceil(len(data) / batch_size),
+                               desc=f"predict {data.name or 'set'}", leave=False, delay=2.0,  # quiet when quick
+                               disable=not progress_enabled(None))
+        for batch in batches:
             with autocast(device, amp):
                 logits = model(to_device(batch.x, device))
             out.append(logits.float().cpu())
