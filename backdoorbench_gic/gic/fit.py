@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Sequence
 
 import torch
-from tqdm.auto import tqdm
+from ..utils.progress import progress_bar
 
 from ..config import ConfigError, check_range, require
 from ..data.imageset import ImageSet
@@ -158,7 +158,7 @@ def fit_calibrator(victim: torch.nn.Module, aux: ImageSet, cfg: GICConfig, *, de
         opt = torch.optim.Adam(calibrator.parameters(), lr=cfg.gic_lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
         ema, best, since_best = None, math.inf, 0
-        bar = tqdm(total=steps, desc=f"GIC fit ({cfg.family}, delta {delta * 255:.1f}/255)", leave=False,
+        bar = progress_bar(total=steps, desc=f"GIC fit ({cfg.family}, delta {delta * 255:.1f}/255)", leave=False,
                    disable=not progress_enabled(progress))
         step = 0
         try:
