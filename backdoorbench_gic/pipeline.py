@@ -138,6 +138,9 @@ def run_defense(req: DefenseRequest, record: AttackRecord | None = None) -> dict
     record = record or load_attack_record(req.result_file, req.bb_root, trust=req.trust_checkpoint,
                                           dataset_dir=req.dataset_dir)
     dataset = req.dataset or record.clean_data
+    if "reserved_type" in req.overrides:  # the usual CLI case: refuse a bad request before the defenses load
+        check_aux_request(record, str(req.overrides["reserved_type"]), options=req.aux_options,
+                          n_per_class=req.n_per_class)
     defense_cls = DEFENSES.get(req.defense)
     overrides = dict(req.overrides)
     if req.device is not None:

@@ -121,3 +121,15 @@ def test_matrix_validation_checks_each_aux_type_against_the_records(root, tmp_pa
     problems = validate_spec(load_spec(tmp_path / "s.yaml"))
     assert [p for p in problems if "reserved_foo" in p and "victim" in p], problems
     assert not [p for p in problems if "'train'" in p], problems
+
+
+def test_a_bad_type_given_on_the_command_line_is_refused_before_the_defenses_load(root, tmp_path, monkeypatch):
+    from backdoorbench_gic.registry import DEFENSES
+
+    def no_registry(*a, **k):
+        raise AssertionError("the defense registry was loaded before the auxiliary type was checked")
+
+    monkeypatch.setattr(DEFENSES, "get", no_registry)
+    with pytest.raises(AuxDataError, match="reserved_foo"):
+        run_defense(DefenseRequest(result_file="victim", defense="ft", bb_root=str(root),
+                                   overrides={"reserved_type": "reserved_foo"}, progress=False))
