@@ -54,7 +54,10 @@ def test_help_does_not_import_torch(tmp_path):
 def test_list_answers_from_its_cache_without_torch(tmp_path):
     first_torch, first = _torch_after("main(['list'])", tmp_path)
     assert first_torch  # nothing cached yet: the registries are imported
-    again_torch, again = _torch_after("main(['list'])", tmp_path)
+    for _ in range(3):  # a source file edited between the two calls changes the key; then the next pair decides
+        again_torch, again = _torch_after("main(['list'])", tmp_path)
+        if not again_torch:
+            break
     assert not again_torch and again.replace("NO-TORCH", "") == first.replace("TORCH", "")
     cached = list((tmp_path / "catalog").glob("*.json"))
     assert len(cached) == 1 and "defense" in json.loads(cached[0].read_text())
