@@ -63,7 +63,6 @@ class FST(Defense):
     """Feature shift tuning: re-initialised head, penalised alignment with the backdoored head (Min et al. 2023)."""
 
     config_class = FSTConfig
-    csv_prefix = "fst"
     augment = False
 
     def setup(self, run: Run) -> None:

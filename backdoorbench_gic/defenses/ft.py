@@ -25,5 +25,4 @@ class FT(Defense):
     """Fine-tuning on the auxiliary set (cross-entropy, train augmentation)."""
 
     config_class = FTConfig
-    csv_prefix = "ft"
     augment = True

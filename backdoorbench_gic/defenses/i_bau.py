@@ -86,7 +86,6 @@ class IBAU(Defense):
     """Implicit backdoor adversarial unlearning: minimax over a universal perturbation (Zeng et al., ICLR 2022)."""
 
     config_class = IBAUConfig
-    csv_prefix = "i-bau"
     augment = True
     epochs_key = "n_rounds"
     unit = "round"

@@ -111,7 +111,6 @@ class SAU(Defense):
     """Shared adversarial unlearning (Wei et al., NeurIPS 2023)."""
 
     config_class = SAUConfig
-    csv_prefix = "sau"
     augment = False
     epochs_key = "n_rounds"
     unit = "round"
