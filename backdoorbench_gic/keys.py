@@ -27,6 +27,7 @@ class GicInfo:
     BN_DIV_BEFORE = "bn_div_before"  # dataset-level D_BN of aux (as ``bbgic aux-quality`` reports it)
     BN_DIV_AFTER = "bn_div_after"  # the same of g(aux)
     BASE_SECONDS = "base_seconds"  # the wrapped base defense's purification time
+    PLACEMENT_SECONDS = "placement_seconds"  # the BatchNorm passes of a placement after purification
     DRIFT_CLASS = "drift_class"  # the label-free drift monitor (gic/drift.py DriftReport.as_row)
     DRIFT_SHARE = "drift_share"
     DRIFT_RATIO = "drift_ratio"
@@ -62,5 +63,25 @@ class Col:
     BN_DIV_BEFORE = extra_column(GicInfo.BN_DIV_BEFORE)
     BN_DIV_AFTER = extra_column(GicInfo.BN_DIV_AFTER)
     BASE_SECONDS = extra_column(GicInfo.BASE_SECONDS)
+    PLACEMENT_SECONDS = extra_column(GicInfo.PLACEMENT_SECONDS)
     DRIFT_RATIO = extra_column(GicInfo.DRIFT_RATIO)
     DRIFT_FLAG = extra_column(GicInfo.DRIFT_FLAG)
+
+
+def gic_summary_line(values, prefix: str = "") -> str | None:
+    """GIC's fit summary for people (delta, D_BN before -> after, drift), from its info and summary keys (in a tidy
+    row they sit under ``prefix`` = ``extra_``); None when the values hold no calibration."""
+    def get(key: str):
+        return values.get(prefix + key)
+
+    if get(GicInfo.DELTA) is None and get(GicInfo.BN_DIV_BEFORE) is None and get(GicInfo.DRIFT_CLASS) is None:
+        return None
+    parts = []
+    if get(GicInfo.DELTA) is not None:
+        parts.append(f"delta {float(get(GicInfo.DELTA)) * 255:.1f}/255")
+    if get(GicInfo.BN_DIV_BEFORE) is not None and get(GicInfo.BN_DIV_AFTER) is not None:
+        parts.append(f"D_BN {float(get(GicInfo.BN_DIV_BEFORE)):.4f} -> {float(get(GicInfo.BN_DIV_AFTER)):.4f}")
+    if get(GicInfo.DRIFT_CLASS) is not None:
+        parts.append(f"drift: class {int(get(GicInfo.DRIFT_CLASS))} gets {float(get(GicInfo.DRIFT_SHARE)):.1%} of "
+                     "predictions" + (" (WARNING: concentrated)" if get(GicInfo.DRIFT_FLAG) else ""))
+    return "GIC: " + ", ".join(parts)

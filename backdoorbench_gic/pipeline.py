@@ -24,6 +24,7 @@ import torch
 from .data.imageset import ImageSet
 from .evaluation import Metrics, compare, evaluate
 from .records import AttackRecord, load_attack_record
+from .keys import extra_column
 from .registry import DEFENSES
 from .results import MetricLog, defense_output_dir, write_defense_result, write_tidy_row
 from .utils.cache import cache_dir, hash_images, hash_weights
@@ -222,7 +223,7 @@ def run_defense(req: DefenseRequest, record: AttackRecord | None = None) -> dict
             "host": platform.node(),
             "torch": torch.__version__,
             "log": os.path.relpath(log_path, out_dir),
-            **{f"extra_{k}": v for k, v in result.extras.items() if isinstance(v, (int, float, str, bool))},
+            **{extra_column(k): v for k, v in result.extras.items() if isinstance(v, (int, float, str, bool))},
             **req.extra_row,
         }
         write_tidy_row(out_dir, row)

@@ -76,7 +76,7 @@ def cost(df: pd.DataFrame) -> float:
     on, off = df[df[Col.GIC].astype(bool)], df[~df[Col.GIC].astype(bool)]
     base = off[Col.DEFENSE_SECONDS].mean()
     add = on.get(Col.GIC_SECONDS, pd.Series(0.0, index=on.index)).fillna(0).mean()
-    add += on.get("extra_placement_seconds", pd.Series(0.0, index=on.index)).fillna(0).mean()
+    add += on.get(Col.PLACEMENT_SECONDS, pd.Series(0.0, index=on.index)).fillna(0).mean()
     return float(add / base) if base else math.nan
 
 

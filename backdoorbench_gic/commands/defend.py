@@ -87,20 +87,10 @@ def format_row(row: dict) -> str:
 
 
 def format_gic_summary(values: dict, prefix: str = "extra_") -> str | None:
-    """The GIC fit's summary line (delta, D_BN before -> after, drift), as ``bbgic calibrate`` prints it, from a
-    run's tidy row (GIC's info and summary keys under ``prefix``); None when the run fitted no calibration."""
-    get = lambda key: values.get(prefix + key)  # noqa: E731
-    if get("gic_delta") is None and get("bn_div_before") is None and get("drift_class") is None:
-        return None
-    parts = []
-    if get("gic_delta") is not None:
-        parts.append(f"delta {float(get('gic_delta')) * 255:.1f}/255")
-    if get("bn_div_before") is not None and get("bn_div_after") is not None:
-        parts.append(f"D_BN {float(get('bn_div_before')):.4f} -> {float(get('bn_div_after')):.4f}")
-    if get("drift_class") is not None:
-        parts.append(f"drift: class {int(get('drift_class'))} gets {float(get('drift_share')):.1%} of predictions"
-                     + (" (WARNING: concentrated)" if get("drift_flag") else ""))
-    return "GIC: " + ", ".join(parts)
+    """The GIC fit's summary line, as ``bbgic calibrate`` prints it, from a run's tidy row; None without GIC."""
+    from ..keys import gic_summary_line
+
+    return gic_summary_line(values, prefix)
 
 
 def add_parser(sub) -> argparse.ArgumentParser:

@@ -28,6 +28,7 @@ import torch
 from ..bnstats import NoBatchNormError, dataset_bn_divergence
 from ..config import asdict_public, build_config
 from ..data.imageset import ImageSet
+from ..keys import GicInfo, gic_summary_line
 from ..utils.cache import cache_dir, hash_weights
 from ..utils.io import atomic_torch_save, atomic_write_text
 from .calibrators import Calibrator, build_calibrator
@@ -91,7 +92,7 @@ class GIC:
         key = fit_key(victim, aux, cfg, seed)
         if cfg.gic_cache and key in _MEMORY_CACHE:
             entry = _MEMORY_CACHE[key]
-            return entry["calibrator"], {**entry["info"], "gic_cached": 1.0}
+            return entry["calibrator"], {**entry["info"], GicInfo.CACHED: 1.0}
         path = cache_dir() / f"{key}.pt"
         if cfg.gic_cache and path.is_file():
             try:
@@ -100,13 +101,13 @@ class GIC:
                                        int(data["hidden"]))
                 cal.load_state_dict(data["state"])
                 _MEMORY_CACHE[key] = {"calibrator": cal.to(device).eval(), "info": data["info"]}
-                return _MEMORY_CACHE[key]["calibrator"], {**data["info"], "gic_cached": 1.0}
+                return _MEMORY_CACHE[key]["calibrator"], {**data["info"], GicInfo.CACHED: 1.0}
             except Exception as exc:  # a damaged cache entry is refitted, never trusted
                 log.warning("ignoring unreadable GIC cache entry %s: %s", path, exc)
         fit = fit_calibrator(victim, aux, cfg, device=device, seed=seed, amp=amp,
                              progress=progress)
-        info = {"gic_seconds": fit.seconds, "gic_steps": float(fit.steps), "gic_delta": fit.delta,
-                "gic_final_loss": fit.history[-1]["loss"] if fit.history else float("nan"), "gic_cached": 0.0}
+        info = {GicInfo.SECONDS: fit.seconds, GicInfo.STEPS: float(fit.steps), GicInfo.DELTA: fit.delta,
+                GicInfo.FINAL_LOSS: fit.history[-1]["loss"] if fit.history else float("nan"), GicInfo.CACHED: 0.0}
         if cfg.gic_cache:
             _MEMORY_CACHE[key] = {"calibrator": fit.calibrator, "info": info}
             try:
@@ -137,7 +138,7 @@ class GIC:
             keys.append(fit_key(victim, part, self.config, seed))
             self.info.update(part_info if source is None else {f"{k}[{source}]": v for k, v in part_info.items()})
         self.summary = self._cached_summary(victim, aux, device, "+".join(keys)) if report else {}
-        self.info["gic_total_seconds"] = time.perf_counter() - t0
+        self.info[GicInfo.TOTAL_SECONDS] = time.perf_counter() - t0
         return self
 
     def _cached_summary(self, victim: torch.nn.Module, aux: ImageSet, device: torch.device, key: str) -> dict[str, Any]:
@@ -204,8 +205,8 @@ class GIC:
         calibrated = self.transform(aux, device)
         out: dict[str, Any] = {}
         try:
-            out["bn_div_before"] = dataset_bn_divergence(victim, aux.images, device)[0]
-            out["bn_div_after"] = dataset_bn_divergence(victim, calibrated.images, device)[0]
+            out[GicInfo.BN_DIV_BEFORE] = dataset_bn_divergence(victim, aux.images, device)[0]
+            out[GicInfo.BN_DIV_AFTER] = dataset_bn_divergence(victim, calibrated.images, device)[0]
         except NoBatchNormError:
             pass
         drift = drift_report(victim, aux, calibrated, int(victim.head.out_features), device,
@@ -215,15 +216,7 @@ class GIC:
 
     def describe(self) -> str:
         """One line for people: delta, D_BN before -> after, drift."""
-        s, delta = self.summary, self.info.get("gic_delta", self.config.delta)
-        line = f"GIC: delta {float(delta) * 255:.1f}/255"
-        if "bn_div_before" in s:
-            line += f", D_BN {s['bn_div_before']:.4f} -> {s['bn_div_after']:.4f}"
-        if "drift_class" in s:
-            line += f", drift: class {s['drift_class']} gets {s['drift_share']:.1%} of predictions"
-            if s.get("drift_flag"):
-                line += " (WARNING: concentrated)"
-        return line
+        return gic_summary_line({GicInfo.DELTA: self.config.delta, **self.info, **self.summary}) or "GIC: not fitted"
 
     # -- state ----------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

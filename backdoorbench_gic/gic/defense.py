@@ -38,6 +38,7 @@ from ..config import ConfigError, RunConfig, build_config, check_range, config_k
 from ..data.imageset import ImageSet
 from ..data.transforms import TrainAugment
 from ..defenses.base import Defense, DefenseConfig, Monitor, PurifyResult
+from ..keys import GicInfo
 from ..registry import DEFENSES
 from ..utils import purify_cache
 from .calibration import GIC
@@ -186,7 +187,7 @@ class GICDefense(Defense):
         t0 = time.perf_counter()
         result = purify_cache.purify(self.base, model, data, device=device, train_augment=train_augment,
                                      monitor=monitor, progress=progress)
-        info["base_seconds"] = time.perf_counter() - t0
+        info[GicInfo.BASE_SECONDS] = time.perf_counter() - t0
         t1 = time.perf_counter()
         if cfg.placement in ("bn-after", "both"):
             recalibrate_bn(result.model, calibrated, batch_size=cfg.bn_batch_size, device=device)
@@ -197,7 +198,7 @@ class GICDefense(Defense):
         elif cfg.placement == "bn-transfer":
             transfer_bn_statistics(result.model, model, aux, batch_size=cfg.bn_batch_size, device=device)
         result.model.eval()
-        info["placement_seconds"] = time.perf_counter() - t1
+        info[GicInfo.PLACEMENT_SECONDS] = time.perf_counter() - t1
         result.extras.update(info)
         return result
 

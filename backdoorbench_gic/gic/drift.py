@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..data.imageset import ImageSet
+from ..keys import GicInfo
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,9 @@ class DriftReport:
                 "target attracts them. Consider a smaller delta, the obj_drift penalty, or inspect this class.")
 
     def as_row(self) -> dict[str, float]:
-        return {"drift_class": self.drift_class, "drift_share": self.drift_share, "drift_ratio": self.drift_ratio,
-                "drift_raw_share": self.raw_share_of_drift_class, "drift_flag": float(self.concentrated)}
+        return {GicInfo.DRIFT_CLASS: self.drift_class, GicInfo.DRIFT_SHARE: self.drift_share,
+                GicInfo.DRIFT_RATIO: self.drift_ratio, GicInfo.DRIFT_RAW_SHARE: self.raw_share_of_drift_class,
+                GicInfo.DRIFT_FLAG: float(self.concentrated)}
 
     def as_dict(self) -> dict:
         return asdict(self)
