@@ -9,7 +9,7 @@ defenses, draws and seeds. Blocks named `dev*` are the development blocks (the o
 
     python benchmarks/gic16.py                  # run every block and variant (resumable), then report
     python benchmarks/gic16.py --report_only    # analyse what has finished
-    python benchmarks/gic16.py --only dev       # run the blocks whose name starts with dev
+    python benchmarks/gic16.py --only dev       # only the blocks whose name starts with dev (the selection's view)
 
 Selection rule (BENCHMARKS.md, "GIC placement and objectives"): over the development blocks' lossy cells (C-Acc loss
 > 2 points against reserved), eligible variants keep the mean ASR change <= +1 point and do no harm on train and
@@ -114,7 +114,8 @@ def table(rows: list[list[str]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--report_only", action="store_true")
-    p.add_argument("--only", default="", help="run only blocks whose name starts with this (others are read)")
+    p.add_argument("--only", default="", help="run and report only the blocks whose name starts with this (e.g. dev: "
+                                              "the development blocks alone, as the selection must see them)")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
     os.environ.setdefault("BBGIC_PURIFY_CACHE", "1")
@@ -126,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     per_block: dict[str, dict[str, dict]] = {}
     frames: dict[str, dict[str, pd.DataFrame]] = {}
     for block, variants in blocks().items():
-        ro = args.report_only or not block.startswith(args.only)
+        if not block.startswith(args.only):
+            continue
+        ro = args.report_only
         _, base_df, _ = run_spec(str(variants["before"]), ro)
         if base_df.empty:
             continue
