@@ -6,7 +6,8 @@ BackdoorBench-format records: ``badnet``, ``blended``, ``sig``, ``wanet``, ``inp
 share; ``ATTACKS.build(name, **keys)`` gives an :class:`Attack` whose poisoning steps can be used on their own.
 """
 from .base import Attack, AttackConfig, poisoned_view
-from .runner import RecordExistsError, build_attack, default_folder_name, load_attack, run_attack
+from .runner import (RecordExistsError, build_attack, default_folder_name, load_attack, run_attack,
+                     train_victim)
 
 from . import badnet, blended, inputaware, lowfreq, prototype, sig, wanet  # noqa: F401,E402  (register the attacks)
 from .badnet import BadNet, BadNetConfig  # noqa: E402
@@ -19,7 +20,7 @@ from .wanet import WaNet, WaNetConfig  # noqa: E402
 
 __all__ = [
     "Attack", "AttackConfig", "poisoned_view", "RecordExistsError", "build_attack", "default_folder_name",
-    "load_attack", "run_attack", "BadNet", "BadNetConfig", "Blended", "BlendedConfig", "InputAware", "InputAwareConfig",
-    "LowFrequency", "LowFrequencyConfig", "Prototype",
-    "PrototypeConfig", "InfeasiblePoisonRatio", "Sig", "SigConfig", "WaNet", "WaNetConfig",
+    "load_attack", "run_attack", "train_victim", "BadNet", "BadNetConfig", "Blended", "BlendedConfig", "InputAware",
+    "InputAwareConfig", "LowFrequency", "LowFrequencyConfig", "Prototype", "PrototypeConfig", "InfeasiblePoisonRatio",
+    "Sig", "SigConfig", "WaNet", "WaNetConfig",
 ]

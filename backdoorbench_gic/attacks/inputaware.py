@@ -18,7 +18,10 @@ poisoned, relabelled samples plus ``cross_ratio`` times as many cross-trigger sa
 ``cross_test_dataset/`` holds the test set in cross-trigger mode and ``input_aware_generators.pt`` (ours) the
 generators' weights, so the triggers can be regenerated later. Our CPU-scale differences: the generators'
 width (``generator_width``) and the number of mask epochs are settings, and WaNet's extra post-poisoning
-crop/rotation is not applied (the run's own random crop is, before poisoning).
+crop/rotation is not applied (the run's own random crop is, before poisoning). The generators normalise per sample
+(GroupNorm with one group) rather than with BatchNorm: a batch holds only about a dozen poisoned images, and with
+BatchNorm the trigger a trained generator makes in eval mode (running statistics) differed from the one the
+classifier learnt; on a 10,000-image, 4-epoch Fashion-MNIST screen the held-out ASR went from 15 % to 67 %.
 """
 from __future__ import annotations
 
@@ -94,7 +97,9 @@ class TriggerGenerator(nn.Module):
         super().__init__()
 
         def block(cin: int, cout: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+            # per-sample normalisation: a trigger does not depend on which images share its batch, so training
+            # (a dozen poisoned images per batch) and poisoning whole sets make the same trigger
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(1, cout), nn.ReLU(inplace=True))
 
         w = width
         self.enc1 = nn.Sequential(block(channels, w), block(w, w))

@@ -91,12 +91,13 @@ def craft_low_frequency_trigger(model: torch.nn.Module, images: torch.Tensor, ta
 
 @dataclass
 class LowFrequencyConfig(AttackConfig):
-    """``eps``: the trigger's L-inf bound on the [0,1] pixel scale; ``cutoff``: the highest integer DFT frequency
-    kept per axis (of 14 at 28 px); the crafting keys; the clean model (``surrogate_record`` or
+    """``eps``: the trigger's L-inf bound on the [0,1] pixel scale (0.03, about 8 grey levels: chosen on held-out
+    Fashion-MNIST training data, where 0.1 and 0.05 cost more clean accuracy); ``cutoff``: the highest integer DFT
+    frequency kept per axis (of 14 at 28 px); the crafting keys; the clean model (``surrogate_record`` or
     ``surrogate_epochs``); ``trigger_path``: a finished trigger to reuse."""
 
     attack: str = "lf"
-    eps: float = 0.1
+    eps: float = 0.03
     cutoff: int = 3
     craft_steps: int = 200
     craft_lr: float = 0.005

@@ -180,8 +180,24 @@ def run_attack(config: AttackConfig | Mapping[str, Any] | Attack, *, bb_root: st
     return record_dir
 
 
+def train_victim(attack: Attack, train, test, *, bb_root: str | os.PathLike = ".", progress: bool | None = False
+                 ) -> tuple[torch.nn.Module, MetricLog]:
+    """Poison ``train`` and train a victim on it as :func:`run_attack` does (same seeding, model, schedule and
+    per-epoch metrics on ``test``), writing nothing: for quick screening runs on a subset of the data."""
+    cfg = attack.config
+    device = resolve_device(cfg.device)
+    generator = seed_everything(cfg.random_seed)
+    attack.setup(bb_root)
+    train_set, _ = attack.poison_train(train)
+    bd_test_set = attack.poison_test(test)[0] if attack.poisons else None
+    torch.manual_seed(cfg.random_seed)
+    model = prepare_model(build_model(cfg.model, attack.spec.num_classes, cfg.dataset, width=cfg.width), device)
+    history = _train(attack, model, train_set, test, bd_test_set, generator, device, None, progress)
+    return model, history
+
+
 def _train(attack: Attack, model: torch.nn.Module, train_set, test, bd_test_set, generator: torch.Generator,
-           device: torch.device, record_dir: Path, progress: bool | None) -> MetricLog:
+           device: torch.device, record_dir: Path | None, progress: bool | None) -> MetricLog:
     """The epochs: train (poisoning per batch where the attack does), step the schedule, evaluate, log a row."""
     cfg = attack.config
     optimizer = make_optimizer(model.parameters(), cfg)
@@ -205,7 +221,8 @@ def _train(attack: Attack, model: torch.nn.Module, train_set, test, bd_test_set,
         metrics = evaluate(model, test, bd_test_set, device=device, batch_size=EVAL_BATCH_SIZE, amp=False)
         values = {"epoch": epoch, **stats.as_row(), **metrics.as_row()}
         history.add({k: values[k] for k in columns})
-        history.save(record_dir, CSV_PREFIX)
+        if record_dir is not None:
+            history.save(record_dir, CSV_PREFIX)
         if attack.poisons:
             bar.set_postfix(acc=f"{metrics.acc:.3f}", asr=f"{metrics.asr:.3f}")
             log.info("epoch %d/%d: train loss %.4f acc %.4f | C-Acc %.4f ASR %.4f RA %.4f (%.1fs)", epoch + 1,
