@@ -296,7 +296,9 @@ def evidence_for(r: dict, verdict_text: str, clean: dict) -> list[str]:
 
 def settings(r: dict) -> str:
     """The row's attack-specific keys that differ from the attack's defaults."""
-    return " ".join(f"{k}={v}" for k, v in (r.get("overrides") or {}).items()) or "defaults"
+    keys = [f"{k}={v}" for k, v in (r.get("overrides") or {}).items()]
+    keys += [f"lr={r['lr']:g}"] if r.get("lr") not in (None, 0.01) else []
+    return " ".join(keys) or "defaults"
 
 
 def render(results: dict) -> str:
