@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from backdoorbench_gic.analysis import Col, describe_machine, md_table, run_spec
+from backdoorbench_gic.analysis import IN_DISTRIBUTION, Col, describe_machine, md_table, run_spec
 from backdoorbench_gic.analysis.efficacy import efficacy_report
 
 HERE = Path(__file__).resolve().parent
@@ -78,6 +78,16 @@ def cost(df: pd.DataFrame) -> float:
     add = on.get(Col.GIC_SECONDS, pd.Series(0.0, index=on.index)).fillna(0).mean()
     add += on.get(Col.PLACEMENT_SECONDS, pd.Series(0.0, index=on.index)).fillna(0).mean()
     return float(add / base) if base else math.nan
+
+
+def shifted_changes(df: pd.DataFrame) -> pd.DataFrame:
+    """Per victim x base defense: the mean paired change (variant minus uncalibrated) of C-Acc and ASR over the
+    shifted sets, in points."""
+    _, gaps, _ = efficacy_report(df)
+    sh = gaps[~gaps[Col.AUX_TYPE].isin(IN_DISTRIBUTION)]
+    d = sh.assign(dacc=(sh["acc_after_gic"] - sh["acc_after_nogic"]) * 100,
+                  dasr=(sh["asr_after_gic"] - sh["asr_after_nogic"]) * 100)
+    return d.groupby([Col.ATTACK, Col.BASE_DEFENSE])[["dacc", "dasr"]].mean()
 
 
 def figures(df: pd.DataFrame) -> dict:
@@ -160,11 +170,20 @@ def main(argv: list[str] | None = None) -> int:
     dev = ({v: f for (r, v), f in pooled.items() if r == "development"} if len(dev_names) > 1
            else per_block.get(dev_names[0], {}) if dev_names else {})
     chosen = select(dev)
+    change_rows = []
+    for b in per_block:
+        for v, df in frames[b].items():
+            for (attack, defense), r in shifted_changes(df).iterrows():
+                change_rows.append([b, v, attack, defense, f"{r['dacc']:+.1f}", f"{r['dasr']:+.1f}"])
+    changes = md_table(["block", "variant", "victim", "defense", "mean dC-Acc on shifted sets (pts)",
+                        "mean dASR on shifted sets (pts)"], change_rows)
     cmd = "python " + " ".join([Path(sys.argv[0]).as_posix().split("/work/main/")[-1], *sys.argv[1:]])
     text = (f"## GIC placement and objectives (issue 16)\n\nmachine: {describe_machine()}; command `{cmd}`; "
             f"{dt.datetime.now():%Y-%m-%d %H:%M}\n\n" + table(rows) + "\n\n"
             + (f"Selected on the development blocks: **{chosen}**" if chosen else
-               "No variant is eligible on the development blocks: the packaged default stays `before`") + "\n")
+               "No variant is eligible on the development blocks: the packaged default stays `before`") + "\n\n"
+            + "Per victim and defense, the paired change on the shifted sets (all of them, lossy or not):\n\n"
+            + changes + "\n")
     summary = {"generated": dt.datetime.now().isoformat(timespec="seconds"), "asr_rise_limit": ASR_RISE_LIMIT,
                "selected": chosen,
                "blocks": [{"block": b, "role": role(b), "variant": v, "spec": str(blocks()[b][v].relative_to(HERE.parent)),
