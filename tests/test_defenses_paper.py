@@ -336,3 +336,11 @@ def test_runs_on_cuda_with_bf16_autocast(victims, name):
     state = {k: val.cpu() for k, val in r.model.net.state_dict().items()}
     assert all(torch.isfinite(val).all() for val in state.values() if val.is_floating_point())
     build_model("preactresnet18", 10, "cifar10", width=8).net.load_state_dict(state, strict=True)
+
+
+def test_largest_within_takes_the_last_candidate_within_the_floor():
+    from backdoorbench_gic.defenses._pruning import largest_within
+
+    # floor 0.72: 0.70 fails but the later 0.74 is within, and 0.60 after it is not
+    assert largest_within([0.80, 0.75, 0.70, 0.74, 0.60], 0.1) == 3
+    assert largest_within([0.80, 0.10], 0.1) == 0

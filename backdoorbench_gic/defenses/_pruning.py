@@ -4,9 +4,11 @@ how much to prune from it.
 BackdoorBench picks FP's pruning ratio and ANP's pruning amount by looking at the *test* set's attack success
 rate. We never do: the amount is chosen on the auxiliary set alone. A seeded fraction ``val_ratio`` of the
 auxiliary set is held out (the rest ranks or learns what to prune); candidates are tried in order of
-increasing pruning, and the rule is the one of Liu et al.'s Fine-Pruning: *keep pruning while the held-out
-accuracy stays within ``acc_ratio`` (relative) of the unpruned model's; stop before the first candidate that
-falls below*. With no backdoor signal in clean data, this prunes as much as clean accuracy tolerates.
+increasing pruning, and the amount is the largest one whose held-out accuracy stays within ``acc_ratio``
+(relative) of the unpruned model's. FP stops at the first candidate that falls below (Liu et al.'s
+Fine-Pruning prunes until accuracy drops: :func:`last_within`); ANP, whose accuracy is not monotone in the
+mask threshold, takes the largest candidate within the bound wherever it lies (:func:`largest_within`). With
+no backdoor signal in clean data, both prune as much as clean accuracy tolerates.
 """
 from __future__ import annotations
 
@@ -58,6 +60,12 @@ def last_within(accuracies: Sequence[float], acc_ratio: float) -> int:
             break
         chosen = i
     return chosen
+
+
+def largest_within(accuracies: Sequence[float], acc_ratio: float) -> int:
+    """Index of the last candidate whose accuracy is at least ``(1 - acc_ratio) x accuracies[0]``."""
+    floor = (1.0 - acc_ratio) * accuracies[0]
+    return max(i for i, acc in enumerate(accuracies) if acc >= floor)
 
 
 def oracle_index(accuracies: Sequence[float], asrs: Sequence[float], acc_ratio: float) -> int:
