@@ -29,6 +29,7 @@ Built in:
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping, Sequence
 
@@ -41,6 +42,8 @@ from ..bnstats import layer_weights as bn_layer_weights
 from ..config import ConfigError
 from ..data.imageset import ImageSet
 from ..registry import Registry
+
+log = logging.getLogger(__name__)
 
 OBJECTIVES = Registry("gic objective")
 
@@ -193,6 +196,8 @@ class TriggerGuard(Objective):
     def __init__(self, victim, aux, device, num_classes):
         super().__init__(victim, aux, device, num_classes)
         self.target, self.excess = infer_target(victim, aux, device, num_classes)
+        log.info("trigger guard: inferred target class %d (its predicted share exceeds its label share by %.1f points)",
+                 self.target, 100 * self.excess)
 
     def __call__(self, out: Forward) -> torch.Tensor:
         p_t = out.probs[:, self.target]
