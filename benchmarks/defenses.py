@@ -131,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
             + "\n\nTarget (BadNets, in-distribution aux): " + "; ".join(verdicts) + "\n")
     if df["defense"].isin(list(PRUNING)).any():
         text += ("\n### Pruning amount: auxiliary-only choice versus the test-ASR oracle\n\n"
-                 "Ours: the last candidate whose accuracy on a held-out 20 % of the auxiliary set stays within acc_ratio "
-                 "of the unpruned model's. Oracle (BackdoorBench looks at test ASR): the lowest test ASR among "
+                 "Ours: on a held-out 20 % of the auxiliary set, FP prunes until the accuracy first falls below "
+                 "(1 - acc_ratio) x the unpruned model's, ANP takes the largest mask threshold within that bound. Oracle (BackdoorBench looks at test ASR): the lowest test ASR among "
                  "candidates keeping test C-Acc within the same acc_ratio. Pruned = before fine-tuning; C-Acc / ASR "
                  "in %.\n\n"
                  + md_table(["victim", "aux", "defense", "ours", "oracle", "pruned, ours", "pruned, oracle",
