@@ -185,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
             + "Per victim and defense, the paired change on the shifted sets (all of them, lossy or not):\n\n"
             + changes + "\n")
     summary = {"generated": dt.datetime.now().isoformat(timespec="seconds"), "asr_rise_limit": ASR_RISE_LIMIT,
-               "selected": chosen,
+               "selected": chosen,  # None: no variant met the rule
+               "packaged_default": chosen or "before",
                "blocks": [{"block": b, "role": role(b), "variant": v, "spec": str(blocks()[b][v].relative_to(HERE.parent)),
                            **f} for b in per_block for v, f in per_block[b].items()],
                "pooled": [{"role": r, "variant": v, **f} for (r, v), f in pooled.items()]}

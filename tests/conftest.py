@@ -11,6 +11,19 @@ os.environ.setdefault("BBGIC_NO_PROGRESS", "1")
 os.environ.setdefault("BBGIC_CACHE_DIR", tempfile.mkdtemp(prefix="bbgic_test_cache_"))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op torch thread for a module's tests: two threads on a busy 2-core machine spin-wait badly (tens of
+    times slower); the previous count is restored afterwards. Modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def bb_record(tmp_path_factory):
     """A BackdoorBench root with CIFAR-10 pickles and a BadNets record of a width-8 PreActResNet-18."""

@@ -14,14 +14,6 @@ from backdoorbench_gic.auxdata.quality import (VERDICTS, BNMoments, frechet_dist
 from backdoorbench_gic.data.imageset import ImageSet
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two intra-op threads on a busy 2-core machine spin-wait badly; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def test_symmetric_kl_by_hand():
     t = lambda v: torch.tensor([float(v)], dtype=torch.float64)  # noqa: E731
@@ -82,6 +74,8 @@ def test_histogram_flags_a_class_that_attracts_predictions():
     balanced = measure_quality(_AlwaysThree(), data.subset([3, 13]), 10)  # only class-3 samples: no flag
     assert balanced.flagged == [] and balanced.hist_tvd == 0
 
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def record(tmp_path_factory):

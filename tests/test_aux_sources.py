@@ -10,14 +10,8 @@ from backdoorbench_gic.auxdata import (AuxDataError, build_aux_set, export_image
 from backdoorbench_gic.testing import class_images, write_image_folder
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two intra-op threads on a busy 2-core machine spin-wait badly (30x slower); restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def mnist(tmp_path_factory):

@@ -226,17 +226,12 @@ def make_checkout(root: Path, er: bool = False) -> Path:
     return root
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 @pytest.fixture(autouse=True)
 def private_gic_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("BBGIC_CACHE_DIR", str(tmp_path / "gic_cache"))
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 
 import backdoorbench_gic
 
@@ -27,13 +26,6 @@ def test_snippet_covers_the_whole_flow():
         assert step in code, step
     assert len([line for line in code.splitlines() if line.strip()]) <= 22
 
-
-@pytest.fixture()
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_readme_python_quickstart_runs(tmp_path, monkeypatch, capsys, one_thread):
