@@ -70,10 +70,10 @@ WALL_TARGET = 0.25  # GIC's calibration stage / FT run
 # GICConfig overrides per variant; "default" is GICConfig() as it ships
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "default": ("prompt, L-inf, BN (symmetric KL)", {}),
-    "bn-w2": ("prompt, L-inf, BN (scaled W2)", {"bn_distance": "w2"}),
-    "ce": ("prompt, L-inf, cross-entropy", {"obj_bn": 0.0, "obj_ce": 1.0}),
-    "infomax": ("prompt, L-inf, infomax", {"obj_bn": 0.0, "obj_infomax": 1.0}),
-    "bn+drift": ("prompt, L-inf, BN + drift penalty", {"obj_drift": 1.0}),
+    "bn-w2": ("prompt, L-inf, BN (scaled W2)", {"objectives": {"bn": {"weight": 1.0, "distance": "w2"}}}),
+    "ce": ("prompt, L-inf, cross-entropy", {"objectives": {"ce": 1.0}}),
+    "infomax": ("prompt, L-inf, infomax", {"objectives": {"infomax": 1.0}}),
+    "bn+drift": ("prompt, L-inf, BN + drift penalty", {"objectives": {"bn": 1.0, "drift": 1.0}}),
     "l2": ("prompt, L2, BN", {"norm": "l2", "delta": 1.0}),
     "generator": ("generator, L-inf, BN", {"family": "generator"}),
     "prompt+generator": ("prompt+generator, L-inf, BN", {"family": "prompt+generator"}),
