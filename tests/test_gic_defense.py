@@ -280,3 +280,12 @@ def test_transfer_bn_statistics_by_hand():
     assert float(purified.bn.running_mean) == pytest.approx(7.0, abs=1e-5)
     assert float(purified.bn.running_var) == pytest.approx(36.0, abs=1e-4)
     assert float(victim.bn.running_mean) == 2.0 and float(victim.bn.running_var) == 4.0  # untouched
+
+
+def test_direct_construction_leaves_the_base_its_own_defaults():
+    """GICDefense(base=...) without from_sources: GIC's run-level defaults (epochs=10) must not reach a defense that
+    refuses them (sau runs n_rounds); explicitly given run-level keys do reach the base."""
+    d = GICDefense(base="sau", gic_steps=5, device="cpu")
+    assert d.base.name == "sau" and d.config.epochs == d.base.config.epochs and d.config.device == "cpu"
+    ft = GICDefense(base={"name": "ft", "epochs": 3}, ratio=0.01)
+    assert ft.base.config.epochs == 3 and ft.base.config.ratio == 0.01 == ft.config.ratio

@@ -115,11 +115,13 @@ class GICDefense(Defense):
             base_cls = DEFENSES.get(_base_name(self.config.base))
             nested = dict(self.config.base) if isinstance(self.config.base, Mapping) else {}
             nested.pop("name", None)
-            base_cfg = build_config(base_cls.config_class, [(nested, "base")])
+            # run-level keys given explicitly reach the base; the rest are the base's own defaults (a gic default
+            # such as epochs=10 must not reach a defense that runs rounds), and the gic config takes the base's values
+            explicit = {k: v for k, v in overrides.items() if k in COMMON_KEYS}
+            base_defense = base_cls(build_config(base_cls.config_class, [(explicit, "keyword arguments"),
+                                                                         (nested, "base")]))
             for k in config_keys(RunConfig):
-                setattr(base_cfg, k, getattr(self.config, k))
-            base_cfg.validate()
-            base_defense = base_cls(base_cfg)
+                setattr(self.config, k, getattr(base_defense.config, k))
         self.base = base_defense
         self.gic = GIC(self.config.gic_settings())
 
