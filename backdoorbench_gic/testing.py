@@ -7,6 +7,7 @@ BackdoorBenchER ImageFolder splits, and complete BackdoorBench attack records. I
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import pickle
 import struct
@@ -320,3 +321,15 @@ def _quick_train(model: torch.nn.Module, train: ImageSet, bd_train: PoisonedSpli
             if done >= steps:
                 break
     model.eval()
+
+
+@contextlib.contextmanager
+def torch_threads(n: int = 1):
+    """Run a block with ``n`` intra-op torch threads, restoring the previous count. Numbers pinned by a test depend on
+    the thread count (float reductions split differently), and two threads on a busy 2-core box spin-wait badly."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -16,12 +16,10 @@ def one_thread():
     """One intra-op torch thread for a module's tests: two threads on a busy 2-core machine spin-wait badly (tens of
     times slower); the previous count is restored afterwards. Modules opt in with
     ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
-    import torch
+    from backdoorbench_gic.testing import torch_threads
 
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="session")
