@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from ..utils.progress import progress_bar
 
 from ..config import check_range, require
 from ..data.imageset import ImageSet
@@ -220,8 +220,8 @@ class InputAware(Attack):
             total_norm, total_div, batches = 0.0, 0.0, 0
             it = train.batches(cfg.batch_size, shuffle=True, generator=generator, device=device)
             n_batches = (len(train) + cfg.batch_size - 1) // cfg.batch_size
-            for batch in tqdm(it, total=n_batches, desc=f"mask {epoch + 1}/{cfg.mask_epochs}", leave=False,
-                              disable=not progress_enabled(progress)):
+            for batch in progress_bar(it, total=n_batches, desc=f"mask {epoch + 1}/{cfg.mask_epochs}", leave=False,
+                                      disable=not progress_enabled(progress)):
                 x = to_device(batch.x, device)
                 if len(x) < 2:
                     continue
@@ -249,7 +249,7 @@ class InputAware(Attack):
         total_loss, batches, correct, seen = 0.0, 0, 0, 0
         it = data.batches(batch_size, shuffle=True, generator=generator, augment=augment, device=device)
         n_batches = (len(data) + batch_size - 1) // batch_size
-        for batch in tqdm(it, total=n_batches, desc=desc, leave=False, disable=not progress_enabled(progress)):
+        for batch in progress_bar(it, total=n_batches, desc=desc, leave=False, disable=not progress_enabled(progress)):
             x, y = to_device(batch.x, device), batch.y.to(device)
             n_bd, n_cross = self.counts(len(y))
             n_div = min(n_bd, len(y) - n_bd)  # pairs for the diversity term: x_i against x_{n_bd + i}

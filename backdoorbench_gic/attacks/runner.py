@@ -23,7 +23,7 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from ..utils.progress import progress_bar
 
 from ..config import ConfigError, asdict_public, build_config
 from ..data.datasets import open_dataset
@@ -209,7 +209,7 @@ def _train(attack: Attack, model: torch.nn.Module, train_set, test, bd_test_set,
         epoch_fn = train_epoch
     columns = ATTACK_COLUMNS if attack.poisons else CLEAN_COLUMNS
     history = MetricLog()
-    bar = tqdm(range(cfg.epochs), desc=f"{attack.name} {cfg.dataset}", disable=not progress_enabled(progress))
+    bar = progress_bar(range(cfg.epochs), desc=f"{attack.name} {cfg.dataset}", disable=not progress_enabled(progress))
     for epoch in bar:
         t0 = time.time()
         stats = epoch_fn(model, train_set, optimizer, device=device, batch_size=cfg.batch_size, generator=generator,

@@ -97,7 +97,7 @@ def invert_victim(model: torch.nn.Module, num_classes: int, per_class: int, chw:
                   config: InversionConfig | None = None, device: torch.device | str = "cpu",
                   progress: bool | None = None) -> tuple[torch.Tensor, np.ndarray, dict]:
     """Synthesise ``per_class`` images of each class: (float32 N x C x H x W in [0,1], labels, stats)."""
-    from tqdm.auto import tqdm
+    from ..utils.progress import progress_bar
 
     from ..utils.logs import progress_enabled
 
@@ -121,7 +121,8 @@ def invert_victim(model: torch.nn.Module, num_classes: int, per_class: int, chw:
     n = len(labels)
     out = torch.empty((n, *chw), dtype=torch.float32)
     n_batches = math.ceil(n / cfg.batch_size)
-    bar = tqdm(total=n_batches * cfg.steps, desc="inversion", leave=False, disable=not progress_enabled(progress))
+    bar = progress_bar(total=n_batches * cfg.steps, desc="inversion", leave=False,
+                       disable=not progress_enabled(progress))
     last = {}
     try:
         for b in range(n_batches):

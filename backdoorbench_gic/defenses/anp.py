@@ -36,7 +36,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from ..utils.progress import progress_bar
 
 from ..config import check_range, require
 from ..data.imageset import ImageSet
@@ -131,7 +131,8 @@ class ANP(Defense):
         opt = torch.optim.SGD(nh.masks, lr=cfg.lr, momentum=0.9)
         it, total, correct, seen = iter(()), 0.0, 0, 0
         try:
-            for _ in tqdm(range(cfg.nb_iter), desc=f"{self.name} masks", disable=not progress_enabled(progress)):
+            for _ in progress_bar(range(cfg.nb_iter), desc=f"{self.name} masks",
+                                  disable=not progress_enabled(progress)):
                 batch = next(it, None)
                 if batch is None:  # a new shuffled pass over the data
                     it = data.batches(cfg.batch_size, shuffle=True, generator=generator, device=device)

@@ -39,7 +39,7 @@ from typing import Any, Callable, ClassVar, Iterable
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from ..utils.progress import progress_bar
 
 from ..config import RunConfig, asdict_public, build_config, load_config, require
 from ..data.imageset import Batch, ImageSet
@@ -159,7 +159,7 @@ class Defense:
         run.scheduler = make_scheduler(run.optimizer, cfg, epochs)
         step = functools.partial(self.step, run)
         history = []
-        for epoch in tqdm(range(epochs), desc=name, disable=not progress_enabled(run.progress)):
+        for epoch in progress_bar(range(epochs), desc=name, disable=not progress_enabled(run.progress)):
             self.start_epoch(run, epoch)
             stats = train_epoch(run.net, data, step, device=run.device, batch_size=cfg.batch_size,
                                 generator=run.generator, augment=run.augment, train_mode=self.train_mode,
