@@ -13,6 +13,7 @@ from backdoorbench_gic.auxdata.quality import (VERDICTS, BNMoments, frechet_dist
                                                symmetric_gaussian_kl)
 from backdoorbench_gic.data.imageset import ImageSet
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_symmetric_kl_by_hand():
@@ -74,8 +75,6 @@ def test_histogram_flags_a_class_that_attracts_predictions():
     balanced = measure_quality(_AlwaysThree(), data.subset([3, 13]), 10)  # only class-3 samples: no flag
     assert balanced.flagged == [] and balanced.hist_tvd == 0
 
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def record(tmp_path_factory):

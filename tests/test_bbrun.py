@@ -228,10 +228,10 @@ def make_checkout(root: Path, er: bool = False) -> Path:
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+
 @pytest.fixture(autouse=True)
 def private_gic_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("BBGIC_CACHE_DIR", str(tmp_path / "gic_cache"))
-
 
 
 @pytest.fixture(scope="module")

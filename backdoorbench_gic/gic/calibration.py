@@ -87,9 +87,8 @@ class GIC:
 
     # -- fitting ------------------------------------------------------------------------------------------------
     def _fit_one(self, victim: torch.nn.Module, aux: ImageSet, device: torch.device, seed: int,
-                 progress: bool | None, amp: bool) -> tuple[Calibrator, dict[str, Any]]:
+                 progress: bool | None, amp: bool, key: str) -> tuple[Calibrator, dict[str, Any]]:
         cfg = self.config
-        key = fit_key(victim, aux, cfg, seed)
         if cfg.gic_cache and key in _MEMORY_CACHE:
             entry = _MEMORY_CACHE[key]
             return entry["calibrator"], {**entry["info"], GicInfo.CACHED: 1.0}
@@ -133,9 +132,9 @@ class GIC:
         self.calibrators, self.info, self._last = {}, {}, None
         keys = []
         for source, part in groups:
-            cal, part_info = self._fit_one(victim, part, device, seed, progress, amp)
-            self.calibrators[source] = cal
             keys.append(fit_key(victim, part, self.config, seed))
+            cal, part_info = self._fit_one(victim, part, device, seed, progress, amp, keys[-1])
+            self.calibrators[source] = cal
             self.info.update(part_info if source is None else {f"{k}[{source}]": v for k, v in part_info.items()})
         self.summary = self._cached_summary(victim, aux, device, "+".join(keys)) if report else {}
         self.info[GicInfo.TOTAL_SECONDS] = time.perf_counter() - t0

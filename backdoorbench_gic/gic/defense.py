@@ -26,6 +26,7 @@ Test data is never calibrated.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass
@@ -234,8 +235,6 @@ def transfer_bn_statistics(model: torch.nn.Module, victim: torch.nn.Module, aux:
     """``bn-transfer``: set ``model``'s running statistics to its statistics on ``aux`` moved, channel by channel and
     in standardised units, by the difference between the victim's training statistics and the victim's statistics
     on ``aux``. ``victim`` is not modified (a copy is re-estimated)."""
-    import copy
-
     theirs = _bn_stats(victim)
     probe = recalibrate_bn(copy.deepcopy(victim).to(device), aux, batch_size=batch_size, device=device)
     on_aux_v = _bn_stats(probe)
