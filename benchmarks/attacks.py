@@ -16,6 +16,7 @@ table, so a later run can redo or add single attacks:
     python benchmarks/attacks.py --attacks prototype badnet blended sig $B          # clean model first
     python benchmarks/attacks.py --attacks wanet --set s=2 --tuning $B            # a tuning row "wanet s=2"
     python benchmarks/attacks.py --attacks --choose "wanet s=2" $B                # it becomes the wanet row
+                                                                                  # (an earlier choice goes back)
     python benchmarks/attacks.py --refresh                                        # recompute the notes, redraw
 """
 from __future__ import annotations
@@ -209,6 +210,11 @@ def main(argv: list[str] | None = None) -> int:
     for key in args.choose:
         if key not in results:
             p.error(f"--choose: no row {key!r} in {store} (rows: {', '.join(results)})")
+        for other, r in results.items():  # one row per attack in the main table: an earlier choice goes back
+            same = (r.get("attack"), r.get("dataset"), r.get("model"), r.get("width")) == tuple(
+                results[key].get(k) for k in ("attack", "dataset", "model", "width"))
+            if other != key and same and r.get("chosen_from_tuning") and not r.get("tuning"):
+                r["tuning"], r["chosen_from_tuning"] = True, False
         results[key]["tuning"] = False
         results[key]["chosen_from_tuning"] = True
     if args.choose:
