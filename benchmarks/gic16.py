@@ -37,7 +37,7 @@ RESULTS = HERE / "results"
 ASR_RISE_LIMIT = 0.01  # issue 16: mean ASR rise on the lossy cells
 TIE = 0.05  # C-Acc recovered within this of the best counts as a tie
 CALIBRATION_FREE = ("bn-reset", "bn-refresh")  # placements that fit no g: cheaper
-BASELINES = ("dev", "dev_sau", "heldout", "heldout_sau")
+BASELINES = ("dev", "dev_sau", "dev_wanet-sig", "heldout", "heldout_sau", "heldout_wanet-sig")
 
 
 def blocks() -> dict[str, dict[str, Path]]:
@@ -47,9 +47,11 @@ def blocks() -> dict[str, dict[str, Path]]:
     bases = [n for n in names if n in BASELINES]
     for b in bases:
         out[b] = {"before": STUDY / f"{b}.yaml"}
-        for n in names:
-            if n.startswith(b + "_") and not any(n.startswith(o + "_") for o in bases if len(o) > len(b)):
-                out[b][n[len(b) + 1:]] = STUDY / f"{n}.yaml"
+    for n in names:  # a variant belongs to the longest block name it extends (dev_sau_x to dev_sau, not dev)
+        owners = [b for b in bases if n.startswith(b + "_")]
+        if n not in bases and owners:
+            b = max(owners, key=len)
+            out[b][n[len(b) + 1:]] = STUDY / f"{n}.yaml"
     return out
 
 
