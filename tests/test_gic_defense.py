@@ -282,6 +282,45 @@ def test_transfer_bn_statistics_by_hand():
     assert float(victim.bn.running_mean) == 2.0 and float(victim.bn.running_var) == 4.0  # untouched
 
 
+def test_transfer_bn_statistics_moves_only_the_first_layers_when_asked():
+    """Two BN layers in a row, the second on the first's output. With layers=1 the first is moved exactly as in the
+    one-layer hand computation (mean 7, var 36) and the second keeps the statistics the model came with (5, 0.5),
+    even though re-estimating on aux would have changed them."""
+    from backdoorbench_gic.gic.defense import transfer_bn_statistics
+
+    class Net(torch.nn.Module):
+        def __init__(self, scale, shift):
+            super().__init__()
+            self.scale, self.shift = scale, shift
+            self.bn = torch.nn.BatchNorm2d(1, eps=1e-12)
+            self.bn2 = torch.nn.BatchNorm2d(1, eps=1e-12)
+
+        def forward(self, x):
+            return self.bn2(self.bn(x * self.scale + self.shift))
+
+    aux = ImageSet(torch.tensor([0.25, 0.75]).view(2, 1, 1, 1), [0, 1])
+    victim = Net(8 ** 0.5, 3 - 0.5 * 8 ** 0.5)
+    victim.bn.running_mean.fill_(2.0)
+    victim.bn.running_var.fill_(4.0)
+    purified = Net(72 ** 0.5, 10 - 0.5 * 72 ** 0.5)
+    purified.bn2.running_mean.fill_(5.0)
+    purified.bn2.running_var.fill_(0.5)
+    transfer_bn_statistics(purified, victim, aux, batch_size=None, layers=1)
+    assert float(purified.bn.running_mean) == pytest.approx(7.0, abs=1e-5)
+    assert float(purified.bn.running_var) == pytest.approx(36.0, abs=1e-4)
+    assert float(purified.bn2.running_mean) == 5.0 and float(purified.bn2.running_var) == 0.5
+    everything = Net(72 ** 0.5, 10 - 0.5 * 72 ** 0.5)
+    everything.bn2.running_mean.fill_(5.0)
+    transfer_bn_statistics(everything, victim, aux, batch_size=None)  # all layers: the second one moves too
+    assert float(everything.bn2.running_mean) != 5.0
+
+
+def test_bn_transfer_layers_is_refused_without_bn_transfer():
+    with pytest.raises(ConfigError, match="bn_transfer_layers"):
+        GICDefense(base="ft", placement="before", bn_transfer_layers=2)
+    assert GICDefense(base="ft", placement="bn-transfer", bn_transfer_layers=2).config.bn_transfer_layers == 2
+
+
 def test_direct_construction_leaves_the_base_its_own_defaults():
     """GICDefense(base=...) without from_sources: GIC's run-level defaults (epochs=10) must not reach a defense that
     refuses them (sau runs n_rounds); explicitly given run-level keys do reach the base."""

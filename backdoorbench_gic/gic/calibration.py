@@ -73,9 +73,10 @@ class GIC:
         """``defense_configs/gic/<dataset>.yaml`` < ``yaml_path`` < ``cli``; a key GIC does not take is an error.
         The yaml files configure the ``gic`` defense too: their defense-level keys (``placement``, the base, the
         run-level BackdoorBench keys) are skipped there, not on the command line."""
-        from ..config import RunConfig, config_keys, config_layers
+        from ..config import config_keys, config_layers
+        from .defense import GICDefenseConfig
 
-        defense_only = {"placement", "bn_batch_size", "base"} | set(config_keys(RunConfig))
+        defense_only = set(config_keys(GICDefenseConfig)) - set(config_keys(GICConfig))  # placement, base, run keys
         layers = [(values if source == "the command line" else
                    {k: v for k, v in values.items() if k not in defense_only}, source)
                   for values, source in config_layers("gic", dataset, yaml_path, cli)]

@@ -22,6 +22,8 @@ Placement (``placement``):
   mean_p + (mu_v - mean_v) / sd_v * sd_p and var_p * sigma2_v / var_v, where mean/var are a layer's input moments on
   the auxiliary set (train-mode passes) and mu_v, sigma2_v the victim's running statistics. Scale-equivariant, so it
   survives fine-tuning rescaling the weights (which is what breaks ``bn-reset``); no labels, no g.
+  ``bn_transfer_layers: n`` moves only the first n BatchNorm layers (in module order), where an input shift shows
+  first; the deeper layers keep the statistics the purification left them (0, the default: every layer).
 Test data is never calibrated.
 """
 from __future__ import annotations
@@ -56,6 +58,7 @@ class GICDefenseConfig(DefenseConfig, GICConfig):
     base: Any = "ft"  # a defense name, or {name: <defense>, <its keys>} (resolved into self.base by from_sources)
     placement: str = "before"
     bn_batch_size: int = 256  # batch of the BatchNorm re-estimation passes (bn-after, both, bn-refresh, bn-transfer)
+    bn_transfer_layers: int = 0  # bn-transfer: move only the first n BatchNorm layers (0: all)
 
     def validate(self) -> None:
         DefenseConfig.validate(self)
@@ -63,6 +66,9 @@ class GICDefenseConfig(DefenseConfig, GICConfig):
         require(self.placement in PLACEMENTS, "placement",
                 f"must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
         check_range(self, "bn_batch_size", 1)
+        check_range(self, "bn_transfer_layers", 0)
+        require(self.bn_transfer_layers == 0 or self.placement == "bn-transfer", "bn_transfer_layers",
+                f"only placement bn-transfer uses it (placement is {self.placement!r}); leave it at 0")
         require(isinstance(self.base, str) or (isinstance(self.base, Mapping) and "name" in self.base), "base",
                 f"must be a defense name or a mapping with a 'name' key, got {self.base!r}")
 
@@ -70,7 +76,7 @@ class GICDefenseConfig(DefenseConfig, GICConfig):
         return {k: getattr(self, k) for k in config_keys(GICConfig)}
 
 
-GIC_KEYS = set(config_keys(GICConfig)) | {"base", "placement", "bn_batch_size"}
+GIC_KEYS = set(config_keys(GICDefenseConfig)) - set(config_keys(RunConfig))  # GIC's own and the placement's
 COMMON_KEYS = set(config_keys(RunConfig))
 
 
@@ -199,7 +205,8 @@ class GICDefense(Defense):
         elif cfg.placement == "bn-reset":
             restore_bn_statistics(result.model, model)
         elif cfg.placement == "bn-transfer":
-            transfer_bn_statistics(result.model, model, aux, batch_size=cfg.bn_batch_size, device=device)
+            transfer_bn_statistics(result.model, model, aux, batch_size=cfg.bn_batch_size, device=device,
+                                   layers=cfg.bn_transfer_layers or None)
         result.model.eval()
         info[GicInfo.PLACEMENT_SECONDS] = time.perf_counter() - t1
         result.extras.update(info)
@@ -231,18 +238,25 @@ def _bn_stats(model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor, 
 
 @torch.no_grad()
 def transfer_bn_statistics(model: torch.nn.Module, victim: torch.nn.Module, aux: ImageSet, *,
-                           batch_size: int | None = 256, device: torch.device | str = "cpu") -> torch.nn.Module:
+                           batch_size: int | None = 256, device: torch.device | str = "cpu",
+                           layers: int | None = None) -> torch.nn.Module:
     """``bn-transfer``: set ``model``'s running statistics to its statistics on ``aux`` moved, channel by channel and
     in standardised units, by the difference between the victim's training statistics and the victim's statistics
-    on ``aux``. ``victim`` is not modified (a copy is re-estimated)."""
+    on ``aux``. With ``layers=n`` only the first n BatchNorm layers (module order) are moved; the others keep the
+    running statistics ``model`` came with. ``victim`` is not modified (a copy is re-estimated)."""
     theirs = _bn_stats(victim)
+    own = _bn_stats(model)
+    if len(own) != len(theirs):
+        raise ValueError("transfer_bn_statistics: the two models' BatchNorm layers differ")
     probe = recalibrate_bn(copy.deepcopy(victim).to(device), aux, batch_size=batch_size, device=device)
     on_aux_v = _bn_stats(probe)
     recalibrate_bn(model, aux, batch_size=batch_size, device=device)
-    layers = batchnorm_layers(model)
-    if len(layers) != len(theirs):
-        raise ValueError("transfer_bn_statistics: the two models' BatchNorm layers differ")
-    for (_, m), (mu_v, var_v, eps), (mean_v, v_v, _) in zip(layers, theirs, on_aux_v):
+    n = len(own) if layers is None else layers
+    for i, ((_, m), (mu_v, var_v, eps), (mean_v, v_v, _)) in enumerate(zip(batchnorm_layers(model), theirs, on_aux_v)):
+        if i >= n:  # not moved: the statistics the model came with
+            m.running_mean.copy_(own[i][0])
+            m.running_var.copy_(own[i][1])
+            continue
         z = (mu_v - mean_v) / (v_v + eps).sqrt()
         m.running_mean.add_(z * (m.running_var + m.eps).sqrt())
         m.running_var.mul_((var_v + eps) / (v_v + eps))
