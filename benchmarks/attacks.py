@@ -261,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
                         "wall_s": wall, "epochs": epochs, "lr": args.lr, "batch_size": args.batch_size,
                         "dataset": args.dataset, "model": args.model, "width": args.width, "machine": machine(),
                         "torch": str(torch.__version__), "command": command, "date": time.strftime("%Y-%m-%d %H:%M"),
-                        "record_dir": str(record_dir), "tuning": args.tuning, **extra,
+                        "record_dir": str(bb_root / "record" / record_dir.name),  # as given: no machine path
+                        "tuning": args.tuning, **extra,
                         **diagnose(record_dir, attack, args.dataset, args.model, bb_root)}
         # each finished attack is kept, so a later run can add or redo others; rows other runs wrote meanwhile stay
         results = {**(json.loads(store.read_text()) if store.is_file() else {}), key: results[key]}
