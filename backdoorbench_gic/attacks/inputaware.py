@@ -233,7 +233,7 @@ class InputAware(Attack):
                 loss.backward()
                 opt.step()
                 total_norm += float(m1.detach().mean())
-                total_div += float(div)
+                total_div += float(div.detach())
                 batches += 1
             log.info("input-aware mask epoch %d/%d: mean mask %.4f (target %.4f), diversity %.4f (%.1fs)", epoch + 1,
                      cfg.mask_epochs, total_norm / max(batches, 1), cfg.mask_density, total_div / max(batches, 1),
