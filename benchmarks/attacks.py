@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 import yaml
 
-from backdoorbench_gic.analysis import describe_machine
+from backdoorbench_gic.analysis import command_line, describe_machine
 from backdoorbench_gic.attacks import build_attack, run_attack, train_victim
 from backdoorbench_gic.attacks.triggers import cross_grids
 from backdoorbench_gic.data.datasets import is_split_name, open_dataset
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         results[key]["chosen_from_tuning"] = True
     if args.choose:
         atomic_write_json(store, results)
-    command = "python benchmarks/attacks.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command_line(__file__, argv)
     overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.overrides)}
     tag = "".join(f"_{k}{v}" for k, v in overrides.items())
     for attack in [] if args.refresh else args.attacks:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from backdoorbench_gic.analysis import describe_machine, run_spec, victims_table
+from backdoorbench_gic.analysis import command_line, describe_machine, run_spec, victims_table
 from backdoorbench_gic.analysis.efficacy import efficacy_report
 
 HERE = Path(__file__).resolve().parent
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     text, gaps, verdict = efficacy_report(df)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cmd = "python " + " ".join([Path(sys.argv[0]).as_posix().split("/work/main/")[-1], *sys.argv[1:]])
+    cmd = command_line(__file__, argv)
     header = (f"## GIC efficacy: `{spec.name}`\n\n"
               f"Spec `{Path(args.spec).name}`; {ran} finished cells of {len(spec.cells())}{baseline}; "
               f"machine: {describe_machine()}; "

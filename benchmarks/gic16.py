@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from backdoorbench_gic.analysis import IN_DISTRIBUTION, Col, describe_machine, md_table, run_spec
+from backdoorbench_gic.analysis import IN_DISTRIBUTION, Col, command_line, describe_machine, md_table, run_spec
 from backdoorbench_gic.analysis.efficacy import efficacy_report
 
 HERE = Path(__file__).resolve().parent
@@ -82,24 +82,24 @@ def cost(df: pd.DataFrame) -> float:
     return float(add / base) if base else math.nan
 
 
-def shifted_changes(df: pd.DataFrame) -> pd.DataFrame:
-    """Per victim x base defense: the mean paired change (variant minus uncalibrated) of C-Acc and ASR over the
-    shifted sets, in points."""
-    _, gaps, _ = efficacy_report(df)
+def shifted_changes(gaps: pd.DataFrame) -> pd.DataFrame:
+    """Per victim x base defense, from a report's per-cell gaps: the mean paired change (variant minus uncalibrated)
+    of C-Acc and ASR over the shifted sets, in points."""
     sh = gaps[~gaps[Col.AUX_TYPE].isin(IN_DISTRIBUTION)]
     d = sh.assign(dacc=(sh["acc_after_gic"] - sh["acc_after_nogic"]) * 100,
                   dasr=(sh["asr_after_gic"] - sh["asr_after_nogic"]) * 100)
     return d.groupby([Col.ATTACK, Col.BASE_DEFENSE])[["dacc", "dasr"]].mean()
 
 
-def figures(df: pd.DataFrame) -> dict:
-    _, _, verdict = efficacy_report(df)
+def figures(df: pd.DataFrame) -> tuple[dict, pd.DataFrame]:
+    """The rule's figures of one variant's paired frame, and the efficacy report's per-cell gaps behind them."""
+    _, gaps, verdict = efficacy_report(df)
     rise = verdict["asr_rise_on_those"]
     out = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in verdict.items()}
     out["cost"] = cost(df)
     out["pairs"] = int(df[Col.GIC].astype(bool).sum())
     out["eligible"] = bool(verdict["no_harm"]) and (rise == rise) and rise <= ASR_RISE_LIMIT
-    return out
+    return out, gaps
 
 
 def pct(v, digits: int = 0, sign: bool = False) -> str:
@@ -138,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     console_logging()
     per_block: dict[str, dict[str, dict]] = {}
     frames: dict[str, dict[str, pd.DataFrame]] = {}
-    for block, variants in blocks().items():
+    gaps: dict[str, dict[str, pd.DataFrame]] = {}  # each variant's per-cell gaps, from the report its figures came from
+    specs = blocks()
+    for block, variants in specs.items():
         if not block.startswith(args.only):
             continue
         ro = args.report_only
@@ -150,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             if df.empty or df[Col.GIC].astype(bool).sum() == 0:
                 continue
             frames.setdefault(block, {})[variant] = df
-            per_block.setdefault(block, {})[variant] = figures(df)
+            per_block.setdefault(block, {})[variant], gaps.setdefault(block, {})[variant] = figures(df)
     rows, pooled = [], {}
     for r in ("development", "held-out"):
         names = [b for b in per_block if role(b) == r]
@@ -158,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         for v in variants:
             dfs = [frames[b][v] for b in names if v in frames[b]]
             if len(dfs) == len(names) and len(names) > 1:
-                pooled[(r, v)] = figures(pd.concat(dfs, ignore_index=True))
+                pooled[(r, v)], _ = figures(pd.concat(dfs, ignore_index=True))
         for b in names:
             for v, f in per_block[b].items():
                 rows.append([b, r, v, f["pairs"], f["acc_loss_cells"], pct(f["acc_recovered_mean"]),
@@ -174,12 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     chosen = select(dev)
     change_rows = []
     for b in per_block:
-        for v, df in frames[b].items():
-            for (attack, defense), r in shifted_changes(df).iterrows():
+        for v, g in gaps[b].items():
+            for (attack, defense), r in shifted_changes(g).iterrows():
                 change_rows.append([b, v, attack, defense, f"{r['dacc']:+.1f}", f"{r['dasr']:+.1f}"])
     changes = md_table(["block", "variant", "victim", "defense", "mean dC-Acc on shifted sets (pts)",
                         "mean dASR on shifted sets (pts)"], change_rows)
-    cmd = "python " + " ".join([Path(sys.argv[0]).as_posix().split("/work/main/")[-1], *sys.argv[1:]])
+    cmd = command_line(__file__, argv)
     text = (f"## GIC placement and objectives (issue 16)\n\nmachine: {describe_machine()}; command `{cmd}`; "
             f"{dt.datetime.now():%Y-%m-%d %H:%M}\n\n" + table(rows) + "\n\n"
             + (f"Selected on the development blocks: **{chosen}**" if chosen else
@@ -189,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"generated": dt.datetime.now().isoformat(timespec="seconds"), "asr_rise_limit": ASR_RISE_LIMIT,
                "selected": chosen,  # None: no variant met the rule
                "packaged_default": chosen or "before",
-               "blocks": [{"block": b, "role": role(b), "variant": v, "spec": str(blocks()[b][v].relative_to(HERE.parent)),
+               "blocks": [{"block": b, "role": role(b), "variant": v, "spec": str(specs[b][v].relative_to(HERE.parent)),
                            **f} for b in per_block for v, f in per_block[b].items()],
                "pooled": [{"role": r, "variant": v, **f} for (r, v), f in pooled.items()]}
     out = Path(args.out)

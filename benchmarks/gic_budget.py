@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
-import sys
 import time
 from pathlib import Path
 
@@ -37,7 +36,7 @@ import pandas as pd
 import torch
 import yaml
 
-from backdoorbench_gic.analysis import Col, describe_machine, frame_table, md_table, pm, standard_error
+from backdoorbench_gic.analysis import Col, command_line, describe_machine, frame_table, md_table, pm, standard_error
 
 HERE = Path(__file__).resolve().parent
 
@@ -193,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         df = collect(args.spec, args.seeds, args.steps, args.batch)
         args.out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(csv, df.to_csv(index=False))
-    command = "python benchmarks/gic_budget.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command_line(__file__, argv)
     text = report(df, command.strip())
     atomic_write_text(args.out / f"gic_budget_{name}.md", text + "\n")
     print(text)

@@ -43,7 +43,7 @@ from typing import Any
 
 import yaml
 
-from backdoorbench_gic.analysis import machine_info
+from backdoorbench_gic.analysis import command_line, machine_info
 from backdoorbench_gic.data.specs import split_name
 from backdoorbench_gic.matrix import load_spec, matrix_status
 from backdoorbench_gic.results import TIDY_ROW_FILE, read_summary_last
@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     a.kill_workers = a.kill_workers or max(a.workers)
     work = Path(a.work or Path(a.bb_root) / "matrix_scaling").resolve()
     work.mkdir(parents=True, exist_ok=True)
-    command = "python benchmarks/matrix_scaling.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command_line(__file__, argv)
     machine = machine_info()
 
     print(f"== inputs under {a.bb_root}", flush=True)

@@ -53,7 +53,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from backdoorbench_gic.analysis import cpu_model, machine_info
+from backdoorbench_gic.analysis import command_line, cpu_model, machine_info
 from backdoorbench_gic.data.imageset import ImageSet
 from backdoorbench_gic.data.specs import get_spec
 from backdoorbench_gic.data.transforms import TrainAugment
@@ -463,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     store = out / "speed.json"
     results = json.loads(store.read_text()) if store.is_file() else {}
-    command = "python benchmarks/speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command_line(__file__, argv)
     machine = machine_info()
     for device in devices:
         r = measure(settings, device)

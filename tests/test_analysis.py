@@ -170,3 +170,14 @@ def test_gic_reports_every_key_the_analysis_reads(bb_record):
     defense_level = (GicInfo.BASE_SECONDS, GicInfo.PLACEMENT_SECONDS)  # the gic defense's, not the fit's
     wanted = [v for k, v in vars(GicInfo).items() if k.isupper() and v not in defense_level]
     assert not [k for k in wanted if k not in reported], sorted(reported)
+
+
+def test_command_line_names_the_script_from_the_repository_root(monkeypatch):
+    """A benchmark records how it was started without the machine's path to the script."""
+    from backdoorbench_gic.analysis import command_line
+
+    assert command_line("/home/someone/clone/benchmarks/gic16.py", ["--only", "dev"]) == \
+        "python benchmarks/gic16.py --only dev"
+    monkeypatch.setattr("sys.argv", ["/abs/benchmarks/speed.py", "--reps", "3"])
+    assert command_line("/abs/benchmarks/speed.py") == "python benchmarks/speed.py --reps 3"
+    assert command_line("benchmarks/attacks.py", []) == "python benchmarks/attacks.py"

@@ -1,10 +1,17 @@
-"""What a benchmark ran on, for the header line of its report."""
+"""What a benchmark ran on and how it was started, for the header line of its report."""
 from __future__ import annotations
 
 import os
 import platform
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
+
+
+def command_line(script: str, argv: Sequence[str] | None = None) -> str:
+    """The command that made a benchmark's result, as typed from the repository root: ``python benchmarks/<script's
+    file name> <args>`` (``argv`` defaults to ``sys.argv[1:]``); never the machine's own path to the script."""
+    return " ".join(["python", f"benchmarks/{Path(script).name}", *(sys.argv[1:] if argv is None else argv)])
 
 
 def cpu_model() -> str:
