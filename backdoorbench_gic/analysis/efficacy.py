@@ -5,7 +5,8 @@ Targets (gic-method.md section 1 for DER and the gap; the figures come from :mod
 - C-Acc recovered: on shifted sets whose uncalibrated purification loses more than :data:`GAP_THRESHOLD` C-Acc
   against ``reserved``, GIC recovers >= 50 % of that loss on average, while mean ASR rises by <= 2 points;
 - DER gap closed: >= 50 % on average wherever DER(reserved) - DER(S) > :data:`GAP_THRESHOLD`;
-- no harm: on ``train`` and ``reserved``, |mean dDER| <= 0.01 and mean dC-Acc >= -0.5 points.
+- no harm: on ``train`` and ``reserved``, |mean dDER| <= 0.01 and mean dC-Acc >= -0.5 points (``no_harm``); the
+  one-sided reading (``no_harm_one_sided``: mean dDER >= -0.01, a DER improvement is not harm) is reported beside it.
 """
 from __future__ import annotations
 
@@ -68,15 +69,17 @@ def targets(pairs: pd.DataFrame, gaps: pd.DataFrame) -> tuple[str, dict]:
     lossy_pairs = pairs.merge(lossy[CELL_KEYS], on=CELL_KEYS)
     asr_rise = float(lossy_pairs["d_asr_after"].mean()) if len(lossy_pairs) else math.nan
     harm = pairs[pairs[Col.AUX_TYPE].isin(IN_DISTRIBUTION)]
-    harm_rows, harm_ok = [], True
+    harm_rows, harm_ok, harm_one_sided = [], True, True
     for (d, aux), g in harm.groupby([Col.BASE_DEFENSE, Col.AUX_TYPE]):
         ddr, dacc = g["d_der"].mean(), g["d_acc_after"].mean()
         ok = abs(ddr) <= HARM_DER_LIMIT and dacc >= HARM_ACC_LIMIT
         harm_ok &= bool(ok)
+        harm_one_sided &= bool(ddr >= -HARM_DER_LIMIT and dacc >= HARM_ACC_LIMIT)
         harm_rows.append([d, aux, len(g), pm(dacc, standard_error(g["d_acc_after"]), sign=True),
                           pm(ddr, standard_error(g["d_der"]), 1, 3, sign=True), "ok" if ok else "MISS"])
     verdict = {"acc_loss_cells": fig["acc_loss_cells"], "acc_recovered_mean": rec, "asr_rise_on_those": asr_rise,
-               "der_gap_cells": fig["der_gap_cells"], "der_gap_closed_mean": closed, "no_harm": harm_ok}
+               "der_gap_cells": fig["der_gap_cells"], "der_gap_closed_mean": closed, "no_harm": harm_ok,
+               "no_harm_one_sided": harm_one_sided}
     t = [["C-Acc recovered on shifted sets losing > 2 pts", f"{len(lossy)} of {len(shifted)} cells",
           pm(rec, math.nan, digits=0) + " %", ">= 50 %", "ok" if rec >= RECOVERY_TARGET else "MISS"],
          ["mean ASR change on those cells", f"{len(lossy_pairs)} pairs", pm(asr_rise, math.nan, sign=True) + " pts",
