@@ -6,7 +6,8 @@ Layout (by name): a block is a spec that runs uncalibrated cells (`gic: [false, 
 variant its `gic_overrides` name, `before` with the prompt when it has none); `<block>_<variant>.yaml` beside it runs
 only the calibrated side of one more variant (gic: [true]) on the same victims, defenses, draws and seeds. Blocks
 named `dev*` are the development blocks (the only ones a choice may look at), `heldout*` the first protocol's
-held-out ones, `fresh*` the per-base protocol's fresh held-out ones.
+held-out ones, `fresh*` the per-base protocol's fresh held-out ones, `preact*` the confirmation on
+PreActResNet-18 victims (reported apart, read by no rule).
 
     python benchmarks/gic16.py                  # run every block and variant (resumable), then report
     python benchmarks/gic16.py --report_only    # analyse what has finished
@@ -45,7 +46,8 @@ FIRST_BLOCKS = ("dev", "dev_sau", "dev_wanet-sig", "heldout", "heldout_sau", "he
 # the per-base protocol: each base defense alone, one-sided no harm, something recovered, at least 4 lossy cells;
 # confirmed on the fresh blocks (never used before it was written)
 PER_BASE_RULE = Rule(asr_rise_limit=0.01, one_sided_harm=True, min_recovered=0.0, min_lossy_cells=4)
-ROLES = {"dev": "development", "heldout": "held-out", "fresh": "fresh held-out"}
+ROLES = {"dev": "development", "heldout": "held-out", "fresh": "fresh held-out",
+         "preact": "PreActResNet-18 confirmation"}
 
 
 def role(block: str) -> str:
