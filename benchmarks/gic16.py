@@ -54,10 +54,10 @@ def role(block: str) -> str:
     return next(r for prefix, r in ROLES.items() if block.startswith(prefix))
 
 
-def calibrated_variant(spec: Path) -> str:
-    """The name of the variant a baseline spec's calibrated side runs: its placement, + its family if not the
-    prompt (``before``, ``before+generator``)."""
-    o = (yaml.safe_load(spec.read_text()) or {}).get("gic_overrides") or {}
+def calibrated_variant(spec: dict) -> str:
+    """The name of the variant a baseline spec (its parsed yaml) runs on its calibrated side: its placement, + its
+    family if not the prompt (``before``, ``before+generator``)."""
+    o = spec.get("gic_overrides") or {}
     family = o.get("family", "prompt")
     return o.get("placement", "before") + ("" if family == "prompt" else f"+{family}")
 
@@ -68,9 +68,10 @@ def blocks() -> dict[str, dict[str, Path]]:
     the block's (``<block>_<variant>.yaml``, gic: [true]) is one more variant on the same cells."""
     out: dict[str, dict[str, Path]] = {}
     paths = {p.stem: p for p in sorted(STUDY.glob("*.yaml"))}
-    bases = [n for n, p in paths.items() if False in ((yaml.safe_load(p.read_text()) or {}).get("gic") or [])]
+    parsed = {n: yaml.safe_load(p.read_text()) or {} for n, p in paths.items()}
+    bases = [n for n in paths if False in (parsed[n].get("gic") or [])]
     for b in bases:
-        out[b] = {calibrated_variant(paths[b]): paths[b]}
+        out[b] = {calibrated_variant(parsed[b]): paths[b]}
     for n in paths:  # a variant belongs to the longest block name it extends (dev_sau_x to dev_sau, not dev)
         owners = [b for b in bases if n.startswith(b + "_")]
         if n not in bases and owners:
@@ -147,7 +148,7 @@ def per_base_protocol(frames: dict) -> dict[str, dict]:
     """The per-base protocol: each base defense's development cells (every development block) alone, under
     PER_BASE_RULE; a selected variant is then checked on the fresh held-out blocks' cells of that base."""
     out: dict[str, dict] = {}
-    for r in ("development", "fresh held-out"):
+    for r, key in (("development", "development"), ("fresh held-out", "fresh")):
         pooled: dict[str, dict[str, pd.DataFrame]] = {}  # base -> variant -> frame
         for b, vs in frames.items():
             if role(b) != r:
@@ -157,11 +158,12 @@ def per_base_protocol(frames: dict) -> dict[str, dict]:
                     pooled.setdefault(base, {}).setdefault(v, []).append(part)
         for base, vs in sorted(pooled.items()):
             for v, parts in sorted(vs.items()):
-                f, _ = figures(pd.concat(parts, ignore_index=True), PER_BASE_RULE)
-                if r == "development":
-                    f["not_eligible_because"] = PER_BASE_RULE.reasons(f)
-                out.setdefault(base, {"development": {}, "fresh": {}})["development" if r == "development"
-                                                                       else "fresh"][v] = f
+                f, _ = variant_figures(pd.concat(parts, ignore_index=True))
+                reasons = PER_BASE_RULE.reasons(f)
+                f["eligible"] = not reasons
+                if key == "development":
+                    f["not_eligible_because"] = reasons
+                out.setdefault(base, {"development": {}, "fresh": {}})[key][v] = f
     for base, d in out.items():
         d["selected"] = select(d["development"], PER_BASE_RULE, CALIBRATION_FREE)
         fresh = d["fresh"].get(d["selected"]) if d["selected"] else None
@@ -217,11 +219,12 @@ def main(argv: list[str] | None = None) -> int:
         if not block.startswith(args.only):
             continue
         ro = args.report_only
-        _, base_df, _ = run_spec(str(next(iter(variants.values()))), ro)  # the block's own spec comes first
+        base_path = STUDY / f"{block}.yaml"
+        _, base_df, _ = run_spec(str(base_path), ro)
         if base_df.empty:
             continue
-        for i, (variant, path) in enumerate(variants.items()):
-            df = variant_frame(base_df, path, i == 0, ro)
+        for variant, path in variants.items():
+            df = variant_frame(base_df, path, path == base_path, ro)
             if df.empty or df[Col.GIC].astype(bool).sum() == 0:
                 continue
             frames.setdefault(block, {})[variant] = df

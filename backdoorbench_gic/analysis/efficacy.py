@@ -72,9 +72,10 @@ def targets(pairs: pd.DataFrame, gaps: pd.DataFrame) -> tuple[str, dict]:
     harm_rows, harm_ok, harm_one_sided = [], True, True
     for (d, aux), g in harm.groupby([Col.BASE_DEFENSE, Col.AUX_TYPE]):
         ddr, dacc = g["d_der"].mean(), g["d_acc_after"].mean()
-        ok = abs(ddr) <= HARM_DER_LIMIT and dacc >= HARM_ACC_LIMIT
+        acc_ok = dacc >= HARM_ACC_LIMIT
+        ok = abs(ddr) <= HARM_DER_LIMIT and acc_ok
         harm_ok &= bool(ok)
-        harm_one_sided &= bool(ddr >= -HARM_DER_LIMIT and dacc >= HARM_ACC_LIMIT)
+        harm_one_sided &= bool(ddr >= -HARM_DER_LIMIT and acc_ok)
         harm_rows.append([d, aux, len(g), pm(dacc, standard_error(g["d_acc_after"]), sign=True),
                           pm(ddr, standard_error(g["d_der"]), 1, 3, sign=True), "ok" if ok else "MISS"])
     verdict = {"acc_loss_cells": fig["acc_loss_cells"], "acc_recovered_mean": rec, "asr_rise_on_those": asr_rise,
