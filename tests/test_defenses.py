@@ -100,8 +100,9 @@ def test_short_run_is_loadable_deterministic_and_leaves_the_input_alone(victim, 
     assert "test_acc" not in r2.history[0]  # no monitor, no test numbers
 
 
-# Each defense's history and final weights on the fixture, recorded from the code before the training template
-# (issue 13) and unchanged by it: (loss, train_acc) per epoch/round, and the float64 sum, absolute sum and an
+# Each defense's history and final weights on the untrained fixture victim, re-recorded at 1eaa5a8 (the pins of
+# issue 13 used a trained victim and held on one instruction set only): (loss, train_acc) per epoch/round, and the
+# float64 sum, absolute sum and an
 # index-weighted sum of every floating tensor of the bare state dict. Two epochs/rounds, so the scheduler, the
 # per-epoch hooks (FT-SAM's radius, FST's projection, i-BAU's warm-started perturbation) and the carried state
 # all take part; FT-SAM with its surrogate-gap term and a moving radius, SAU with two outer steps and lmd_2.
@@ -113,11 +114,11 @@ PIN = {
     "i-bau": dict(n_rounds=2, batch_size=16, inner_steps=1, K=1),
 }
 PINNED = {
-    "ft": {"history": [(1.0059676, 0.7), (0.25599272, 0.925)], "weights": (3111.0001, 6473.1473, 146208.06)},
-    "ft-sam": {"history": [(1.6829486, 0.675), (1.0434390, 0.9)], "weights": (3196.4779, 6553.8367, 150024.94)},
-    "fst": {"history": [(4.2514497, 0.025), (3.1110361, 0.025)], "weights": (3398.6571, 6707.4961, 160192.17)},
-    "sau": {"history": [(6.2983161, 0.85), (4.0678705, 0.85)], "weights": (3119.6720, 6484.5828, 144858.86)},
-    "i-bau": {"history": [(1.1318974, 0.775), (1.0656045, 0.825)], "weights": (3221.5552, 6579.5320, 151144.74)},
+    "ft": {"history": [(2.3058785, 0.05), (1.9571044, 0.45)], "weights": (292.97438, 1654.3697, 13896.599)},
+    "ft-sam": {"history": [(2.3169653, 0.05), (2.1075005, 0.35)], "weights": (291.13096, 1653.7317, 13794.213)},
+    "fst": {"history": [(2.1320554, 0.1), (1.7050702, 0.375)], "weights": (292.69025, 1655.6962, 13911.731)},
+    "sau": {"history": [(3.5752173, 0.075), (3.545189, 0.025)], "weights": (355.10456, 1707.4678, 16494.623)},
+    "i-bau": {"history": [(2.3254595, 0), (2.2295607, 0.05)], "weights": (291.86071, 1653.5417, 13837.539)},
 }
 
 
@@ -128,20 +129,39 @@ def weight_checksums(model: torch.nn.Module) -> tuple[float, float, float]:
     return float(w.sum()), float(w.abs().sum()), float((w * (idx % 97)).sum())
 
 
+@pytest.fixture(scope="session")
+def pin_victim(tmp_path_factory):
+    """The pinned runs' victim: the fixture smallcnn at its seeded initialisation, not trained. A trained victim
+    carries the CPU's float rounding (oneDNN and MKL pick kernels by instruction set: AVX-512 and AVX2 machines
+    differed by 1 % after 80 training steps); seeded initialisation is the same everywhere, so only the two pinned
+    epochs differ across machines (at most 1.6e-6 relative, measured with ONEDNN_MAX_CPU_ISA=SSE41/AVX2 and
+    MKL_CBWR=COMPATIBLE/AVX2 against AVX-512)."""
+    from backdoorbench_gic.records import load_attack_record
+    from backdoorbench_gic.testing import make_bb_record, torch_threads
+
+    with torch_threads(1):
+        record_dir = make_bb_record(tmp_path_factory.mktemp("pinned"), "r", n_train=300, n_test=100, train_steps=0,
+                                    model_name="smallcnn", width=16, trigger_size=8)
+    rec = load_attack_record(record_dir)
+    return {"model": rec.build_model().eval(), "aux": rec.clean_train}
+
+
 @pytest.mark.parametrize("name", NAMES)
-def test_pinned_history_and_weights(victim, name):
+def test_pinned_history_and_weights(pin_victim, name):
     from backdoorbench_gic.testing import torch_threads
 
     with torch_threads(1):  # recorded with one intra-op thread; two split float reductions differently
-        r = DEFENSES.get(name)(**PIN[name], random_seed=3).purify(victim["model"], victim["aux"].subset(range(40)),
-                                                                   device=CPU, train_augment=TrainAugment(4, True),
-                                                                   progress=False)
+        r = DEFENSES.get(name)(**PIN[name], random_seed=3).purify(
+            pin_victim["model"], pin_victim["aux"].subset(range(40)), device=CPU, train_augment=TrainAugment(4, True),
+            progress=False)
     got = [(row["train_epoch_loss_avg_over_batch"], row["train_acc"]) for row in r.history]
     want = PINNED[name]
     assert len(got) == len(want["history"])
+    # 2e-5: ten times the largest difference seen between instruction sets; any change to an algorithm moves these
+    # numbers by orders of magnitude more
     for (loss, acc), (wl, wa) in zip(got, want["history"]):
-        assert loss == pytest.approx(wl, rel=1e-6) and acc == pytest.approx(wa, abs=1e-9)
-    assert weight_checksums(r.model) == pytest.approx(want["weights"], rel=1e-6)
+        assert loss == pytest.approx(wl, rel=2e-5) and acc == pytest.approx(wa, abs=1e-9)
+    assert weight_checksums(r.model) == pytest.approx(want["weights"], rel=2e-5)
 
 
 def test_different_seeds_give_different_weights(victim):
