@@ -151,7 +151,7 @@ def run_defense(req: DefenseRequest, record: AttackRecord | None = None) -> dict
     device = resolve_device(cfg.device)
     # everything checkable without the model, before it is built or evaluated
     check_aux_request(record, cfg.reserved_type, options=req.aux_options, n_per_class=req.n_per_class,
-                      index_file=cfg.index)
+                      index_file=cfg.index, ratio=cfg.ratio)
     if req.eval_limit is not None and req.eval_limit < 1:
         raise ValueError(f"eval_limit must be a positive number of test images, got {req.eval_limit}")
     if req.monitor_every < 0:
