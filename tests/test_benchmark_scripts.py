@@ -40,7 +40,7 @@ def regenerate(tmp_path: Path, stored_md: Path, csv: Path, argv: list[str]) -> l
 
 
 DATE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d")
-MACHINE = re.compile(r"\(\d{4}-\d\d-\d\d \d\d:\d\d; [^)]*\)")  # (date; machine, n cores)
+MACHINE = re.compile(r"\(\d{4}-\d\d-\d\d \d\d:\d\d; .*?\)(?=\. )")  # (date; machine, n cores). 
 
 
 def test_bn_restat_report_regenerates(tmp_path):

@@ -94,6 +94,13 @@ def test_confirm_by_hand():
     assert [k for k, v in bad.items() if v == "MISS"] == ["lossy cells", "mean ASR change <= +1 pt",
                                                          "no harm (one-sided)", "cost <= +25 %"]
     assert not confirmed(bad)
+    # issue 23's success target: the lossy runs' success rate rises by at least the margin
+    key = "success rate +10 pts on lossy cells"
+    assert key not in confirm(good)
+    assert confirm({**good, "lossy_success_rate_nogic": 0.2, "lossy_success_rate_gic": 0.3}, success_margin=0.1)[key] == "ok"
+    assert confirm({**good, "lossy_success_rate_nogic": 0.2, "lossy_success_rate_gic": 0.29},
+                   success_margin=0.1)[key] == "MISS"
+    assert confirm(good, success_margin=0.1)[key] == "MISS"  # no lossy runs: nothing confirmed
 
 
 def test_by_base_splits_the_paired_frame():
