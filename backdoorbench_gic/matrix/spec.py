@@ -542,3 +542,35 @@ def validate_spec(spec: MatrixSpec) -> list[str]:
         except Exception as exc:
             problems.append(f"aux {x!r}: {exc}")
     return problems
+
+
+def uncalibrated_source(spec: MatrixSpec) -> MatrixSpec:
+    """The spec whose ``off`` cells pair with ``spec``'s calibrated ones: ``spec`` itself when it runs them, else the
+    nearest file it inherits from that does (a file of variants only, ``_base_: block.yaml``)."""
+    if OFF in spec.variants:
+        return spec
+    for path in spec.bases:
+        base = load_spec(path)
+        if OFF in base.variants:
+            return base
+    raise ConfigError(f"{spec.path or spec.name}: no uncalibrated (off) variant here or in the files it inherits "
+                      "from, so its calibrated cells pair with nothing")
+
+
+def pairing_problems(spec: MatrixSpec, base: MatrixSpec) -> list[str]:
+    """Why ``spec``'s calibrated cells would not pair with ``base``'s uncalibrated ones (empty: each has a twin in
+    ``base``, the cell of the same id, whose request differs from its own in GIC alone)."""
+    off = {c.cell_id: c.request(base) for c in base.cells() if not c.gic}
+    problems = []
+    for part in spec.parts():
+        for cell in (c for c in part.cells() if c.gic):
+            twin = cell.uncalibrated()
+            got, want = off.get(twin.cell_id), twin.request(part)
+            if got is None:
+                problems.append(f"{cell.describe()}: {base.name} runs no uncalibrated twin of it (cell {twin.cell_id})")
+                continue
+            differ = [k for k in ("result_file", "bb_root", "overrides", "n_per_class", "aux_options", "eval_limit",
+                                  "monitor_every", "trust_checkpoint") if getattr(got, k) != getattr(want, k)]
+            if differ:
+                problems.append(f"{cell.describe()}: its uncalibrated twin in {base.name} differs in {', '.join(differ)}")
+    return problems
