@@ -43,7 +43,8 @@ def regenerate(tmp_path: Path, stored_md: Path, csv: Path, argv: list[str]) -> l
 
 
 DATE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d")
-MACHINE = re.compile(r"\(\d{4}-\d\d-\d\d \d\d:\d\d; [^)]*\)")  # (date; machine, n cores)
+# (date; machine, n cores), the machine's name may hold parentheses of its own: Intel(R) Xeon(R)
+MACHINE = re.compile(r"\(\d{4}-\d\d-\d\d \d\d:\d\d; (?:[^()]|\([^()]*\))*\)")
 
 
 def test_bn_restat_report_regenerates(tmp_path):

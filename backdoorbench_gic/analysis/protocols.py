@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import TYPE_CHECKING, Iterable, Mapping
 
 import pandas as pd
 
@@ -30,6 +30,9 @@ FIRST_RULE = Rule(asr_rise_limit=0.01)
 # the per-base protocol: each base alone, one-sided no harm, something recovered, at least 4 lossy cells
 PER_BASE_RULE = Rule(asr_rise_limit=0.01, one_sided_harm=True, min_recovered=0.0, min_lossy_cells=4)
 CALIBRATION_FREE = ("bn-reset", "bn-refresh")  # placements that fit no g: cheaper, preferred on a tie
+
+if TYPE_CHECKING:
+    from ..matrix.spec import MatrixSpec
 
 
 def variant_label(settings: Mapping) -> str:
@@ -46,9 +49,9 @@ class StudyBlock:
 
     name: str
     role: str
-    spec: object  # MatrixSpec
+    spec: "MatrixSpec"
     path: Path
-    variants: dict[str, object] = field(default_factory=dict)  # label -> MatrixSpec part
+    variants: "dict[str, MatrixSpec]" = field(default_factory=dict)  # label -> the part storing it
     files: dict[str, Path] = field(default_factory=dict)  # label -> the spec file that declares it
 
 
@@ -67,7 +70,7 @@ def study_blocks(paths: Iterable[str | Path]) -> dict[str, StudyBlock]:
             if spec.role is None:
                 raise ConfigError(f"{path}: a study block needs a role (development, held-out or confirmation)")
             blocks[path.stem] = StudyBlock(path.stem, spec.role, spec, path)
-    found: dict[str, list[tuple[bool, str, object, Path]]] = {}  # block -> (its own default?, label, part, file)
+    found: dict[str, list[tuple[bool, str, MatrixSpec, Path]]] = {}  # block -> (its own default?, label, part, file)
     for path, spec in specs.items():
         owner = path if OFF in spec.variants else next((b for b in spec.bases if b in specs and OFF in specs[b].variants),
                                                        None)
