@@ -45,11 +45,21 @@ def spec_dict(spec: MatrixSpec) -> dict[str, Any]:
 
 def run_matrix(spec: MatrixSpec, executor_overrides: dict[str, Any] | None = None, validate: bool = True,
                max_cells: int | None = None) -> RunSummary:
-    """Run every cell that is not done; failed cells are retried; done cells are skipped."""
+    """Run every cell that is not done; failed cells are retried; done cells are skipped. A spec with named GIC
+    variants runs each part (:meth:`~.spec.MatrixSpec.parts`) in its own folder."""
     if validate:
         problems = validate_spec(spec)
         if problems:
             raise MatrixSpecError(problems)
+    summary = RunSummary()
+    for part in spec.parts():
+        max_cells = _run_part(part, executor_overrides, max_cells, summary)
+    return summary
+
+
+def _run_part(spec: MatrixSpec, executor_overrides: dict[str, Any] | None, max_cells: int | None,
+              summary: RunSummary) -> int | None:
+    """One folder's cells; returns how many of ``max_cells`` are left."""
     store = CellStore(spec.output_root)
     spec.output_root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(spec.output_root / "spec.yaml", yaml.safe_dump(spec.to_dict(), sort_keys=False))
@@ -58,7 +68,6 @@ def run_matrix(spec: MatrixSpec, executor_overrides: dict[str, Any] | None = Non
         log.info("removed %d staging folders left by interrupted runs", removed)
     executor = make_executor(spec.executor, **(executor_overrides or {}))
     sd = spec_dict(spec)
-    summary = RunSummary()
 
     missing = [a for a in spec.attacks if a.generate is not None
                and not (spec.bb_root / "record" / a.record / "attack_result.pt").is_file()]
@@ -75,19 +84,20 @@ def run_matrix(spec: MatrixSpec, executor_overrides: dict[str, Any] | None = Non
         todo = todo[:max_cells]
     log.info("%d of %d cells to run", len(todo), len(spec.cells()))
     executor.run([cell_payload(c, sd) for c in todo], summary.add, desc="cells")
-    return summary
+    return None if max_cells is None else max_cells - len(todo)
 
 
 def matrix_status(spec: MatrixSpec) -> CellStatus:
-    return CellStore(spec.output_root).status(spec.cells())
+    parts = [CellStore(p.output_root).status(p.cells()) for p in spec.parts()]
+    return CellStatus(*([c for st in parts for c in getattr(st, k)] for k in ("done", "running", "failed", "pending")))
 
 
 def render_status(spec: MatrixSpec, status: CellStatus, verbose: bool = False) -> str:
     c = status.counts()
     lines = [f"matrix {spec.name} at {spec.output_root}",
              f"done {c['done']}  running {c['running']}  failed {c['failed']}  pending {c['pending']}  (total {c['total']})"]
-    store = CellStore(spec.output_root)
     for cell in status.failed:
+        store = CellStore(spec.part(cell.variant).output_root)
         tb = (store.failure_dir(cell) / "traceback.txt").read_text().strip().splitlines()
         lines.append(f"FAILED {cell.describe()}: {tb[-1] if tb else '?'}  ({store.failure_dir(cell)})")
     if verbose:

@@ -1,9 +1,12 @@
-"""Every auxiliary source builds for a real victim and survives BackdoorBenchER's on-disk layout
+"""FROZEN (2026-11-25 result; not maintained): superseded by the export/import round-trip tests of
+tests/test_aux_sources.py, which run on every commit. Kept to reproduce BENCHMARKS.md's archived table.
+
+Every auxiliary source builds for a real victim and survives BackdoorBenchER's on-disk layout
 (data/<ds>/<type>/<label:05d>/<i:05d>.png): export, re-import, compare pixel for pixel, labels, pool indices and
 provenance. 8-bit sources must come back unchanged; float sources (synthetic:inversion) are quantised to 8 bits by
 the export (with a warning), so for them the largest pixel error is reported instead (at most 0.5/255).
 
-    python benchmarks/aux_roundtrip.py --result_file badnet_fm_cnn16 --bb_root bbgic_bench
+    python benchmarks/archive/aux_roundtrip.py --result_file badnet_fm_cnn16 --bb_root bbgic_bench
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--types", nargs="+", default=TYPES)
     p.add_argument("--n_per_class", type=int, default=20)
     p.add_argument("--external", default=None, help="also an external:<dataset> source (e.g. digits for MNIST)")
-    p.add_argument("--out", default=str(HERE / "results" / "aux_roundtrip.md"))
+    p.add_argument("--out", default=str(HERE.parent / "results" / "aux_roundtrip.md"))
     args = p.parse_args(argv)
 
     from backdoorbench_gic.auxdata import build_aux_set, export_image_folder, import_image_folder
@@ -62,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append([t, len(aux), str(aux.images.dtype).replace("torch.", ""), " ".join(aux.source_names),
                          verdict, f"{time.perf_counter() - t0:.1f}"])
     text = (f"## Auxiliary sources through BackdoorBenchER's layout: `{record.name}`\n\n"
-            f"`python benchmarks/aux_roundtrip.py {' '.join(sys.argv[1:])}`; {describe_machine()}; "
+            f"`python benchmarks/archive/aux_roundtrip.py {' '.join(sys.argv[1:])}`; {describe_machine()}; "
             f"{args.n_per_class} per class, seed 0.\n\n"
             + md_table(["source", "images", "dtype", "provenance", "export -> import", "s"], rows)
             + f"\n\nAll sources {'pass' if ok else 'DO NOT all pass'}.\n")

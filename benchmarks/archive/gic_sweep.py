@@ -1,11 +1,15 @@
-"""GIC design-space sweep: calibrator family x objective x budget delta, one factor at a time around the
+"""FROZEN (2026-11-25 result; not maintained): superseded by benchmarks/gic16.py, which runs the sweep's candidate (the
+generator family) and GIC's placements on every block with a written selection rule. Kept to reproduce BENCHMARKS.md's
+archived sweep table.
+
+GIC design-space sweep: calibrator family x objective x budget delta, one factor at a time around the
 default, each in front of the same FT (benchmarks/gic_sweep.yaml). Reports, per configuration, the label-free
 signals a user could choose on (BatchNorm-statistics divergence of g(aux), the drift monitor, fit time) and,
 beside them, the test outcome against the efficacy run's uncalibrated FT cells on the same victims, draws and
 seeds. The default is picked on the label-free columns; the test columns only show what that choice costs.
 
-    python benchmarks/gic_sweep.py                  # runs the sweep matrix (resumable), then analyses
-    python benchmarks/gic_sweep.py --report_only
+    python benchmarks/archive/gic_sweep.py                  # runs the sweep matrix (resumable), then analyses
+    python benchmarks/archive/gic_sweep.py --report_only
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import pandas as pd
 from backdoorbench_gic.analysis import Col, describe_machine, md_table, run_spec
 
 HERE = Path(__file__).resolve().parent
+BENCH = HERE.parent
 
 
 def analyse(sweep: pd.DataFrame, base: pd.DataFrame, order: list[str] | None = None) -> str:
@@ -54,9 +59,9 @@ def analyse(sweep: pd.DataFrame, base: pd.DataFrame, order: list[str] | None = N
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--spec", default=str(HERE / "gic_sweep.yaml"))
-    p.add_argument("--baseline_spec", default=str(HERE / "efficacy.yaml"), help="where the uncalibrated FT cells are")
+    p.add_argument("--baseline_spec", default=str(BENCH / "efficacy.yaml"), help="where the uncalibrated FT cells are")
     p.add_argument("--report_only", action="store_true")
-    p.add_argument("--out", default=str(HERE / "results"))
+    p.add_argument("--out", default=str(BENCH / "results"))
     args = p.parse_args(argv)
 
     from backdoorbench_gic.utils.io import atomic_write_text
@@ -69,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         print("the sweep or its baseline has no finished cells: run both first", file=sys.stderr)
         return 1
     text = analyse(sweep, base, [d.shown for d in spec.defenses])
-    cmd = "python benchmarks/gic_sweep.py " + " ".join(sys.argv[1:])
+    cmd = "python benchmarks/archive/gic_sweep.py " + " ".join(sys.argv[1:])
     header = (f"## GIC design-space sweep: `{spec.name}`\n\n{len(sweep)} cells; machine: {describe_machine()}; command "
               f"`{cmd.strip()}`; {dt.datetime.now():%Y-%m-%d %H:%M}"
               + ("" if args.report_only else f"; ran {wall / 60:.1f} min")
