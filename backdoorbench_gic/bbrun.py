@@ -16,9 +16,10 @@ requires, with a few targeted patches that are all undone when it returns (or fa
   before any draw gets g fitted on our own draw with its ratio and seed, and the fit line says so. Test and
   poisoned data are never touched. Images reach their pipeline as 8-bit PIL images (as their loaders give them),
   so g(x) is rounded to 1/255.
-- numpy >= 2 removed aliases their code still uses (``np.infty`` in their plot helper ``general_plot_for_epoch``,
-  which sau, i-bau, anp, clp, fst, fp, bnp, ep, rnp and mcr call; ``np.float``/``np.int`` in some triggers): they
-  are defined for the run when missing (``numpy_compat=False`` to skip).
+- numpy >= 2 removed aliases their code still uses (:data:`NUMPY_ALIASES`: ``np.infty`` in their plot helper
+  ``general_plot_for_epoch``, which abl, anp, bnp, clp, d-br, dbd, ep, fp, fst, i-bau, mcr, nab, nad, rnp and sau
+  call; ``np.float``, ``np.int``, ``np.round_`` in some attacks and triggers): they are defined for the run when
+  missing (``numpy_compat=False`` to skip).
 
 Their modules are imported from the checkout and dropped from ``sys.modules`` afterwards, as are the log handlers
 their ``set_logger`` adds to the root logger; ``sys.argv``, ``sys.path`` and the working directory are restored.
@@ -44,7 +45,11 @@ from .patching import detect_checkout
 log = logging.getLogger(__name__)
 
 # numpy 2 removed these; BackdoorBench's code still spells them (formats doc section 9)
-NUMPY_ALIASES: dict[str, Any] = {"infty": np.inf, "Inf": np.inf, "NaN": np.nan, "float": float, "int": int}
+# what their code spells (grep of f02e353 and BackdoorBenchER): np.infty in utils/trainer_cls.py:754-755
+# (general_plot_for_epoch); np.float in the ftrojann and patch triggers, attack/trojannn.py and poison_ink;
+# np.int in lowFrequency's universal_pert.py; np.round_ in attack/bpp.py. Inf and NaN for their older forks.
+NUMPY_ALIASES: dict[str, Any] = {"infty": np.inf, "Inf": np.inf, "NaN": np.nan, "float": float, "int": int,
+                                 "round_": np.round}
 TRAIN_TYPES = (None, "", "train")
 
 

@@ -42,8 +42,9 @@ import yaml
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 SIDES = ("theirs", "ours")
-SPEC_KEYS = {"name", "flavour", "dataset", "attack", "seeds", "ratio", "runtime", "defenses", "notes"}
-DEFENSE_KEYS = {"script", "schedule", "theirs", "ours"}
+SPEC_KEYS = {"name", "flavour", "dataset", "attack", "seeds", "ratio", "runtime", "defenses", "notes",
+             "compat_timeout"}
+DEFENSE_KEYS = {"script", "schedule", "theirs", "ours", "inert"}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -165,15 +166,30 @@ def cmd_prepare(spec: dict[str, Any], checkout: Path) -> None:
         print(f"wrote {folder}: {len(subset)} images of {ds['source']}")
     n_train = k * int(ds["train_per_class"])
     work_dir(checkout).mkdir(parents=True, exist_ok=True)
+    warm_victims(spec, checkout)
     for seed in spec["seeds"]:
         target = index_file(checkout, seed)
         if not target.is_file():
             write_index(spec, checkout, seed, n_train, target)
 
 
+def warm_victims(spec, checkout: Path) -> None:
+    """Each record's victim metrics into our content cache, once: our runs then skip that evaluation (their scripts
+    never evaluate the victim), and both sides' DER use these numbers."""
+    from backdoorbench_gic.pipeline import victim_metrics
+    from backdoorbench_gic.records import load_attack_record
+
+    for r in spec["attack"]["records"]:
+        if (checkout / "record" / r / "attack_result.pt").is_file():
+            record = load_attack_record(r, checkout)
+            m = victim_metrics(record, record.build_model(), torch_device())
+            print(f"victim of {r}: C-Acc {m.acc:.3f} ASR {m.asr:.3f} RA {m.ra:.3f} (cached for our runs)")
+
+
 def write_index(spec, checkout: Path, seed: int, n_train: int, target: Path) -> None:
-    """BackdoorBenchER's ratio rule on the record's clean training set (poisoned positions excluded), seeded: the
-    auxiliary images both sides train on. Needs a record (any: they share the clean training set)."""
+    """BackdoorBenchER's ratio rule on the clean training set (clean originals of poisoned positions included, as
+    theirs), seeded: the auxiliary images both sides train on. Every record shares that set, so one file serves
+    all; it needs one record to read the set from."""
     from backdoorbench_gic.auxdata import build_aux_set
     from backdoorbench_gic.auxdata.sampling import write_index_file
     from backdoorbench_gic.records import load_attack_record
@@ -182,18 +198,12 @@ def write_index(spec, checkout: Path, seed: int, n_train: int, target: Path) -> 
     if not records:
         print(f"index for seed {seed}: waiting for a record (run the attack step, then prepare again)")
         return
-    # positions poisoned in any record are excluded, so one file serves every record
-    excluded = set()
-    aux = None
-    for r in records:
-        record = load_attack_record(r, checkout)
-        aux = build_aux_set(record, "train", ratio=float(spec["ratio"]), seed=int(seed))
-        state = record.poison_indicator if hasattr(record, "poison_indicator") else None
-        if state is not None:
-            excluded |= set(np.flatnonzero(np.asarray(state)[:n_train] == 1).tolist())
-    chosen = [int(i) for i in aux.indices.tolist() if int(i) not in excluded]
-    write_index_file(target, chosen)
-    print(f"wrote {target}: {len(chosen)} training positions (seed {seed})")
+    record = load_attack_record(records[0], checkout)
+    if len(record.clean_train) != n_train:
+        raise SystemExit(f"{records[0]} has {len(record.clean_train)} training images, the spec {n_train}")
+    aux = build_aux_set(record, "train", ratio=float(spec["ratio"]), seed=int(seed))
+    write_index_file(target, aux.indices.tolist())
+    print(f"wrote {target}: {len(aux)} training positions (seed {seed})")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -227,9 +237,6 @@ def cmd_attack(spec: dict[str, Any], checkout: Path, only: list[str] | None) -> 
 # ---------------------------------------------------------------------------------------------------------
 # one run: their script through bb-run, or bbgic defend, on the same record, index file and schedule
 # ---------------------------------------------------------------------------------------------------------
-RUNTIME_KEYS = ("device", "amp", "pin_memory", "num_workers", "prefetch")
-
-
 def their_yaml(spec: dict[str, Any], checkout: Path, rid: RunId) -> tuple[Path, dict[str, Any]]:
     """config/defense/<d>/parity_<d>_seed<s>.yaml in the checkout: their cifar10.yaml with the runtime, the
     schedule, their-only keys, the seed, the dataset and the index file (BackdoorBenchER names the output folder
@@ -412,6 +419,64 @@ def cmd_metric(spec: dict[str, Any], checkout: Path) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# compat: does each of their defense scripts run through bb-run (README's compatibility table)
+# ---------------------------------------------------------------------------------------------------------
+NOT_DEFENSES = {"__init__", "base", "dataset_load_mode"}
+
+
+def last_error(log: Path) -> str:
+    lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if ("Error" in ln or "Exception" in ln) and not ln.startswith(("File ", "warnings.warn")):
+            return ln[:240]
+    return lines[-1][:240] if lines else ""
+
+
+def cmd_compat(spec: dict[str, Any], checkout: Path, record: str, scripts: list[str] | None, gic: bool) -> None:
+    """Every defense script of the checkout through bb-run on ``record`` (their cifar10.yaml, else config.yaml,
+    plus the runtime, the seed-0 index file and the spec's short schedule where it has one), each cut at the
+    spec's ``compat_timeout`` seconds: exit code, wall time, the error's last line. parity/compat*.json."""
+    from backdoorbench_gic.utils.io import atomic_write_json
+
+    timeout = int(spec.get("compat_timeout", 240))
+    by_script = {Path(d["script"]).stem: d for d in spec["defenses"].values()}
+    names = scripts or sorted(p.stem for p in (checkout / "defense").glob("*.py") if p.stem not in NOT_DEFENSES)
+    target = work_dir(checkout) / f"compat{'_gic' if gic else ''}.json"
+    results = json.loads(target.read_text()) if target.is_file() else {}
+    for name in names:
+        if name in results:
+            continue
+        folder = checkout / "config" / "defense" / name
+        base_yaml = next((folder / f for f in ("cifar10.yaml", "config.yaml") if (folder / f).is_file()), None)
+        values = yaml.safe_load(base_yaml.read_text()) if base_yaml else {}
+        d = by_script.get(name, {})
+        values.update({**spec["runtime"], **d.get("schedule", {}), **d.get("theirs", {}), "random_seed": 0,
+                       "dataset": spec["dataset"]["name"], "ratio": spec["ratio"], "reserved_type": "train",
+                       "index": str(index_file(checkout, 0))})
+        yaml_path = folder / f"parity_compat{'_gic' if gic else ''}.yaml"
+        folder.mkdir(parents=True, exist_ok=True)
+        yaml_path.write_text(yaml.safe_dump(values, sort_keys=False))
+        cmd = bbgic("bb-run", f"defense/{name}.py", "--bb_root", str(checkout), "--result_file", record,
+                    "--yaml_path", os.path.relpath(yaml_path, checkout),
+                    *(["--gic", "--gic_steps", "20"] if gic else []))
+        log = work_dir(checkout) / "logs" / f"compat{'_gic' if gic else ''}__{name}.log"
+        t0 = time.perf_counter()
+        with open(log, "w") as fh:
+            try:
+                rc = subprocess.call(cmd, cwd=checkout, stdout=fh, stderr=subprocess.STDOUT, env=env_for(checkout),
+                                     timeout=timeout)
+            except subprocess.TimeoutExpired:
+                rc = None
+        row = {"script": name, "exit_code": rc, "wall_seconds": round(time.perf_counter() - t0, 1),
+               "yaml": base_yaml.name if base_yaml else None, "log": os.path.relpath(log, checkout)}
+        row["result"] = ("finished" if rc == 0 else f"still running at {timeout} s (no error)" if rc is None
+                         else last_error(log))
+        results[name] = row
+        atomic_write_json(target, results)
+        print(f"{name}: {row['result']} ({row['wall_seconds']} s)")
+
+
+# ---------------------------------------------------------------------------------------------------------
 # the report
 # ---------------------------------------------------------------------------------------------------------
 METRICS = (("acc_after", "C-Acc"), ("asr_after", "ASR"), ("ra_after", "RA"), ("der", "DER"))
@@ -433,6 +498,7 @@ def config_differences(spec: dict[str, Any], checkout: Path, defense: str) -> li
     skip = {"device", "amp", "pin_memory", "num_workers", "prefetch", "non_blocking", "dataset_path", "index", "log",
             "checkpoint_load", "checkpoint_save", "yaml_path", "result_file", "frequency_save", "dataset", "model"}
     out = []
+    skip |= set(spec["defenses"][defense].get("inert", []))  # keys their script reads but never acts on
     for k in sorted(set(theirs) & set(ours) - skip):
         a, b = theirs[k], ours[k]
         same = a == b or (isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b))
@@ -555,7 +621,7 @@ def render(spec: dict[str, Any], sm, df, payload: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("step", choices=["prepare", "attack", "pending", "run", "metric", "report"])
+    p.add_argument("step", choices=["prepare", "attack", "pending", "run", "metric", "compat", "report"])
     p.add_argument("--checkout", required=True, type=Path, help="a scratch copy of a BackdoorBenchER checkout")
     p.add_argument("--spec", type=Path, default=HERE / "parity.yaml")
     p.add_argument("--id", action="append", default=[], help="run id(s) for `run` (<record>/<defense>/<seed>/<side>)")
@@ -563,9 +629,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--defense", action="append", default=None, help="restrict to these defenses")
     p.add_argument("--seed", action="append", type=int, default=None, help="restrict to these seeds")
     p.add_argument("--out", type=Path, default=RESULTS, help="report folder (default benchmarks/results)")
+    p.add_argument("--script", action="append", default=None, help="compat: only these scripts (stems)")
+    p.add_argument("--gic", action="store_true", help="compat: with --gic")
     args = p.parse_args(argv)
     spec = load_spec(args.spec)
     checkout = args.checkout.resolve()
+    os.environ["BBGIC_CACHE_DIR"] = str(work_dir(checkout) / "cache")  # the cache our subprocess runs use
     if args.step == "prepare":
         cmd_prepare(spec, checkout)
     elif args.step == "attack":
@@ -581,6 +650,9 @@ def main(argv: list[str] | None = None) -> int:
             cmd_run(spec, checkout, RunId.parse(text))
     elif args.step == "metric":
         cmd_metric(spec, checkout)
+    elif args.step == "compat":
+        cmd_compat(spec, checkout, (args.record or [next(iter(spec["attack"]["records"]))])[0], args.script,
+                   args.gic)
     else:
         cmd_report(spec, checkout, args.out)
     return 0

@@ -29,8 +29,8 @@ wrap around (-0.01 -> 254, 1.05 -> 11): about a third of the pixels of a dark or
 end of the range, salt-and-pepper noise rather than Gaussian noise. The two are distinct named sets, never chosen
 by what is on disk: ``reserved_noise`` is the clipped one; ``reserved_noise_wrap`` reproduces BackdoorBenchER's
 exactly (and reads their ``reserved_noise/`` folder, which holds that data). Both draw the same noise per image
-(seed key ``noise``), so they differ only in what happens outside [0, 1]; :data:`WRAP_WARNING` is the line every
-summary prints for the wrapped set.
+(seed key ``noise``), so they differ in what happens outside [0, 1] and, inside it, by one level at most (their
+conversion truncates, ours rounds); :data:`WRAP_WARNING` is the line every summary prints for the wrapped set.
 """
 from __future__ import annotations
 
