@@ -54,9 +54,8 @@ class MetricLog:
         df = self.dataframe().apply(pd.to_numeric, errors="coerce")
         if df.empty:
             return pd.DataFrame(index=["last", "valid_max", "exist_nan_value"])
-        # object dtype keeps exist_nan_value as True/False, as BackdoorBench's summaries write it
-        return pd.DataFrame([df.iloc[-1].tolist(), df.max(skipna=True).tolist(), df.isna().any().tolist()],
-                            index=["last", "valid_max", "exist_nan_value"], columns=df.columns, dtype=object)
+        return pd.DataFrame([df.iloc[-1], df.max(skipna=True), df.isna().any()],
+                            index=["last", "valid_max", "exist_nan_value"])
 
     def save(self, folder: str | os.PathLike, prefix: str) -> tuple[Path, Path]:
         folder = Path(folder)

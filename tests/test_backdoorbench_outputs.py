@@ -47,7 +47,6 @@ def test_every_summary_csv_has_backdoorbench_column_order(root, tmp_path, name):
         rows = list(csv.reader(path.open()))
         assert tuple(rows[0][-3:]) == TEST_TAIL == ("test_acc", "test_asr", "test_ra"), rows[0]
         assert [r[0] for r in rows[1:]] == ["last", "valid_max", "exist_nan_value"]
-        assert rows[3][-1] in ("True", "False")  # BackdoorBench writes the NaN flags as booleans
         header = rows[0]
         for loss in ("clean_test_loss_avg_over_batch", "bd_test_loss_avg_over_batch"):  # before the metrics
             assert header.index(loss) < header.index("test_acc")
