@@ -2,8 +2,9 @@
 
 This is the only place that ties the stages together; ``run_defense.py``, ``bbgic defend``, the matrix runner
 and the BackdoorBench patch all call :func:`run_defense`. The defense never sees test data: the pipeline
-evaluates before and after, and (when ``monitor_every`` > 0) logs test metrics per epoch through the
-defense's monitor callback, as BackdoorBench's CSVs do.
+evaluates before and after, and (when ``monitor_every`` > 0, opt-in) logs test metrics per epoch through the
+defense's monitor callback, as BackdoorBench's CSVs do. The victim's metrics are cached by content and a model
+evaluated twice with the same weights (the last epoch's monitor, the final result) is scored once.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 from .data.imageset import ImageSet
-from .evaluation import Metrics, compare, evaluate
+from .evaluation import Metrics, WeightsMemo, compare, evaluate
 from .records import AttackRecord, load_attack_record
 from .keys import extra_column
 from .registry import DEFENSES
@@ -51,7 +52,7 @@ class DefenseRequest:
     variant: str | None = None  # default: yaml basename, else <dataset>_<reserved_type>
     n_per_class: int | None = None
     aux_options: dict[str, Any] = field(default_factory=dict)
-    monitor_every: int = 1  # evaluate on the test sets every N epochs (0: only at the end)
+    monitor_every: int = 0  # evaluate on the test sets every N epochs (0: only at the end; opt-in)
     trust_checkpoint: bool = False
     dataset_dir: str | None = None
     progress: bool | None = None
@@ -133,6 +134,7 @@ def default_variant(dataset: str, reserved_type: str, yaml_path: str | None) -> 
 def run_defense(req: DefenseRequest, record: AttackRecord | None = None) -> dict[str, Any]:
     """Run one defense on one record; returns the tidy result row (also written as result.json)."""
     from .auxdata import build_aux_set, check_aux_request
+    from .auxdata.shifts import shift_warning
     from .data.transforms import TrainAugment
 
     t0 = time.perf_counter()
@@ -179,11 +181,12 @@ def run_defense(req: DefenseRequest, record: AttackRecord | None = None) -> dict
                  aux.class_counts(record.num_classes).tolist())
 
         epoch_counter = {"n": 0}
+        scored = WeightsMemo(clean_test, bd_test, device=device, batch_size=req.eval_batch_size)
 
         def monitor(model: torch.nn.Module) -> dict[str, float]:
             epoch_counter["n"] += 1
             if req.monitor_every and epoch_counter["n"] % req.monitor_every == 0:
-                return evaluate(model, clean_test, bd_test, device=device, batch_size=req.eval_batch_size).as_row()
+                return scored(model).as_row()
             return {}
 
         torch.manual_seed(cfg.random_seed)
@@ -192,7 +195,7 @@ def run_defense(req: DefenseRequest, record: AttackRecord | None = None) -> dict
                                      train_augment=TrainAugment.for_spec(record.spec), monitor=monitor,
                                      progress=req.progress)
         defense_seconds = time.perf_counter() - t_def
-        after = evaluate(result.model, clean_test, bd_test, device=device, batch_size=req.eval_batch_size)
+        after = scored(result.model)
         log.info("purified: C-Acc %.4f ASR %.4f RA %.4f (%.1f s)", after.acc, after.asr, after.ra, defense_seconds)
 
         history = MetricLog(result.history)
@@ -211,6 +214,7 @@ def run_defense(req: DefenseRequest, record: AttackRecord | None = None) -> dict
             "defense": defense.name,
             "aux_type": cfg.reserved_type,
             "aux_size": len(aux),
+            "aux_warning": shift_warning(cfg.reserved_type),
             "seed": cfg.random_seed,
             "config_fingerprint": config_fingerprint(defense),
             **compare(before, after),

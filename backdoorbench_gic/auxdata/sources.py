@@ -34,7 +34,7 @@ import torch
 from ..data.imageset import ImageSet
 from ..data.transforms import nchw_to_nhwc_uint8, nhwc_to_nchw, resize_uint8
 from .base import AuxContext, AuxDataError, Pool, aux_source, resolve_user_path
-from .shifts import ER_SHIFTS, SHIFT_OPTIONS, ShiftApplier, make_shift
+from .shifts import ER_FOLDER, ER_SHIFTS, SHIFT_OPTIONS, WRAP_WARNING, ShiftApplier, make_shift, seed_key
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,12 @@ def _shift_pool(ctx: AuxContext, shift: str, arg: str | None, type_name: str) ->
         shifter = make_shift(shift, shift_opts, arg)
     except ValueError as exc:
         raise AuxDataError(f"{type_name}: {exc}") from None
-    key = shift if shift != "tv" else f"tv:{arg}"
+    key = seed_key(shift, arg)
+    if shifter.quantize_mode == "wrap":
+        if ctx.opt("quantize", True) is False:
+            raise AuxDataError(f"{type_name} wraps 8-bit pixels around; it has no float form (quantize=False). Use "
+                               "reserved_noise for clipped float noise")
+        log.warning(WRAP_WARNING)
     if base_name_opt == "reserved" and mode != "never" and arg is None:
         pool = _precomputed_shift(ctx, type_name, shifter, mode)
         if pool is not None:
@@ -134,7 +139,8 @@ def _precomputed_shift(ctx: AuxContext, type_name: str, shifter, mode: str) -> P
     from .layout import EXPORT_PARAMS_FILE, META_FILE
 
     ds = ctx.record.dataset()
-    folder = ctx.dataset_dir() / type_name
+    folder_name = ER_FOLDER.get(type_name[len("reserved_"):], type_name)
+    folder = ctx.dataset_dir() / folder_name
     if not (isinstance(ds, SplitDataset) and folder.is_dir()):
         if mode == "always":
             raise AuxDataError(f"option precomputed='always' but {folder} does not exist")
@@ -143,6 +149,18 @@ def _precomputed_shift(ctx: AuxContext, type_name: str, shifter, mode: str) -> P
     if params_file.is_file() and not (folder / META_FILE).is_file():
         raise AuxDataError(f"{folder} is an unfinished export (no meta.txt): rerun the export, or pass the option "
                            "precomputed='never'")
+    # BackdoorBenchER's noise folder holds wrapped pixels: it is reserved_noise_wrap's data, never reserved_noise's
+    made_wrap = "wrap=True" in json.loads(params_file.read_text()).get("parameters", "") if params_file.is_file() \
+        else folder_name == "reserved_noise"
+    if folder_name == "reserved_noise" and made_wrap != (shifter.quantize_mode == "wrap"):
+        why = (f"{folder} holds {'wrapped' if made_wrap else 'clipped'} noise "
+               f"({'made elsewhere: BackdoorBenchER wraps' if not params_file.is_file() else 'our export'}), not the "
+               f"{type_name} set")
+        if mode == "always":
+            raise AuxDataError(f"{why}; precomputed='always' cannot use it"
+                               + ("; name reserved_noise_wrap to read it" if made_wrap else ""))
+        log.warning("%s; shifting on the fly instead%s", why, " (reserved_noise_wrap reads it)" if made_wrap else "")
+        return None
     explicit = sorted(k for k in _PIXEL_OPTIONS if k in ctx.options)
     if explicit and mode == "auto":
         ours = json.loads(params_file.read_text()) if params_file.is_file() else None
@@ -155,7 +173,7 @@ def _precomputed_shift(ctx: AuxContext, type_name: str, shifter, mode: str) -> P
     elif explicit:
         log.warning("%s: precomputed='always' reads %s as it is; options %s are ignored", type_name, folder, explicit)
     log.info("%s: reading the precomputed set %s", type_name, folder)
-    return Pool.from_imageset(ds.folder(type_name), type_name, str(folder))
+    return Pool.from_imageset(ds.folder(folder_name), type_name, str(folder))
 
 
 def _register_shift(shift: str) -> None:
@@ -163,7 +181,9 @@ def _register_shift(shift: str) -> None:
     doc = {"brightness": "brightness factor U[0.5,1.5]", "contrast": "contrast factor U[0.5,1.5]",
            "color_jitter": "brightness/contrast/saturation U[0.5,1.5], hue U[-0.5,0.5]",
            "gaussian_blur": "kernel 3, sigma U[0.1,2.0]", "rotation": "U[-30,30] degrees, black fill",
-           "noise": "x + 0.1 N(0,1), clipped (noise_wrap=True: BackdoorBenchER's wrap-around)",
+           "noise": "x + 0.1 N(0,1), clipped to [0, 1] (never BackdoorBenchER's wrapped folder)",
+           "noise_wrap": "BackdoorBenchER's noise: x + 0.1 N(0,1) wrapped around as uint8 (their reserved_noise "
+                         "folder when present)",
            "jpeg": "JPEG re-encoding at jpeg_quality (default 50; or reserved_jpeg:<quality>)",
            "tv": "torchvision transforms.v2 by name: reserved_tv:Name(kw=value)|Name2(...)"}[shift]
 
@@ -176,7 +196,7 @@ def _register_shift(shift: str) -> None:
     aux_source(type_name, options=dict(SHIFT_OPTIONS), arg=arg_mode)(source)
 
 
-for _shift in (*ER_SHIFTS, "jpeg", "tv"):
+for _shift in (*ER_SHIFTS, "noise_wrap", "jpeg", "tv"):
     _register_shift(_shift)
 
 

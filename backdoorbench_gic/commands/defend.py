@@ -23,8 +23,9 @@ def add_defense_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n_per_class", type=int, default=None, help="auxiliary images per class (instead of --ratio)")
     p.add_argument("--output_dir", default=None, help="write results here instead of <record>/defense/<name>/<variant>")
     p.add_argument("--variant", default=None, help="output sub-folder name (default: yaml basename or <dataset>_<type>)")
-    p.add_argument("--monitor_every", type=int, default=1,
-                   help="evaluate on the test sets every N epochs for the CSV (0: only at the end)")
+    p.add_argument("--monitor_every", type=int, default=0,
+                   help="opt-in: evaluate on the test sets every N epochs for the CSV (default 0: only the final "
+                        "row has test metrics; each monitored epoch costs one test evaluation)")
     p.add_argument("--aux_option", action="append", default=[], metavar="KEY=VALUE",
                    help="option for the auxiliary source (repeatable), e.g. noise_wrap=true")
     p.add_argument("--trust_checkpoint", action="store_true",
@@ -108,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
 
     row = run_defense(request_from_args(args, getattr(args, "extra", [])))
     print(format_row(row))
+    if row.get("aux_warning"):
+        print(f"  WARNING: {row['aux_warning']}")
     summary = format_gic_summary(row)
     if summary:
         print(f"  {summary}")
