@@ -131,16 +131,14 @@ def default_variant(dataset: str, reserved_type: str, yaml_path: str | None) -> 
     return f"{dataset}_{safe}"
 
 
-def run_defense(req: DefenseRequest, record: AttackRecord | None = None) -> dict[str, Any]:
-    """Run one defense on one record; returns the tidy result row (also written as result.json)."""
-    from .auxdata import build_aux_set, check_aux_request
-    from .auxdata.shifts import shift_warning
-    from .data.transforms import TrainAugment
+def check_request(req: DefenseRequest, record: AttackRecord):
+    """Everything about a run that can be checked without building a model or decoding an image (the auxiliary
+    request against the record's dataset, the defense's config, the evaluation settings); returns the configured
+    defense. :func:`run_defense` calls it first, and ``bbgic matrix validate`` calls it for every cell, so a
+    request that passes here cannot fail on such a check later. The device is not checked: a run may go to
+    another machine."""
+    from .auxdata import check_aux_request
 
-    t0 = time.perf_counter()
-    record = record or load_attack_record(req.result_file, req.bb_root, trust=req.trust_checkpoint,
-                                          dataset_dir=req.dataset_dir)
-    dataset = req.dataset or record.clean_data
     if "reserved_type" in req.overrides:  # the usual CLI case: refuse a bad request before the defenses load
         check_aux_request(record, str(req.overrides["reserved_type"]), options=req.aux_options,
                           n_per_class=req.n_per_class)
@@ -148,16 +146,31 @@ def run_defense(req: DefenseRequest, record: AttackRecord | None = None) -> dict
     overrides = dict(req.overrides)
     if req.device is not None:
         overrides["device"] = req.device
-    defense = defense_cls.from_sources(dataset, req.yaml_path, overrides, name=DEFENSES.resolve(req.defense))
+    defense = defense_cls.from_sources(req.dataset or record.clean_data, req.yaml_path, overrides,
+                                       name=DEFENSES.resolve(req.defense))
     cfg = defense.config
-    device = resolve_device(cfg.device)
-    # everything checkable without the model, before it is built or evaluated
     check_aux_request(record, cfg.reserved_type, options=req.aux_options, n_per_class=req.n_per_class,
                       index_file=cfg.index, ratio=cfg.ratio)
     if req.eval_limit is not None and req.eval_limit < 1:
         raise ValueError(f"eval_limit must be a positive number of test images, got {req.eval_limit}")
     if req.monitor_every < 0:
         raise ValueError(f"monitor_every must be >= 0 (0: evaluate only at the end), got {req.monitor_every}")
+    return defense
+
+
+def run_defense(req: DefenseRequest, record: AttackRecord | None = None) -> dict[str, Any]:
+    """Run one defense on one record; returns the tidy result row (also written as result.json)."""
+    from .auxdata import build_aux_set
+    from .auxdata.shifts import shift_warning
+    from .data.transforms import TrainAugment
+
+    t0 = time.perf_counter()
+    record = record or load_attack_record(req.result_file, req.bb_root, trust=req.trust_checkpoint,
+                                          dataset_dir=req.dataset_dir)
+    dataset = req.dataset or record.clean_data
+    defense = check_request(req, record)
+    cfg = defense.config
+    device = resolve_device(cfg.device)
     variant = req.variant or default_variant(dataset, cfg.reserved_type, req.yaml_path)
     out_dir = Path(req.output_dir) if req.output_dir else defense_output_dir(record.record_dir, defense.name, variant)
     out_dir.mkdir(parents=True, exist_ok=True)

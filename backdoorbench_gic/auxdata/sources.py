@@ -84,7 +84,13 @@ def train_source(ctx: AuxContext, arg: str | None) -> Pool:
     return Pool.from_imageset(train, "train", f"{ctx.record.clean_data}/train", eligible)
 
 
-@aux_source("reserved")
+def _needs_split(ctx: AuxContext, arg: str | None) -> None:
+    """A reserved-based type on a record trained on a plain dataset fails here, before any model is built."""
+    if ctx.opt("shift_base", "reserved") == "reserved":
+        _split_dataset(ctx, ctx.reserved_type or "reserved")
+
+
+@aux_source("reserved", check=_needs_split)
 def reserved_source(ctx: AuxContext, arg: str | None) -> Pool:
     """Unseen, in-distribution: the class-stratified reserved/ split of <ds>_split_<pct>_seed_<s>."""
     return Pool.from_imageset(_reserved_set(ctx, "reserved"), "reserved", f"{ctx.record.clean_data}/reserved")
@@ -193,7 +199,7 @@ def _register_shift(shift: str) -> None:
     source.__doc__ = f"Unseen, OOD by transformation: the reserved images, {doc}."
     source.__name__ = f"{type_name}_source"
     arg_mode = "required" if shift == "tv" else ("optional" if shift == "jpeg" else "none")
-    aux_source(type_name, options=dict(SHIFT_OPTIONS), arg=arg_mode)(source)
+    aux_source(type_name, options=dict(SHIFT_OPTIONS), arg=arg_mode, check=_needs_split)(source)
 
 
 for _shift in (*ER_SHIFTS, "noise_wrap", "jpeg", "tv"):
