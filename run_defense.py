@@ -15,6 +15,12 @@ import sys
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if not {"-h", "--help"} & set(argv):
+        from backdoorbench_gic.cli import startup_check
+
+        code = startup_check("run_defense.py")  # a torch/torchvision build mismatch, reported once, with its fix
+        if code is not None:
+            return code
     if "--result_file" in argv or any(a.startswith("--result_file=") for a in argv):
         from backdoorbench_gic.commands.defend import main as defend_main
 

@@ -81,7 +81,13 @@ def gic_summary_line(values, prefix: str = "") -> str | None:
         parts.append(f"delta {float(get(GicInfo.DELTA)) * 255:.1f}/255")
     if get(GicInfo.BN_DIV_BEFORE) is not None and get(GicInfo.BN_DIV_AFTER) is not None:
         parts.append(f"D_BN {float(get(GicInfo.BN_DIV_BEFORE)):.4f} -> {float(get(GicInfo.BN_DIV_AFTER)):.4f}")
-    if get(GicInfo.DRIFT_CLASS) is not None:
-        parts.append(f"drift: class {int(get(GicInfo.DRIFT_CLASS))} gets {float(get(GicInfo.DRIFT_SHARE)):.1%} of "
-                     "predictions" + (" (WARNING: concentrated)" if get(GicInfo.DRIFT_FLAG) else ""))
+    if get(GicInfo.DRIFT_CLASS) is not None:  # the drift monitor (gic/drift.py): the class g pulled most towards
+        share = float(get(GicInfo.DRIFT_SHARE))
+        against = [f"{share / float(get(GicInfo.DRIFT_RATIO)):.1%} of the labels"] if get(GicInfo.DRIFT_RATIO) else []
+        if get(GicInfo.DRIFT_RAW_SHARE) is not None:
+            against.append(f"{float(get(GicInfo.DRIFT_RAW_SHARE)):.1%} before calibration")
+        parts.append(f"drift: on g(aux) the victim predicts class {int(get(GicInfo.DRIFT_CLASS))} (the class that gained "
+                     f"most) for {share:.1%} of the images" + (f", against {' and '.join(against)}" if against else "")
+                     + (": WARNING, predictions concentrate on it, as on a backdoor's target" if get(GicInfo.DRIFT_FLAG)
+                        else ": not concentrated"))
     return "GIC: " + ", ".join(parts)

@@ -130,6 +130,15 @@ def default_variant(dataset: str, reserved_type: str, yaml_path: str | None) -> 
     return f"{dataset}_{safe}"
 
 
+def output_dir(req: DefenseRequest, record_dir: str | os.PathLike, defense_name: str, dataset: str,
+               reserved_type: str) -> Path:
+    """Where a run writes: ``req.output_dir``, else ``<record>/defense/<name>/<variant>``."""
+    if req.output_dir:
+        return Path(req.output_dir)
+    variant = req.variant or default_variant(dataset, reserved_type, req.yaml_path)
+    return defense_output_dir(record_dir, defense_name, variant)
+
+
 def run_defense(req: DefenseRequest, record: AttackRecord | None = None) -> dict[str, Any]:
     """Run one defense on one record; returns the tidy result row (also written as result.json)."""
     from .auxdata import build_aux_set, check_aux_request
@@ -156,8 +165,7 @@ def run_defense(req: DefenseRequest, record: AttackRecord | None = None) -> dict
         raise ValueError(f"eval_limit must be a positive number of test images, got {req.eval_limit}")
     if req.monitor_every < 0:
         raise ValueError(f"monitor_every must be >= 0 (0: evaluate only at the end), got {req.monitor_every}")
-    variant = req.variant or default_variant(dataset, cfg.reserved_type, req.yaml_path)
-    out_dir = Path(req.output_dir) if req.output_dir else defense_output_dir(record.record_dir, defense.name, variant)
+    out_dir = output_dir(req, record.record_dir, defense.name, dataset, cfg.reserved_type)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     with run_log(out_dir / "log", timestamp()) as log_path:
