@@ -2,7 +2,7 @@
 """BackdoorBench-style entry point.
 
     python run_defense.py                      # the embedded demo: backdoor a victim on scikit-learn's digits,
-                                               # purify it with FT (and GIC+FT) on reserved and shifted data
+                                               # remove it with FST (and GIC+FST) on reserved and shifted data
     python run_defense.py --dataset fashion-mnist        # the demo on another dataset
     python run_defense.py --result_file R --defense ft [--yaml_path Y --dataset D --device cuda:0 ...]
                                                # one defense on one record (as BackdoorBench's defense scripts)

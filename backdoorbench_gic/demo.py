@@ -227,26 +227,33 @@ fully removed at no accuracy cost (higher is better). All in %; n: auxiliary ima
 def reading(rows: list[dict[str, Any]]) -> str:
     """What the table says, row by row: success or failure by the README's rule (ASR after <= 10 % and C-Acc at
     most 5 points below the victim's), and for a GIC row what calibration did (D_BN before -> after, drift)."""
+    import textwrap
+
     from .evaluation import purification_success
     from .keys import gic_summary_line
 
     lines = ["Reading (success: ASR after <= 10 % and C-Acc at most 5 points below the victim's):"]
+
+    def add(text: str, indent: str) -> None:  # within 120 characters, continuation lines indented
+        lines.extend(textwrap.wrap(text, 120, initial_indent=indent, subsequent_indent=indent + "  "))
+
     for r in rows:
         ok = purification_success(r["acc_before"], r["acc_after"], r["asr_after"])
         misses = [f"ASR {r['asr_after']:.1%} > 10 %"] if r["asr_after"] > 0.10 else []
         if r["acc_before"] - r["acc_after"] > 0.05:
             misses.append(f"C-Acc {100 * (r['acc_before'] - r['acc_after']):.1f} points down")
         verdict = "success" if ok else f"failure ({', '.join(misses)})"
-        lines.append(f"  {r['defense']} on {r['aux_type']}: {verdict}: ASR {r['asr_before']:.1%} -> "
-                     f"{r['asr_after']:.1%}, C-Acc {r['acc_before']:.1%} -> {r['acc_after']:.1%}")
+        add(f"{r['defense']} on {r['aux_type']}: {verdict}: ASR {r['asr_before']:.1%} -> {r['asr_after']:.1%}, "
+            f"C-Acc {r['acc_before']:.1%} -> {r['acc_after']:.1%}", "  ")
         gic = gic_summary_line(r, "extra_")
         if gic:
-            lines.append(f"    {gic}")
+            add(gic, "    ")
     if any(gic_summary_line(r, "extra_") for r in rows):
-        lines.append("  GIC: D_BN is how far the auxiliary images' BatchNorm statistics are from the victim's training "
-                     "data (0 = identical); calibration g(x) lowers it before the defense trains on g(aux).")
+        add("GIC: D_BN is how far the auxiliary images' BatchNorm statistics are from the victim's training data "
+            "(0 = identical); calibration g(x) lowers it before the defense trains on g(aux). README, \"Reading the "
+            "results\", explains the drift.", "  ")
     n_test = f" on {rows[0]['eval_n_clean']} test images" if rows and rows[0].get("eval_n_clean") else ""
-    lines.append(f"  One seed{n_test}: differences of a few points are within seed noise.")
+    add(f"One seed{n_test}: differences of a few points are within seed noise.", "  ")
     return "\n".join(lines)
 
 

@@ -397,6 +397,7 @@ def plot_quality(df, path: str | os.PathLike, title: str | None = None) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
     from ..utils.io import atomic_write_with
@@ -420,7 +421,7 @@ def plot_quality(df, path: str | os.PathLike, title: str | None = None) -> Path:
         ax.barh(names, shown, color=colors, hatch=["//" if f else "" for f in flags], edgecolor="black", linewidth=0.4)
         if log_axis:
             ax.set_xscale("log")
-            ax.set_xlim(floor / 1.5, max(shown) * 60)  # room for the labels
+            ax.set_xlim(floor / 1.5, max(shown) * (60 if col == "risk" else 12))  # room for the labels
         else:
             ax.set_xlim(0, max([v for v in shown if v == v] + [1e-9]) * 1.6)
         for i, (v, x) in enumerate(zip(values, shown)):
@@ -432,16 +433,16 @@ def plot_quality(df, path: str | os.PathLike, title: str | None = None) -> Path:
         if col == "risk":
             bound = close_bound(ref_risk)
             ax.axvline(bound, color="tab:green", linestyle="--", linewidth=0.8)
-            ax.text(bound, -0.6, " close", color="tab:green", fontsize=7, va="bottom")
         ax.set_title(label, fontsize=9)
         ax.tick_params(labelsize=8)
     axes[0][0].invert_yaxis()
     handles = [Patch(color=VERDICT_COLORS[v], label=v) for v in VERDICT_COLORS if v in verdicts]
+    handles.append(Line2D([0], [0], color="tab:green", linestyle="--", linewidth=0.8, label="bound of close (risk)"))
     if any(flags):
         handles.append(Patch(facecolor="white", edgecolor="black", hatch="//", label="a class pulls in predictions"))
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
     rule = verdict_rule(df.attrs.get("reference"), ref_risk)
-    fig.suptitle(((title + "; ") if title else "") + f"verdict {rule} (dashed line)", fontsize=9)
+    fig.suptitle(((title + "; ") if title else "") + f"verdict {rule}", fontsize=9)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     path = Path(path)
     atomic_write_with(path, lambda p: fig.savefig(p, format=path.suffix.lstrip(".") or "png", dpi=120))
