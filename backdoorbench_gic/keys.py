@@ -97,7 +97,13 @@ def gic_summary_line(values, prefix: str = "") -> str | None:
         after = per_source_values(values, GicInfo.BN_DIV_AFTER, prefix)
         if before:
             parts[-1] += " (" + ", ".join(f"{s} {b:.4f} -> {after[s]:.4f}" for s, b in before.items() if s in after) + ")"
-    if get(GicInfo.DRIFT_CLASS) is not None:
-        parts.append(f"drift: class {int(get(GicInfo.DRIFT_CLASS))} gets {float(get(GicInfo.DRIFT_SHARE)):.1%} of "
-                     "predictions" + (" (WARNING: concentrated)" if get(GicInfo.DRIFT_FLAG) else ""))
+    if get(GicInfo.DRIFT_CLASS) is not None:  # the drift monitor (gic/drift.py): the class g pulled most towards
+        share = float(get(GicInfo.DRIFT_SHARE))
+        against = [f"{share / float(get(GicInfo.DRIFT_RATIO)):.1%} of the labels"] if get(GicInfo.DRIFT_RATIO) else []
+        if get(GicInfo.DRIFT_RAW_SHARE) is not None:
+            against.append(f"{float(get(GicInfo.DRIFT_RAW_SHARE)):.1%} before calibration")
+        parts.append(f"drift: on g(aux) the victim predicts class {int(get(GicInfo.DRIFT_CLASS))} (the class that gained "
+                     f"most) for {share:.1%} of the images" + (f", against {' and '.join(against)}" if against else "")
+                     + (": WARNING, predictions concentrate on it, as on a backdoor's target" if get(GicInfo.DRIFT_FLAG)
+                        else ": not concentrated"))
     return "GIC: " + ", ".join(parts)

@@ -131,6 +131,15 @@ def default_variant(dataset: str, reserved_type: str, yaml_path: str | None) -> 
     return f"{dataset}_{safe}"
 
 
+def output_dir(req: DefenseRequest, record_dir: str | os.PathLike, defense_name: str, dataset: str,
+               reserved_type: str) -> Path:
+    """Where a run writes: ``req.output_dir``, else ``<record>/defense/<name>/<variant>``."""
+    if req.output_dir:
+        return Path(req.output_dir)
+    variant = req.variant or default_variant(dataset, reserved_type, req.yaml_path)
+    return defense_output_dir(record_dir, defense_name, variant)
+
+
 def check_request(req: DefenseRequest, record: AttackRecord):
     """Everything about a run that can be checked without building a model or decoding an image (the auxiliary
     request against the record's dataset, the defense's config, the evaluation settings); returns the configured
@@ -171,8 +180,7 @@ def run_defense(req: DefenseRequest, record: AttackRecord | None = None) -> dict
     defense = check_request(req, record)
     cfg = defense.config
     device = resolve_device(cfg.device)
-    variant = req.variant or default_variant(dataset, cfg.reserved_type, req.yaml_path)
-    out_dir = Path(req.output_dir) if req.output_dir else defense_output_dir(record.record_dir, defense.name, variant)
+    out_dir = output_dir(req, record.record_dir, defense.name, dataset, cfg.reserved_type)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     with run_log(out_dir / "log", timestamp()) as log_path:

@@ -195,8 +195,10 @@ def test_killed_worker_and_killed_run_resume_to_every_cell_exactly_once(bb_root,
     assert not (out / "failures").exists() or not any((out / "failures").iterdir())
 
 
-def test_local_and_ray_give_identical_numbers(bb_root, tmp_path):
+def test_local_and_ray_give_identical_numbers(bb_root, tmp_path, monkeypatch):
     pytest.importorskip("ray")
+    # a local Ray starts afresh even where the environment names another cluster (a CI host may run one)
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:9")
     local = load_spec(write_spec(tmp_path / "a.yaml", bb_root, str(tmp_path / "local")))
     ray_spec = load_spec(write_spec(tmp_path / "b.yaml", bb_root, str(tmp_path / "ray"),
                                     executor={"kind": "ray", "local_num_cpus": 2, "num_cpus": 1}))

@@ -3,7 +3,6 @@ the early checks of the same-class external sets, and GIC's per-source D_BN summ
 from __future__ import annotations
 
 import json
-import os
 import stat
 import tarfile
 

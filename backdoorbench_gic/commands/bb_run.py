@@ -105,6 +105,12 @@ def run(args: argparse.Namespace) -> int:
     from ..records import load_attack_record
 
     root = Path(args.bb_root or ".").resolve()
+    try:
+        bbrun.detect_checkout(root)
+    except ValueError as exc:
+        where = "--bb_root names" if args.bb_root else "the current directory is"
+        raise bbrun.BBRunError(f"{exc}. bb-run runs their scripts from their checkout, and {where} not one: cd into "
+                               "your checkout or pass --bb_root") from None
     gic_cli, theirs = split_gic_flags(list(getattr(args, "extra", [])), set(config_keys(GICConfig)))
     if gic_cli and not args.gic:
         raise ValueError(f"GIC setting(s) {', '.join('--' + k for k in gic_cli)} given without --gic")

@@ -340,7 +340,10 @@ class RayExecutor:
             if self.address:
                 connect_ray(self.address, self.connect_timeout)
             else:
-                ray.init(num_cpus=self.local_num_cpus, include_dashboard=False, log_to_driver=False)
+                # "local" always starts a fresh Ray: without it, Ray would join whatever cluster RAY_ADDRESS or
+                # its last-cluster file names on this host, and then refuse num_cpus
+                ray.init(address="local", num_cpus=self.local_num_cpus, include_dashboard=False,
+                         log_to_driver=False)
         return ray
 
     def _slots(self, ray, num_gpus: float) -> int:
