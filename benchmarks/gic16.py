@@ -23,10 +23,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from backdoorbench_gic.analysis import Col, command_line, describe_machine, md_table, run_spec
-from backdoorbench_gic.analysis.protocols import (FIRST_RULE, first_protocol, paired_frame, per_base_protocol,
-                                                  rule_figures, shifted_changes, study_blocks)
-from backdoorbench_gic.matrix import collect_results
+from backdoorbench_gic.analysis import command_line, describe_machine, md_table, run_spec
+from backdoorbench_gic.analysis.protocols import (FIRST_RULE, first_protocol, per_base_protocol, rule_figures,
+                                                  shifted_changes, study_blocks, study_frames)
 
 HERE = Path(__file__).resolve().parent
 STUDY = HERE / "gic16"
@@ -98,19 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report_only:
         for path in sorted({b.path for b in blocks.values()} | {f for b in blocks.values() for f in b.files.values()}):
             run_spec(str(path), False)  # every part of the file, resumable
-    frames: dict[str, dict[str, pd.DataFrame]] = {}
+    frames = study_frames(blocks)
     figs: dict[str, dict[str, dict]] = {}
     gaps: dict[str, dict[str, pd.DataFrame]] = {}  # each variant's per-cell gaps, from the report its figures came from
-    for name, block in blocks.items():
-        off = collect_results(block.spec.output_root)
-        if off.empty:
-            continue
-        for v, part in block.variants.items():
-            on = off if part.output_root == block.spec.output_root else collect_results(part.output_root)
-            if on.empty or on[Col.GIC].astype(bool).sum() == 0:
-                continue
-            frames.setdefault(name, {})[v] = paired_frame(off, on)
-            figs.setdefault(name, {})[v], gaps.setdefault(name, {})[v] = rule_figures(frames[name][v])
+    for name, vs in frames.items():
+        for v, frame in vs.items():
+            figs.setdefault(name, {})[v], gaps.setdefault(name, {})[v] = rule_figures(frame)
     role = {n: shown_role(blocks[n]) for n in frames}
     rows = [row(b, r, v, f) for r in SHOWN for b in figs if role[b] == r for v, f in figs[b].items()]
     dev = [b for b in frames if role[b] == "development" and b in FIRST_BLOCKS]

@@ -218,3 +218,39 @@ def test_study_blocks_pair_variants_with_their_block(tmp_path):
         study_blocks(paths + [drift])
     with pytest.raises(ConfigError, match="needs a role"):
         study_blocks([write("norole.yaml", {k: v for k, v in base.items() if k != "role"})])
+
+
+def test_study_frames_pair_each_variant_s_finished_cells_with_the_block_s(tmp_path):
+    import json
+
+    import yaml
+
+    from backdoorbench_gic.analysis.protocols import study_frames
+
+    spec = {"name": "s-dev", "role": "development", "output_root": "runs/s-dev", "attacks": ["v"],
+            "defenses": ["ft"], "aux": ["reserved", "reserved_noise"], "seeds": [0],
+            "gic": {"off": None, "default": {}, "wide": {"delta": 0.25}}}
+    (tmp_path / "dev.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    blocks = study_blocks([tmp_path / "dev.yaml"])
+
+    def store(root, rows):
+        for i, r in enumerate(rows):
+            d = tmp_path / root / "cells" / f"c{i}"
+            d.mkdir(parents=True)
+            (d / "result.json").write_text(json.dumps(r))
+
+    rows = cells(noise_acc=0.76).to_dict("records")  # reserved and reserved_noise, without (2) and with GIC (2)
+    store("runs/s-dev", rows)
+    assert list(study_frames(blocks)) == ["dev"] and list(study_frames(blocks)["dev"]) == ["before"]  # wide: no cells
+    wide = cells(noise_acc=0.79).to_dict("records")
+    store("runs/s-dev-wide", [r for r in wide if r["gic"]])
+    frames = study_frames(blocks)["dev"]
+    assert list(frames) == ["before", "wide"]
+    for v, acc in (("before", 0.76), ("wide", 0.79)):
+        f = frames[v]
+        assert len(f) == 4 and f[Col.GIC].sum() == 2  # the block's uncalibrated cells with the variant's calibrated
+        noise_on = f[(f[Col.AUX_TYPE] == "reserved_noise") & f[Col.GIC]]
+        assert noise_on[Col.ACC_AFTER].tolist() == [acc]
+        # C-Acc recovered: (acc - 0.70) / (0.80 - 0.70)
+        assert variant_figures(f)[0]["acc_recovered_mean"] == pytest.approx((acc - 0.70) / 0.10)
+    assert study_frames({}) == {}

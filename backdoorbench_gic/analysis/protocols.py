@@ -106,6 +106,24 @@ def paired_frame(uncalibrated: pd.DataFrame, calibrated: pd.DataFrame) -> pd.Dat
     return pd.concat([off, on], ignore_index=True)
 
 
+def study_frames(blocks: Mapping[str, StudyBlock]) -> dict[str, dict[str, pd.DataFrame]]:
+    """``{block: {variant: paired frame}}`` from the finished cells of ``blocks`` (a block without uncalibrated
+    cells, and a variant without calibrated ones, are left out)."""
+    from ..matrix import collect_results
+
+    frames: dict[str, dict[str, pd.DataFrame]] = {}
+    for name, block in blocks.items():
+        off = collect_results(block.spec.output_root)
+        if off.empty:
+            continue
+        for v, part in block.variants.items():
+            on = off if part.output_root == block.spec.output_root else collect_results(part.output_root)
+            if on.empty or on[Col.GIC].astype(bool).sum() == 0:
+                continue
+            frames.setdefault(name, {})[v] = paired_frame(off, on)
+    return frames
+
+
 def rule_figures(df: pd.DataFrame, rule: Rule = FIRST_RULE) -> tuple[dict, pd.DataFrame]:
     """A paired frame's figures (:func:`~.selection.variant_figures`) with ``eligible`` under ``rule``, and the
     per-cell gaps behind them."""
