@@ -139,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "gic16.md", text)
-    atomic_write_text(out / "efficacy_summary.json", json.dumps(summary, indent=1, default=float) + "\n")
+    path = out / "efficacy_summary.json"  # other studies' keys (issue23: benchmarks/gic23.py) are kept
+    kept = {k: v for k, v in (json.loads(path.read_text()) if path.is_file() else {}).items() if k not in summary}
+    atomic_write_text(path, json.dumps({**summary, **kept}, indent=1, default=float) + "\n")
     print(text)
     return 0
 

@@ -9,7 +9,7 @@ confirmation are reported apart.
     python benchmarks/gic23.py --report_only    # analyse what has finished
     python benchmarks/gic23.py --only dev       # the development block alone (what the choice may see)
 
-Outputs: benchmarks/results/gic23.md and gic23.json.
+Outputs: benchmarks/results/gic23.md, gic23.json, and the key issue23 of efficacy_summary.json.
 """
 from __future__ import annotations
 
@@ -166,6 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "gic23.md", text)
     atomic_write_text(out / "gic23.json", json.dumps(summary, indent=1, default=float) + "\n")
+    # the efficacy summary of every study carries this one's blocks (per block, role and variant, success rates
+    # included) under its own key; gic16.py's keys stay as they are
+    path = out / "efficacy_summary.json"
+    every = json.loads(path.read_text()) if path.is_file() else {}
+    every["issue23"] = {k: summary[k] for k in ("generated", "chosen", "adopted", "confirmed", "blocks")}
+    atomic_write_text(path, json.dumps(every, indent=1, default=float) + "\n")
     print(text)
     return 0
 
