@@ -62,7 +62,7 @@ def ensure_split(dataset: str, pct: int, bb_root: Path) -> str:
 
 def ensure_victim(split: str, preset: Preset, bb_root: Path, record: str, device: str) -> Path:
     from .attacks import run_attack
-    from .records import inspect_record
+    from .inspection import inspect_record
 
     record_dir = bb_root / "record" / record
     if (record_dir / "attack_result.pt").is_file():

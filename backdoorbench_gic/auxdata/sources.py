@@ -440,7 +440,7 @@ def _largest_remainder(total: int, weights: list[float]) -> list[int]:
 def _mix_parts(arg: str | None) -> list[tuple[str, float, str]]:
     """(part type, weight, its source name) per part; a part that is itself a whole-set source is refused."""
     from ..registry import AUX_SOURCES
-    from .build import parse_reserved_type
+    from .base import parse_reserved_type
 
     out = []
     for part, w in _split_mix(arg or ""):
@@ -464,7 +464,7 @@ def _mix_options(arg: str | None) -> dict[str, tuple[Any, str]]:
 def _mix_check(ctx: AuxContext, arg: str | None) -> None:
     from ..registry import AUX_SOURCES
     from .base import source_options
-    from .build import parse_reserved_type
+    from .base import parse_reserved_type
 
     for part, _, src in _mix_parts(arg):
         check = getattr(AUX_SOURCES.get(src), "aux_check", None)
@@ -482,7 +482,6 @@ def mix_source(ctx: AuxContext, arg: str | None) -> ImageSet:
     by weight; each part draws with its own seed derived from the run's."""
     from ..registry import AUX_SOURCES
     from .base import source_options
-    from .build import build_aux_set
 
     if ctx.index_file is not None:
         raise AuxDataError("index files cannot select from a mix: (indices of different sources would collide); "
@@ -500,9 +499,9 @@ def mix_source(ctx: AuxContext, arg: str | None) -> ImageSet:
         own = {k: v for k, v in ctx.options.items() if k in source_options(AUX_SOURCES.get(src))}
         part_ratio = None if ratio is None else ratio * w / sum(weights)
         part_seed = int(np.random.SeedSequence([int(ctx.seed), i]).generate_state(1)[0])
-        sets.append(build_aux_set(ctx.record, part, ratio=part_ratio, n_per_class=n_i, seed=part_seed,
-                                  replacement=ctx.replacement, victim=ctx.victim_model, device=ctx.device,
-                                  options=own))
+        sets.append(ctx.builder(ctx.record, part, ratio=part_ratio, n_per_class=n_i, seed=part_seed,
+                                replacement=ctx.replacement, victim=ctx.victim_model, device=ctx.device,
+                                options=own))
     mixed = ImageSet.concat(sets, name=ctx.reserved_type)
     log.info("mix %s: %s", ctx.reserved_type, ", ".join(f"{s.name} {len(s)}" for s in sets))
     return mixed
