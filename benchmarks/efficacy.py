@@ -26,7 +26,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from backdoorbench_gic.analysis import command_line, describe_machine, run_spec, victims_table
+from backdoorbench_gic.analysis import command_line, describe_machine, victims_table
+from backdoorbench_gic.matrix import run_spec
 from backdoorbench_gic.analysis.efficacy import efficacy_report
 
 HERE = Path(__file__).resolve().parent

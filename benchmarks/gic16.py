@@ -33,7 +33,8 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from backdoorbench_gic.analysis import IN_DISTRIBUTION, Col, command_line, describe_machine, md_table, run_spec
+from backdoorbench_gic.analysis import IN_DISTRIBUTION, Col, command_line, describe_machine, md_table
+from backdoorbench_gic.matrix import run_spec
 from backdoorbench_gic.analysis.selection import Rule, by_base, confirm, confirmed, select, variant_figures
 
 HERE = Path(__file__).resolve().parent
