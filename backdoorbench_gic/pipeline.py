@@ -22,13 +22,13 @@ import numpy as np
 import torch
 
 from .data.imageset import ImageSet
+from .defenses import purify_cache
 from .evaluation import Metrics, compare, evaluate
 from .records import AttackRecord, load_attack_record
 from .keys import extra_column
 from .registry import DEFENSES
 from .results import MetricLog, defense_output_dir, write_defense_result, write_tidy_row
 from .utils.cache import cache_dir, hash_images, hash_weights
-from .utils import purify_cache
 from .utils.io import atomic_write_json
 from .utils.logs import run_log, timestamp
 from .utils.runtime import resolve_device, seed_everything

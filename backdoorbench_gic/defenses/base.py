@@ -98,6 +98,7 @@ class Defense:
     config_class: ClassVar[type[DefenseConfig]] = DefenseConfig
     csv_prefix: ClassVar[str | None] = None  # defaults to the registry name
     augment: ClassVar[bool] = True  # BackdoorBench: ft, ft-sam, i-bau augment; sau, fst, npd do not
+    cacheable: ClassVar[bool] = True  # the purified-model cache (purify_cache.py) may serve this defense's result
     registry_name: ClassVar[str] = "defense"
 
     def __init__(self, config: DefenseConfig | None = None, **overrides: Any):

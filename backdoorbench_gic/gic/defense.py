@@ -40,10 +40,10 @@ from ..bnstats import batchnorm_layers, recalibrate_bn
 from ..config import ConfigError, RunConfig, build_config, check_range, config_keys, config_layers, require
 from ..data.imageset import ImageSet
 from ..data.transforms import TrainAugment
+from ..defenses import purify_cache
 from ..defenses.base import Defense, DefenseConfig, Monitor, PurifyResult
 from ..keys import GicInfo
 from ..registry import DEFENSES
-from ..utils import purify_cache
 from .calibration import GIC
 from .fit import GICConfig
 

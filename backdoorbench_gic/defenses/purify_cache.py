@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 
-from .cache import cache_dir, hash_weights
-from .io import atomic_torch_save
+from ..utils.cache import cache_dir, hash_weights
+from ..utils.io import atomic_torch_save
+from .base import PurifyResult
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +52,9 @@ def purify(defense, model: torch.nn.Module, aux, *, device: torch.device, train_
            progress: bool | None = None):
     """``defense.purify(...)``, served from the cache when enabled and present (and the defense is cacheable: a
     wrapper such as ``gic`` caches its base's purification instead of its own)."""
-    if not enabled() or not getattr(defense, "cacheable", True):
+    if not enabled() or not defense.cacheable:
         return defense.purify(model, aux, device=device, train_augment=train_augment, monitor=monitor,
                               progress=progress)
-    from ..defenses.base import PurifyResult
-
     path = cache_dir().parent / "purified" / f"{purify_key(defense, model, aux, train_augment)}.pt"
     if path.is_file():
         try:
