@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from backdoorbench_gic import bbrun, cli
+from backdoorbench_gic import bbrun, cli, testing
 from backdoorbench_gic.commands.bb_run import flag_value, split_gic_flags
 from backdoorbench_gic.data.transforms import nchw_to_nhwc_uint8
 from backdoorbench_gic.records import load_attack_record
@@ -76,18 +76,12 @@ class RawFolder:
             return img.convert("RGB"), y
 
 
-class BdSet:
+class BdSet(RawFolder):
+    """The poisoned PNGs of a record, in its original_index_array order."""
+
     def __init__(self, root, state):
         data = state["bd_data_container"]["data_dict"]
         self.items = [(os.path.join(root, data[i]["path"]), data[i]["other_info"][0]) for i in state["original_index_array"]]
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        path, y = self.items[i]
-        with Image.open(path) as img:
-            return img.convert("RGB"), y
 
 
 def load_attack_result(save_path):
@@ -210,7 +204,8 @@ if __name__ == "__main__":
 '''
 
 
-def make_checkout(root: Path, er: bool = False) -> Path:
+def make_checkout(root: Path, er: bool = False, **record) -> Path:
+    """A stand-in BackdoorBench (``er``: BackdoorBenchER) checkout; ``record``: :func:`testing.make_checkout`'s."""
     files = {
         "utils/__init__.py": "", "utils/save_load_attack.py": SAVE_LOAD_ATTACK, "utils/bd_dataset_v2.py": BD_DATASET_V2,
         "defense/__init__.py": "", "defense/base.py": BASE_ER if er else BASE, "defense/ft.py": FT,
@@ -220,10 +215,7 @@ def make_checkout(root: Path, er: bool = False) -> Path:
     }
     if er:
         files["defense/fst.py"] = "# stand-in\n"
-    for rel, text in files.items():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_text(textwrap.dedent(text))
-    return root
+    return testing.make_checkout(root, {rel: textwrap.dedent(text) for rel, text in files.items()}, **record)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -236,10 +228,7 @@ def private_gic_cache(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def upstream(tmp_path_factory):
-    root = make_checkout(tmp_path_factory.mktemp("bb") / "BackdoorBench")
-    make_bb_record(root, RECORD, n_train=100, n_test=30, train_steps=10, model_name="smallcnn", width=8,
-                   trigger_size=8)
-    return root
+    return make_checkout(tmp_path_factory.mktemp("bb") / "BackdoorBench", record=RECORD, n_train=100, n_test=30)
 
 
 def bbgic(capsys, *argv) -> tuple[int, str]:
