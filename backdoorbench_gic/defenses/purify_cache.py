@@ -10,25 +10,21 @@ atomically and read with ``weights_only=True``; an unreadable entry is recompute
 from __future__ import annotations
 
 import copy
-import dataclasses
-import hashlib
-import json
 import logging
 import os
-from typing import Any
+from pathlib import Path
 
 import torch
 
-from ..utils.cache import cache_dir, hash_weights
+from ..config import identity
+from ..utils.cache import cache_dir, content_key, load_or_compute
 from ..utils.io import atomic_torch_save
 from .base import PurifyResult
 
 log = logging.getLogger(__name__)
 
 ENV = "BBGIC_PURIFY_CACHE"
-# settings that change where or how fast a run goes, not what it computes
-_NOT_IDENTITY = frozenset({"device", "num_workers", "pin_memory", "non_blocking", "prefetch", "frequency_save", "log",
-                           "yaml_path", "result_file", "checkpoint_load", "checkpoint_save", "dataset_path"})
+_SCALAR = (int, float, str, bool)
 
 
 def enabled() -> bool:
@@ -36,43 +32,38 @@ def enabled() -> bool:
 
 
 def purify_key(defense, model: torch.nn.Module, aux, train_augment) -> str:
-    h = hashlib.sha1()
-    hash_weights(h, model)
-    h.update(aux.images.contiguous().numpy().tobytes())
-    h.update(aux.labels.numpy().tobytes())
-    h.update(aux.indices.numpy().tobytes())
-    cfg = {k: v for k, v in dataclasses.asdict(defense.config).items() if k not in _NOT_IDENTITY}
+    """The victim's weights, the auxiliary set's content, the defense's class and the settings that change what it
+    computes (every config field not marked ``not_identity``; the seed included), the augmentation it would apply
+    and the torch version."""
     augment = vars(train_augment) if (train_augment is not None and defense.augment) else None
-    h.update(json.dumps({"defense": type(defense).__name__, "config": cfg, "augment": augment,
-                         "torch": torch.__version__}, sort_keys=True, default=str).encode())
-    return h.hexdigest()[:24]
+    return content_key(weights=model, data=[aux], length=24,
+                       settings={"defense": type(defense).__name__, "config": identity(defense.config),
+                                 "augment": augment, "torch": torch.__version__})
 
 
 def purify(defense, model: torch.nn.Module, aux, *, device: torch.device, train_augment=None, monitor=None,
-           progress: bool | None = None):
+           progress: bool | None = None) -> PurifyResult:
     """``defense.purify(...)``, served from the cache when enabled and present (and the defense is cacheable: a
     wrapper such as ``gic`` caches its base's purification instead of its own)."""
-    if not enabled() or not defense.cacheable:
+    def run() -> PurifyResult:
         return defense.purify(model, aux, device=device, train_augment=train_augment, monitor=monitor,
                               progress=progress)
-    path = cache_dir().parent / "purified" / f"{purify_key(defense, model, aux, train_augment)}.pt"
-    if path.is_file():
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-            net = copy.deepcopy(model).to(device)
-            target = net.net if hasattr(net, "net") else net
-            target.load_state_dict(data["state"])
-            log.info("purified model of %s served from the cache (%s)", defense.name, path.name)
-            return PurifyResult(net.eval(), [dict(r) for r in data["history"]], dict(data["extras"]))
-        except Exception as exc:
-            log.warning("ignoring unreadable purified-model cache entry %s: %s", path, exc)
-    result = defense.purify(model, aux, device=device, train_augment=train_augment, monitor=monitor, progress=progress)
-    net = result.model.net if hasattr(result.model, "net") else result.model
-    scalar = (int, float, str, bool)
-    try:
+
+    if not enabled() or not defense.cacheable:
+        return run()
+
+    def load(path: Path) -> PurifyResult:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        net = copy.deepcopy(model).to(device)
+        (net.net if hasattr(net, "net") else net).load_state_dict(data["state"])
+        log.info("purified model of %s served from the cache (%s)", defense.name, path.name)
+        return PurifyResult(net.eval(), [dict(r) for r in data["history"]], dict(data["extras"]))
+
+    def save(result: PurifyResult, path: Path) -> None:
+        net = result.model.net if hasattr(result.model, "net") else result.model
         atomic_torch_save({"state": {k: v.detach().cpu() for k, v in net.state_dict().items()},
-                           "history": [{k: v for k, v in r.items() if isinstance(v, scalar)} for r in result.history],
-                           "extras": {k: v for k, v in result.extras.items() if isinstance(v, scalar)}}, path)
-    except OSError as exc:
-        log.debug("could not write the purified-model cache %s: %s", path, exc)
-    return result
+                           "history": [{k: v for k, v in r.items() if isinstance(v, _SCALAR)} for r in result.history],
+                           "extras": {k: v for k, v in result.extras.items() if isinstance(v, _SCALAR)}}, path)
+
+    path = cache_dir().parent / "purified" / f"{purify_key(defense, model, aux, train_augment)}.pt"
+    return load_or_compute(path, run, load=load, save=save, what="purified-model")[0]
