@@ -18,7 +18,8 @@ PACKAGE = "backdoorbench_gic"
 # Lowest first. A module may import modules of its own unit and of units in its own or a lower layer; a unit is a
 # top-level module or subpackage of backdoorbench_gic ("" is the package's __init__, which only carries the version).
 LAYERS: list[set[str]] = [
-    {"", "utils", "registry", "resources", "keys", "checkpoint"},  # the ground floor: no science, no torch models
+    # the ground floor: no science, no torch models
+    {"", "utils", "registry", "resources", "keys", "checkpoint", "environment"},
     {"config", "data", "record_format", "results", "bnstats"},  # typed settings, datasets, file formats
     {"models", "training", "evaluation", "patching"},
     {"records"},  # BackdoorBench records (models + datasets + formats)

@@ -12,6 +12,7 @@ the batch size ``bbgic inspect --evaluate`` uses, so re-evaluating the record re
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import secrets
@@ -26,7 +27,8 @@ import torch
 from ..utils.progress import progress_bar
 
 from ..config import ConfigError, asdict_public, build_config
-from ..data.datasets import open_dataset
+from ..data.datasets import SplitDataset, open_dataset
+from ..data.imageset import ImageSet
 from ..data.transforms import TrainAugment
 from ..evaluation import evaluate
 from ..models import build_model
@@ -93,6 +95,42 @@ def load_attack(attack: str | None = None, yaml_path: str | os.PathLike | None =
     cls = ATTACKS.get(name)
     # the chosen attack wins over an 'attack' key in a lower layer (a badnet yaml reused for blended, say)
     return cls(build_config(cls.config_class, [*layers, ({"attack": cls.registry_name}, "the --attack argument")]))
+
+
+def attack_of_record(record) -> Attack:
+    """The attack that made ``record`` (one of ours: its ``info.pickle`` holds the attack's keys), with its trigger
+    state restored, so that :meth:`Attack.poison_test` poisons new images exactly as the record's bd_test was made.
+    Raises ``ConfigError`` for a record whose info.pickle does not name one of our attacks."""
+    from ..checkpoint import safe_torch_load
+
+    info_path = Path(record.record_dir) / "info.pickle"
+    if not info_path.is_file():
+        raise ConfigError(f"{record.record_dir}: no info.pickle, so the attack that made this record is unknown")
+    info = safe_torch_load(info_path)
+    if not isinstance(info, Mapping) or info.get("attack") not in ATTACKS:
+        raise ConfigError(f"{info_path}: does not name one of our attacks ({', '.join(ATTACKS.names())})")
+    cls = ATTACKS.get(str(info["attack"]))
+    keys = {f.name for f in dataclasses.fields(cls.config_class)}
+    attack = cls(build_config(cls.config_class, [({k: v for k, v in info.items() if k in keys}, str(info_path))]))
+    return attack.setup(record.bb_root).load_extras(record.record_dir)
+
+
+def heldout_sets(record, exclude: torch.Tensor | list[int] | None = None) -> tuple[ImageSet, ImageSet]:
+    """What tuning may look at instead of the test set: the record's reserved images (a BackdoorBenchER split's
+    held-out part, which the victim never saw) minus the positions in ``exclude`` (an auxiliary draw from them),
+    and the same images poisoned by the record's own attack (:func:`attack_of_record`; the all-to-one target's
+    images left out, as in bd_test). Raises ``ValueError`` for a record without a split."""
+    ds = record.dataset()
+    if not isinstance(ds, SplitDataset):
+        raise ValueError(f"record {record.name} was trained on {record.clean_data}, which has no reserved part to "
+                         "hold out; use a <ds>_split_<pct>_seed_<s> victim")
+    reserved = ds.split("reserved")
+    keep = torch.ones(len(reserved), dtype=torch.bool)
+    if exclude is not None:
+        keep[torch.as_tensor(exclude, dtype=torch.long)] = False
+    clean = reserved.subset(torch.nonzero(keep).flatten())
+    bd, _ = attack_of_record(record).poison_test(clean)
+    return clean, bd
 
 
 def default_folder_name(attack: str) -> str:
