@@ -211,10 +211,12 @@ def fit_gic(record: Any, aux: Any, *, dataset: str | None = None, yaml_path: str
     The one place bb-run touches GIC's API: GIC keys come from ``defense_configs/gic/<dataset>.yaml`` <
     ``yaml_path`` < ``settings``; the seed is ``gic_seed`` when set, else ``seed`` (their ``random_seed``)."""
     from .gic.calibration import GIC
+    from .gic.defense import DEFENSE_KEYS
     from .utils.runtime import resolve_device
 
     device = resolve_device(device)
-    gic = GIC.from_sources(dataset or record.clean_data, yaml_path, settings or {})
+    # their config/defense/gic/*.yaml configure the gic defense: its own keys (placement, ...) are skipped there
+    gic = GIC.from_sources(dataset or record.clean_data, yaml_path, settings or {}, skip=DEFENSE_KEYS)
     if gic.config.per_source and len(aux.source_names) > 1:
         raise BBRunError("per_source fits one g per source of a mix:, but their defense's images carry no source; "
                          "set per_source: false for bb-run")

@@ -132,6 +132,47 @@ def coerce(value: Any, tp: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# what a config's fields say about themselves
+# ---------------------------------------------------------------------------------------------------------
+class SelfChecking:
+    """A config dataclass whose ``validate()`` runs when an instance is made (``__post_init__``): an instance is
+    valid by construction, so whoever is handed one (a defense, GIC, a wrapper) uses it as it is."""
+
+    def __post_init__(self) -> None:
+        self.validate()  # type: ignore[attr-defined]
+
+    def validate(self) -> None:
+        """Range and consistency checks; raise :class:`ConfigError` naming the key."""
+
+
+def not_identity(default: Any = None, **kw: Any) -> Any:
+    """A field that does not change what its config computes (where or how fast it runs, a cache switch, a seed
+    that enters a key by another way): left out of :func:`identity`, so of every cache key built from it."""
+    if "default_factory" in kw:
+        return field(default_factory=kw["default_factory"], metadata={"identity": False})
+    return field(default=default, metadata={"identity": False})
+
+
+def per_run(default: Any = None) -> Any:
+    """A run-level field that differs from cell to cell of one matrix entry by design (the seed, the auxiliary
+    draw): part of a run's identity, not of the settings that entry was computed with."""
+    return field(default=default, metadata={"per_run": True})
+
+
+def identity(cfg: Any, cls: type | None = None) -> dict[str, Any]:
+    """The fields of ``cfg`` (those of ``cls`` only, when given) that determine what it computes, by value: every
+    field not marked :func:`not_identity`. Cache keys are built from this, so a new field cannot be forgotten."""
+    return {f.name: getattr(cfg, f.name) for f in fields(cls or cfg) if f.metadata.get("identity", True)}
+
+
+def marked_keys(cls: type, flag: str) -> frozenset[str]:
+    """The fields of ``cls`` whose metadata has ``flag`` (``per_run``) or, for ``identity``, marks it False."""
+    if flag == "identity":
+        return frozenset(f.name for f in fields(cls) if not f.metadata.get("identity", True))
+    return frozenset(f.name for f in fields(cls) if f.metadata.get(flag))
+
+
+# ---------------------------------------------------------------------------------------------------------
 # building dataclasses from layered mappings
 # ---------------------------------------------------------------------------------------------------------
 def _hints(cls: type) -> dict[str, Any]:
@@ -188,14 +229,10 @@ def build_config(cls: type[T], layers: list[tuple[Mapping[str, Any], str]]) -> T
                           f"{', '.join(s for _, s in layers) or 'the given layers'} sets them")
     try:
         obj = cls(**merged)
+        if not isinstance(obj, SelfChecking) and hasattr(obj, "validate"):
+            obj.validate()
     except ConfigError as exc:
         raise ConfigError(_with_origin(str(exc), origin)) from None
-    validate = getattr(obj, "validate", None)
-    if validate is not None:
-        try:
-            validate()
-        except ConfigError as exc:
-            raise ConfigError(_with_origin(str(exc), origin)) from None
     return obj
 
 
@@ -323,27 +360,31 @@ Scheduler = typing.Literal["CosineAnnealingLR", "StepLR", "MultiStepLR", "Reduce
 
 
 @dataclass
-class RunConfig:
+class RunConfig(SelfChecking):
     """Keys every BackdoorBench defense yaml carries. Runtime-only keys (pin_memory, prefetch, ...) are
-    accepted so that their yaml files load unchanged; those marked 'accepted' have no effect here."""
+    accepted so that their yaml files load unchanged; those marked 'accepted' have no effect here.
+
+    Fields marked :func:`not_identity` change where or how fast a run goes, not what it computes (the purified-model
+    cache and the configuration fingerprint leave them out); those marked :func:`per_run` differ between the cells
+    of one matrix entry by design (the fingerprint leaves them out, the cache keeps them)."""
 
     # runtime
-    device: str = "auto"
+    device: str = not_identity("auto")
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
-    pin_memory: bool = True  # accepted
-    non_blocking: bool = True  # accepted
-    prefetch: bool = False  # accepted
-    num_workers: int = 0  # accepted: data is held in memory as tensors
-    frequency_save: int = 0  # accepted
+    pin_memory: bool = not_identity(True)  # accepted
+    non_blocking: bool = not_identity(True)  # accepted
+    prefetch: bool = not_identity(False)  # accepted
+    num_workers: int = not_identity(0)  # accepted: data is held in memory as tensors
+    frequency_save: int = not_identity(0)  # accepted
     # paths and inputs
     dataset: str | None = None
-    dataset_path: str = "./data"
+    dataset_path: str = not_identity("./data")
     model: str | None = None
-    result_file: str | None = None
-    checkpoint_load: str | None = None  # accepted
-    checkpoint_save: str | None = None  # accepted
-    log: str | None = None  # accepted
-    yaml_path: str | None = None
+    result_file: str | None = not_identity(None)
+    checkpoint_load: str | None = not_identity(None)  # accepted
+    checkpoint_save: str | None = not_identity(None)  # accepted
+    log: str | None = not_identity(None)  # accepted
+    yaml_path: str | None = not_identity(None)
     # training
     epochs: int = 10
     batch_size: int = 256
@@ -357,11 +398,11 @@ class RunConfig:
     steplr_gamma: float = 0.1
     steplr_milestones: list[int] = field(default_factory=lambda: [30, 60])
     cos_t_max: int | None = None  # None: T_max = epochs (BackdoorBench uses 100 regardless; see docs)
-    random_seed: int = 0
+    random_seed: int = per_run(0)
     # clean / auxiliary data
-    ratio: float = 0.05
-    index: str | None = None
-    reserved_type: str = "train"
+    ratio: float = per_run(0.05)
+    index: str | None = per_run(None)
+    reserved_type: str = per_run("train")
 
     def validate(self) -> None:
         check_range(self, "epochs", 0)

@@ -89,7 +89,7 @@ def _same_victim(record_dir: Path, cfg: dict[str, Any]) -> bool:
 
 def ensure_victim(split: str, preset: Preset, bb_root: Path, record: str, device: str) -> Path:
     from .attacks import run_attack
-    from .records import inspect_record
+    from .inspection import inspect_record
 
     record_dir = bb_root / "record" / record
     cfg = attack_config(split, preset, record, device)
@@ -167,13 +167,14 @@ def heldout_check(dataset: str = "digits", bb_root: str | Path = "bbgic_demo", d
                   preset: Preset | None = None, gic: bool = True, shift: str | None = None) -> list[dict[str, Any]]:
     """How the demo's runs (with ``preset``'s settings) do on held-out data, never on the test set: each
     purified model's C-Acc on the reserved images its defense did not get, and its ASR on those images stamped
-    with the victim's trigger (:func:`~.evaluation.heldout_sets`, the record's attack rebuilt from its settings). This is what the demo's settings
-    were chosen on (``benchmarks/demo_settings.py``). The runs write into a temporary folder; the test metrics the
+    with the victim's trigger (:func:`~.attacks.runner.heldout_sets`, the record's attack rebuilt from its
+    settings). This is what the demo's settings were chosen on (``benchmarks/demo_settings.py``). The runs write into a temporary folder; the test metrics the
     pipeline computes are dropped from the rows."""
     import tempfile
 
+    from .attacks.runner import heldout_sets
     from .auxdata import build_aux_set
-    from .evaluation import evaluate, heldout_sets, purification_success
+    from .evaluation import evaluate, purification_success
     from .keys import gic_summary_line
     from .models import build_model_for_state_dict
     from .pipeline import run_defense

@@ -151,24 +151,3 @@ def compare(before: Metrics, after: Metrics) -> dict[str, float]:
         "rir": rir(before.acc, before.ra, after.acc, after.ra),
         "success": float(purification_success(before.acc, after.acc, after.asr)),
     }
-
-
-def heldout_sets(record, exclude: "torch.Tensor | list[int] | None" = None) -> tuple[ImageSet, ImageSet]:
-    """What tuning may look at instead of the test set: the record's reserved images (a BackdoorBenchER split's
-    held-out part, which the victim never saw) minus the positions in ``exclude`` (an auxiliary draw from them),
-    and the same images poisoned by the record's own attack (:func:`~.attacks.runner.attack_of_record`; the
-    all-to-one target's images left out, as in bd_test). Raises ``ValueError`` for a record without a split."""
-    from .attacks.runner import attack_of_record
-    from .data.datasets import SplitDataset
-
-    ds = record.dataset()
-    if not isinstance(ds, SplitDataset):
-        raise ValueError(f"record {record.name} was trained on {record.clean_data}, which has no reserved part to "
-                         "hold out; use a <ds>_split_<pct>_seed_<s> victim")
-    reserved = ds.split("reserved")
-    keep = torch.ones(len(reserved), dtype=torch.bool)
-    if exclude is not None:
-        keep[torch.as_tensor(exclude, dtype=torch.long)] = False
-    clean = reserved.subset(torch.nonzero(keep).flatten())
-    bd, _ = attack_of_record(record).poison_test(clean)
-    return clean, bd

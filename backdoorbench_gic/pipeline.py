@@ -8,7 +8,6 @@ evaluated twice with the same weights (the last epoch's monitor, the final resul
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -22,14 +21,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from .config import RunConfig, marked_keys
 from .data.imageset import ImageSet
+from .defenses import purify_cache
 from .evaluation import Metrics, WeightsMemo, compare, evaluate
 from .records import AttackRecord, load_attack_record
 from .keys import extra_column
 from .registry import DEFENSES
 from .results import MetricLog, defense_output_dir, write_defense_result, write_tidy_row
-from .utils.cache import cache_dir, hash_images, hash_weights
-from .utils import purify_cache
+from .utils.cache import cache_dir, content_key, load_or_compute
 from .utils.io import atomic_write_json
 from .utils.logs import run_log, timestamp
 from .utils.runtime import resolve_device, seed_everything
@@ -85,29 +85,20 @@ def victim_metrics(record: AttackRecord, model: torch.nn.Module, device: torch.d
     a hash of its weights and of the test images it is measured on), so that the cells of a matrix do not
     re-evaluate the same victim. Nothing is written next to the record: inputs stay read-only."""
     clean_test, bd_test = eval_sets(record, eval_limit)
-    h = hashlib.sha1()
-    hash_weights(h, record.state_dict)
-    for data in (clean_test, bd_test):
-        if data is not None:
-            hash_images(h, data)
-    cache = cache_dir() / "victim_metrics" / f"{h.hexdigest()[:24]}.json"
-    if cache.is_file():
-        try:
-            return Metrics(**json.loads(cache.read_text())["metrics"])
-        except (ValueError, TypeError, KeyError):
-            pass
-    m = evaluate(model, clean_test, bd_test, device=device, batch_size=batch_size)
-    try:
-        atomic_write_json(cache, {"record": record.name, "eval_limit": eval_limit, "metrics": m.as_dict()})
-    except OSError as exc:  # an unwritable cache only costs the next run an evaluation
-        log.debug("could not cache victim metrics: %s", exc)
-    return m
+    key = content_key(weights=record.state_dict, data=(clean_test, bd_test), length=24)
+    metrics, _ = load_or_compute(
+        cache_dir() / "victim_metrics" / f"{key}.json",
+        lambda: evaluate(model, clean_test, bd_test, device=device, batch_size=batch_size),
+        load=lambda path: Metrics(**json.loads(path.read_text())["metrics"]),
+        save=lambda m, path: atomic_write_json(path, {"record": record.name, "eval_limit": eval_limit,
+                                                      "metrics": m.as_dict()}),
+        what="victim metrics")
+    return metrics
 
 
-# Config keys that vary per cell by design or only change where and how fast a run goes, not what it computes.
-PER_RUN_KEYS = frozenset({"random_seed", "ratio", "index", "reserved_type", "result_file", "device", "num_workers",
-                          "pin_memory", "non_blocking", "prefetch", "frequency_save", "dataset_path", "log",
-                          "yaml_path", "checkpoint_load", "checkpoint_save"})
+# The run-level keys that vary per cell by design (per_run) or only change where and how fast a run goes, not what
+# it computes (not_identity), from RunConfig's field metadata.
+PER_RUN_KEYS = marked_keys(RunConfig, "per_run") | marked_keys(RunConfig, "identity")
 
 
 def config_fingerprint(defense) -> str:
@@ -116,8 +107,7 @@ def config_fingerprint(defense) -> str:
     yaml changed between runs; the report warns about that instead of mixing them silently."""
     parts = []
     while defense is not None:
-        cfg = dataclasses.asdict(defense.config)
-        parts.append({k: v for k, v in cfg.items() if k not in PER_RUN_KEYS})
+        parts.append({k: v for k, v in defense.settings().items() if k not in PER_RUN_KEYS})
         defense = getattr(defense, "base", None)
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -148,18 +138,27 @@ def check_request(req: DefenseRequest, record: AttackRecord):
     another machine."""
     from .auxdata import check_aux_request
 
-    if "reserved_type" in req.overrides:  # the usual CLI case: refuse a bad request before the defenses load
-        check_aux_request(record, str(req.overrides["reserved_type"]), options=req.aux_options,
-                          n_per_class=req.n_per_class)
+    # the auxiliary request is checked once, before anything heavy: from the command line (the usual case) before
+    # the defenses load, else (or where the yaml gives what the command line left out) as the defense resolves it
+    def effective(reserved_type, index, ratio):  # what the check reads: n_per_class takes precedence over ratio
+        return str(reserved_type), index, None if req.n_per_class else ratio
+
+    checked = None
+    if "reserved_type" in req.overrides:
+        checked = effective(req.overrides["reserved_type"], req.overrides.get("index"), req.overrides.get("ratio"))
+        check_aux_request(record, checked[0], options=req.aux_options, n_per_class=req.n_per_class,
+                          index_file=checked[1], ratio=checked[2])
     defense_cls = DEFENSES.get(req.defense)
     overrides = dict(req.overrides)
     if req.device is not None:
         overrides["device"] = req.device
     defense = defense_cls.from_sources(req.dataset or record.clean_data, req.yaml_path, overrides,
                                        name=DEFENSES.resolve(req.defense))
-    cfg = defense.config
-    check_aux_request(record, cfg.reserved_type, options=req.aux_options, n_per_class=req.n_per_class,
-                      index_file=cfg.index, ratio=cfg.ratio)
+    cfg = defense.run_config  # the auxiliary draw, seed and device (a wrapper's are its base's)
+    resolved = effective(cfg.reserved_type, cfg.index, cfg.ratio)
+    if resolved != checked:  # resolved from a yaml: checked here, before the model is built
+        check_aux_request(record, resolved[0], options=req.aux_options, n_per_class=req.n_per_class,
+                          index_file=resolved[1], ratio=resolved[2])
     if req.eval_limit is not None and req.eval_limit < 1:
         raise ValueError(f"eval_limit must be a positive number of test images, got {req.eval_limit}")
     if req.monitor_every < 0:
@@ -178,7 +177,7 @@ def run_defense(req: DefenseRequest, record: AttackRecord | None = None) -> dict
                                           dataset_dir=req.dataset_dir)
     dataset = req.dataset or record.clean_data
     defense = check_request(req, record)
-    cfg = defense.config
+    cfg = defense.run_config  # the auxiliary draw, seed and device (a wrapper's are its base's)
     device = resolve_device(cfg.device)
     out_dir = output_dir(req, record.record_dir, defense.name, dataset, cfg.reserved_type)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -186,7 +185,7 @@ def run_defense(req: DefenseRequest, record: AttackRecord | None = None) -> dict
     with run_log(out_dir / "log", timestamp()) as log_path:
         log.info("defense %s on %s (%s), aux %s, seed %d, device %s", defense.name, record.name, dataset,
                  cfg.reserved_type, cfg.random_seed, device)
-        log.info("config: %r", cfg)
+        log.info("config: %r", defense.config)
         seed_everything(cfg.random_seed)
         victim = record.build_model().to(device)
         before = victim_metrics(record, victim, device, req.eval_batch_size, req.eval_limit)

@@ -2,7 +2,8 @@
 rebuilt from ``data/``, and the poisoned views (``bd_train``, ``bd_test``) with the attack's PNGs in place.
 
 The on-disk format and the writer are :mod:`backdoorbench_gic.record_format`; what a record holds and whether it is
-usable (``bbgic inspect``) is :mod:`backdoorbench_gic.inspection`. Their names stay importable from here.
+usable (``bbgic inspect``) is :mod:`backdoorbench_gic.inspection`, which builds on this module. The format's names
+(``PoisonedSplit``, ``write_attack_record``, ...) stay importable from here.
 """
 from __future__ import annotations
 
@@ -271,12 +272,3 @@ def record_from_dict(raw: Any, record_dir: Path, bb_root: Path, dataset_dir=None
         dataset_dir_override=Path(dataset_dir).resolve() if dataset_dir is not None else None,
     )
 
-
-def __getattr__(name: str):
-    """``records.inspect_record`` / ``records.InspectReport`` keep working (they live in :mod:`.inspection`,
-    which imports this module)."""
-    if name in ("inspect_record", "InspectReport"):
-        from . import inspection
-
-        return getattr(inspection, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -319,6 +319,22 @@ def make_split_record(bb_root: str | Path, name: str = "badnet_split", dataset: 
                                img_size=ds.spec.input_shape, bd_train=bd_train, bd_test=bd_test)
 
 
+def make_checkout(root: str | Path, files: dict[str, str], record: str | None = None, **record_kwargs) -> Path:
+    """A stand-in BackdoorBench checkout for the ``bbgic patch`` and ``bb-run`` tests: ``files`` ({path under root:
+    text}) written under ``root`` and, with ``record``, a BackdoorBench-format record of that name: a width-8
+    smallcnn trained 10 steps against an 8x8 patch (:func:`make_bb_record`; ``record_kwargs`` override, e.g. the
+    sizes). Returns ``root``."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    if record is not None:
+        make_bb_record(root, record, **{"train_steps": 10, "model_name": "smallcnn", "width": 8, "trigger_size": 8,
+                                        **record_kwargs})
+    return root
+
+
 def _bd_view(base: ImageSet, split: PoisonedSplit) -> ImageSet:
     """Only the poisoned samples of ``split``, as an ImageSet."""
     idx = np.array(sorted(split.images), dtype=np.int64)

@@ -21,9 +21,9 @@ from .utils.progress import progress_bar
 from .utils.runtime import autocast, to_device
 
 
-def make_optimizer(params: Iterable[torch.nn.Parameter], cfg: Any) -> torch.optim.Optimizer:
-    """From a config with BackdoorBench keys: client_optimizer, lr, sgd_momentum, wd, adam_betas."""
-    name = str(getattr(cfg, "client_optimizer", "sgd")).lower()
+def make_optimizer(params: Iterable[torch.nn.Parameter], cfg: Any, name: str | None = None) -> torch.optim.Optimizer:
+    """From a config with BackdoorBench keys: client_optimizer (or ``name``), lr, sgd_momentum, wd, adam_betas."""
+    name = str(name or getattr(cfg, "client_optimizer", "sgd")).lower()
     lr, wd = float(cfg.lr), float(getattr(cfg, "wd", 0.0))
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=float(getattr(cfg, "sgd_momentum", 0.9)), weight_decay=wd)

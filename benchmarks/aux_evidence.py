@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from backdoorbench_gic.analysis import md_table
+from backdoorbench_gic.analysis import md_table, spearman
 from backdoorbench_gic.auxdata.quality import HEADLINE, SIGNAL_DIRECTIONS
 
 HERE = Path(__file__).resolve().parent
@@ -69,13 +69,6 @@ def load_blocks(paths: list[Path]) -> tuple[pd.DataFrame, list[str]]:
                                  - r.acc_after_nogic for r in b.itertuples()]
             frames.append(b)
     return (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()), notes
-
-
-def spearman(a: pd.Series, b: pd.Series) -> float:
-    ok = a.notna() & b.notna()
-    if ok.sum() < 3 or a[ok].nunique() < 2 or b[ok].nunique() < 2:
-        return float("nan")
-    return float(a[ok].corr(b[ok], method="spearman"))
 
 
 def is_design(block: str, attack: str, design: list[str]) -> bool:

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from backdoorbench_gic.analysis import describe_machine as machine, md_table, run_spec, victims_table
+from backdoorbench_gic.analysis import describe_machine as machine, md_table, victims_table
+from backdoorbench_gic.matrix import run_spec
 from backdoorbench_gic.analysis.keys import extra_column
 
 HERE = Path(__file__).resolve().parent

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="take the uncalibrated cells from this finished spec's run (for a spec with gic: [true])")
     args = p.parse_args(argv)
 
-    from backdoorbench_gic.analysis import ensure_splits
+    from backdoorbench_gic.matrix import ensure_splits
     from backdoorbench_gic.matrix import collect_results, load_spec, run_matrix, write_report
     from backdoorbench_gic.matrix.spec import DEFAULT, OFF, uncalibrated_source
     from backdoorbench_gic.utils.io import atomic_write_text

@@ -35,7 +35,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from backdoorbench_gic.analysis import IN_DISTRIBUTION, Victims, finished_cells, frame_table
+from backdoorbench_gic.analysis import IN_DISTRIBUTION, Victims, finished_cells, frame_table, spearman
 
 HERE = Path(__file__).resolve().parent
 
@@ -74,10 +74,6 @@ def first_epoch_loss(cell_dir: Path) -> float:
         if col in df and len(df):
             return float(pd.to_numeric(df[col], errors="coerce").iloc[0])
     return float("nan")
-
-
-def spearman(a: pd.Series, b: pd.Series) -> float:
-    return float(a.rank().corr(b.rank())) if len(a) > 2 else float("nan")
 
 
 def collect(output_root: Path, bb_root: Path) -> pd.DataFrame:

@@ -23,9 +23,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from backdoorbench_gic.analysis import command_line, describe_machine, md_table, run_spec
-from backdoorbench_gic.analysis.protocols import (FIRST_RULE, first_protocol, per_base_protocol, rule_figures,
-                                                  shifted_changes, study_blocks, study_frames)
+from backdoorbench_gic.analysis import command_line, describe_machine, md_table
+from backdoorbench_gic.analysis.protocols import FIRST_RULE, first_protocol, per_base_protocol, rule_figures, shifted_changes
+from backdoorbench_gic.matrix import run_spec
+from backdoorbench_gic.matrix.study import study_blocks, study_frames
 
 HERE = Path(__file__).resolve().parent
 STUDY = HERE / "gic16"

@@ -23,10 +23,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from backdoorbench_gic.analysis import Col, command_line, describe_machine, md_table, run_spec
+from backdoorbench_gic.analysis import Col, command_line, describe_machine, md_table
 from backdoorbench_gic.analysis.compare import IN_DISTRIBUTION
-from backdoorbench_gic.analysis.protocols import PER_BASE_RULE, first_protocol, study_blocks, study_frames
+from backdoorbench_gic.analysis.protocols import PER_BASE_RULE, first_protocol
 from backdoorbench_gic.analysis.selection import by_base, confirm, variant_figures
+from backdoorbench_gic.matrix import run_spec
+from backdoorbench_gic.matrix.study import study_blocks, study_frames
 
 HERE = Path(__file__).resolve().parent
 STUDY = HERE / "gic23"

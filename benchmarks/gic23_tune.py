@@ -1,7 +1,7 @@
 """Issue 23: configure each base defense for the MNIST domain on held-out data, before any GIC cell runs.
 
 For every candidate of ``benchmarks/gic23/tune.yaml`` and every victim: draw the auxiliary set (``reserved`` at
-the yaml's ratio and tuning seed), purify, and score on :func:`backdoorbench_gic.evaluation.heldout_sets` (the
+the yaml's ratio and tuning seed), purify, and score on :func:`backdoorbench_gic.attacks.runner.heldout_sets` (the
 split's other reserved images and the same images with the victim's own trigger); the test set is never read. Rows
 are appended to the yaml's ``output`` CSV as they finish, so a rerun continues. The report names, per defense, the
 candidate that succeeds on the most victims (ties: the higher mean DER) and writes
@@ -36,9 +36,10 @@ def load_grid(path: Path) -> dict:
 def run(grid: dict, defenses: list[str]) -> None:
     import torch
 
+    from backdoorbench_gic.attacks.runner import heldout_sets
     from backdoorbench_gic.auxdata import build_aux_set
     from backdoorbench_gic.data.transforms import TrainAugment
-    from backdoorbench_gic.evaluation import compare, evaluate, heldout_sets
+    from backdoorbench_gic.evaluation import compare, evaluate
     from backdoorbench_gic.records import load_attack_record
     from backdoorbench_gic.registry import DEFENSES
     from backdoorbench_gic.utils.io import atomic_write_text

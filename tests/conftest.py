@@ -32,6 +32,26 @@ def bb_record(tmp_path_factory):
     return root, record_dir
 
 
+@pytest.fixture(scope="session")
+def small_record(tmp_path_factory):
+    """``small_record("mnist")``: a loaded record of an untrained width-8 smallcnn with 100 training and 20 test
+    images of that dataset, made once per dataset for the whole session."""
+    from backdoorbench_gic.records import load_attack_record
+    from backdoorbench_gic.testing import make_bb_record
+
+    made = {}
+
+    def get(dataset: str):
+        if dataset not in made:
+            root = tmp_path_factory.mktemp(f"small_{dataset}")
+            made[dataset] = load_attack_record(make_bb_record(root, f"badnet_{dataset}", dataset, n_train=100,
+                                                              n_test=20, model_name="smallcnn", width=8,
+                                                              train_steps=0))
+        return made[dataset]
+
+    return get
+
+
 @pytest.fixture()
 def fresh_bb_record(tmp_path):
     """A record that a test may modify."""

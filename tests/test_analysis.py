@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from backdoorbench_gic.analysis import (GAP_THRESHOLD, Col, extra_column, frame_table, gic_comparison, md_table,
-                                        paired, pm, reference_gaps, share_recovered, standard_error)
+                                        paired, pm, reference_gaps, share_recovered, spearman,
+                                        standard_error)
 from backdoorbench_gic.analysis.efficacy import efficacy_report, gap_table, recovery_figures
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
@@ -115,6 +116,21 @@ def test_table_cells_by_hand():
     assert math.isnan(standard_error(pd.Series([0.5])))
     assert md_table(["a", "b"], [[1, "x"]]) == "| a | b |\n|---|---|\n| 1 | x |"
     assert frame_table(pd.DataFrame({"a": [0.12345], "b": ["s"]}), {"a": 2}) == "| a | b |\n|---|---|\n| 0.12 | s |"
+
+
+def test_spearman_by_hand_over_complete_pairs():
+    """Rank differences (0, 1, 1, 0): rho = 1 - 6 * 2 / (4 * 15) = 0.8. A pair with a NaN on either side is left out
+    before ranking (ranking a's five values first would give other ranks). Ties share their mean rank: ranks
+    (1.5, 1.5, 3, 4) against (1, 2, 3, 4) give cov 4.5 / sqrt(4.5 * 5) = sqrt(0.9)."""
+    nan = math.nan
+    assert spearman(pd.Series([1, 2, 3, 4]), pd.Series([1, 3, 2, 4])) == pytest.approx(0.8)
+    assert spearman(pd.Series([1, 2, nan, 30, 40, 5]), pd.Series([1, 3, 7, 2, 4, nan])) == pytest.approx(0.8)
+    assert spearman([1, 1, 2, 3], [1, 2, 3, 4]) == pytest.approx(math.sqrt(0.9))
+    assert spearman([4, 3, 2, 1], [1, 2, 3, 4]) == pytest.approx(-1.0)
+    assert math.isnan(spearman([1, 2, nan], [1, 2, 3]))  # two complete pairs: too few to rank
+    assert math.isnan(spearman([1, 1, 1, 1], [1, 2, 3, 4]))  # a constant side
+    with pytest.raises(ValueError, match="one length"):
+        spearman([1, 2, 3], [1, 2])
 
 
 STORED = sorted(RESULTS.glob("efficacy_*.csv"))

@@ -17,7 +17,8 @@ from backdoorbench_gic.data.imageset import ImageSet
 from backdoorbench_gic.data.transforms import nhwc_to_nchw
 from backdoorbench_gic.evaluation import evaluate
 from backdoorbench_gic.models import build_model
-from backdoorbench_gic.records import inspect_record, load_attack_record
+from backdoorbench_gic.inspection import inspect_record
+from backdoorbench_gic.records import load_attack_record
 from backdoorbench_gic.registry import ATTACKS
 from backdoorbench_gic.testing import class_images, make_mnist_like, write_image_folder
 
@@ -298,8 +299,7 @@ def test_split_dataset_records_the_split(fm_root):
 
 
 def test_heldout_sets_poison_the_reserved_part_with_the_records_own_trigger(fm_root):
-    from backdoorbench_gic.attacks.runner import attack_of_record
-    from backdoorbench_gic.evaluation import heldout_sets
+    from backdoorbench_gic.attacks.runner import attack_of_record, heldout_sets
 
     split = fm_root / "data" / "fashion-mnist_split_5_seed_0"
     if not split.is_dir():

@@ -12,7 +12,8 @@ from backdoorbench_gic.data.imageset import ImageSet
 from backdoorbench_gic.data.transforms import nhwc_to_nchw
 from backdoorbench_gic.evaluation import evaluate
 from backdoorbench_gic.models import build_model
-from backdoorbench_gic.records import inspect_record, load_attack_record
+from backdoorbench_gic.inspection import inspect_record
+from backdoorbench_gic.records import load_attack_record
 from backdoorbench_gic.results import read_summary_last
 from backdoorbench_gic.testing import class_images, make_mnist_like
 

@@ -106,13 +106,8 @@ def test_unknown_types_list_the_known_ones():
 
 
 @pytest.fixture(scope="module")
-def record(tmp_path_factory):
-    from backdoorbench_gic.records import load_attack_record
-    from backdoorbench_gic.testing import make_bb_record
-
-    root = tmp_path_factory.mktemp("sampling")
-    return load_attack_record(make_bb_record(root, "badnet_sampling", "cifar10", n_train=100, n_test=20,
-                                             model_name="smallcnn", width=8, train_steps=0))
+def record(small_record):
+    return small_record("cifar10")
 
 
 def test_build_train_set_follows_the_rule(record):

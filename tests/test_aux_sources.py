@@ -14,13 +14,8 @@ from backdoorbench_gic.testing import class_images, write_image_folder
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
-def mnist(tmp_path_factory):
-    from backdoorbench_gic.records import load_attack_record
-    from backdoorbench_gic.testing import make_bb_record
-
-    root = tmp_path_factory.mktemp("sources")
-    return load_attack_record(make_bb_record(root, "badnet_mnist", "mnist", n_train=100, n_test=20,
-                                             model_name="smallcnn", width=8, train_steps=0))
+def mnist(small_record):
+    return small_record("mnist")
 
 
 def test_external_digits_geometry(mnist):

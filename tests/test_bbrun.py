@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from backdoorbench_gic import bbrun, cli
+from backdoorbench_gic import bbrun, cli, testing
 from backdoorbench_gic.commands.bb_run import flag_value, split_gic_flags
 from backdoorbench_gic.data.transforms import nchw_to_nhwc_uint8
 from backdoorbench_gic.records import load_attack_record
@@ -76,18 +76,12 @@ class RawFolder:
             return img.convert("RGB"), y
 
 
-class BdSet:
+class BdSet(RawFolder):
+    """The poisoned PNGs of a record, in its original_index_array order."""
+
     def __init__(self, root, state):
         data = state["bd_data_container"]["data_dict"]
         self.items = [(os.path.join(root, data[i]["path"]), data[i]["other_info"][0]) for i in state["original_index_array"]]
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        path, y = self.items[i]
-        with Image.open(path) as img:
-            return img.convert("RGB"), y
 
 
 def load_attack_result(save_path):
@@ -224,7 +218,8 @@ def choose_index(args, data_all_length):
 '''
 
 
-def make_checkout(root: Path, er: bool = False) -> Path:
+def make_checkout(root: Path, er: bool = False, **record) -> Path:
+    """A stand-in BackdoorBench (``er``: BackdoorBenchER) checkout; ``record``: :func:`testing.make_checkout`'s."""
     files = {
         "utils/__init__.py": "", "utils/save_load_attack.py": SAVE_LOAD_ATTACK, "utils/bd_dataset_v2.py": BD_DATASET_V2,
         "utils/choose_index.py": CHOOSE_INDEX,
@@ -235,10 +230,7 @@ def make_checkout(root: Path, er: bool = False) -> Path:
     }
     if er:
         files["defense/fst.py"] = "# stand-in\n"
-    for rel, text in files.items():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_text(textwrap.dedent(text))
-    return root
+    return testing.make_checkout(root, {rel: textwrap.dedent(text) for rel, text in files.items()}, **record)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -251,10 +243,7 @@ def private_gic_cache(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def upstream(tmp_path_factory):
-    root = make_checkout(tmp_path_factory.mktemp("bb") / "BackdoorBench")
-    make_bb_record(root, RECORD, n_train=100, n_test=30, train_steps=10, model_name="smallcnn", width=8,
-                   trigger_size=8)
-    return root
+    return make_checkout(tmp_path_factory.mktemp("bb") / "BackdoorBench", record=RECORD, n_train=100, n_test=30)
 
 
 def bbgic(capsys, *argv) -> tuple[int, str]:
@@ -276,14 +265,16 @@ def expected_calibrated(calibrator, images_nhwc: np.ndarray) -> np.ndarray:
     return y.mul(255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def refit(root: Path, images, seed: int = 0):
-    """The g bb-run fitted on ``images`` (uint8 N x H x W x C with labels), from the GIC cache: a cache hit proves
-    bb-run fitted on exactly these images with these settings."""
+def refit(root: Path, images, seed: int = 0, indices=None):
+    """The g bb-run fitted on ``images`` (uint8 N x H x W x C with labels; ``indices``: their positions in the
+    dataset they were drawn from, as the fitted set records them), from the GIC cache: a cache hit proves bb-run
+    fitted on exactly these images with these settings."""
     from backdoorbench_gic.data.imageset import ImageSet
 
     rec = load_attack_record(RECORD, root)
     x, y = images
-    aux = ImageSet(torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).contiguous(), torch.as_tensor(y))
+    aux = ImageSet(torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).contiguous(), torch.as_tensor(y),
+                   indices=indices)
     settings = {k.lstrip("-"): v for k, v in zip(GIC_FLAGS[::2], GIC_FLAGS[1::2])}
     cal, _, info = bbrun.fit_gic(rec, aux, settings=settings, seed=seed, device="cpu")
     assert info["gic_cached"] == 1.0  # bb-run's own fit, not a new one
@@ -321,7 +312,9 @@ def test_gic_calibrates_the_clean_images_it_draws_and_never_the_test_data(upstre
     s = seen(upstream)
     rec = load_attack_record(RECORD, upstream)
     raw = nchw_to_nhwc_uint8(rec.clean_train.images)[s["clean_idx"]]
-    _, cal = refit(upstream, (raw, rec.clean_train.labels[s["clean_idx"]]))  # g saw exactly what ft.py drew
+    # g saw exactly what ft.py drew: those images, at those positions of clean_train
+    idx = s["clean_idx"]
+    _, cal = refit(upstream, (raw, rec.clean_train.labels[idx]), indices=rec.clean_train.indices[idx])
     assert np.array_equal(s["clean"], expected_calibrated(cal, raw))
     diff = np.abs(s["clean"].astype(int) - raw.astype(int))
     assert diff.max() > 0 and diff.max() <= round(0.0627 * 255) + 1  # moved, within the budget (+ rounding)

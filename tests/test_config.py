@@ -100,3 +100,25 @@ def test_backdoorbench_keys_are_accepted(tmp_path):
     root = _configs(tmp_path, text)
     cfg = load_config(RunConfig, "demo", "cifar10", configs_dir=root)
     assert cfg.reserved_type == "reserved_noise" and cfg.epochs == 100
+
+
+def test_a_run_config_checks_itself_when_made_and_build_config_checks_once(monkeypatch):
+    with pytest.raises(ConfigError, match="'lr'"):
+        DemoConfig(lr=-1.0)  # made by hand: still checked
+    calls = []
+    monkeypatch.setattr(DemoConfig, "validate", lambda self: calls.append(1))
+    build_config(DemoConfig, [({"alpha": 0.3}, "test")])
+    assert len(calls) == 1
+
+
+def test_result_neutral_and_per_run_keys_come_from_field_metadata():
+    from backdoorbench_gic.config import identity, marked_keys
+
+    assert marked_keys(RunConfig, "identity") == {
+        "device", "num_workers", "pin_memory", "non_blocking", "prefetch", "frequency_save", "log", "yaml_path",
+        "result_file", "checkpoint_load", "checkpoint_save", "dataset_path"}  # where or how fast, not what
+    assert marked_keys(RunConfig, "per_run") == {"random_seed", "ratio", "index", "reserved_type"}
+    cfg = DemoConfig(alpha=0.3, device="cpu")
+    kept = identity(cfg)
+    assert "device" not in kept and kept["alpha"] == 0.3 and kept["random_seed"] == 0 and kept["amp"] is True
+    assert identity(cfg, RunConfig).keys() == kept.keys() - {"alpha"}

@@ -61,7 +61,7 @@ def test_cifar_pickle_without_data_key_names_the_keys_it_has(tmp_path):
 def test_bb_record_over_str_key_cifar_loads_and_reproduces_its_metrics(tmp_path):
     """A BackdoorBench record whose CIFAR-10 folder was written by Python 3 (str keys): the record's logged
     attack_df_summary.csv row is reproduced exactly, as it is over the official bytes-key files."""
-    from backdoorbench_gic.records import inspect_record
+    from backdoorbench_gic.inspection import inspect_record
     from backdoorbench_gic.testing import make_bb_record
 
     record = make_bb_record(tmp_path, "badnet_strkeys", n_train=100, n_test=40, train_steps=20,

@@ -11,7 +11,8 @@ from backdoorbench_gic.config import ConfigError, read_yaml
 from backdoorbench_gic.data.imageset import ImageSet
 from backdoorbench_gic.data.transforms import TrainAugment
 from backdoorbench_gic.defenses import FST, IBAU, SAU, Defense, PurifyResult
-from backdoorbench_gic.defenses._common import flat_norm, input_scale, project
+from backdoorbench_gic.defenses._common import input_scale
+from backdoorbench_gic.utils.norms import flat_norm, project
 from backdoorbench_gic.defenses.fst import reinit_head
 from backdoorbench_gic.evaluation import evaluate
 from backdoorbench_gic.models import VictimModel, build_model

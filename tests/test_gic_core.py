@@ -6,7 +6,8 @@ import torch
 import torch.nn as nn
 
 from backdoorbench_gic.data.imageset import ImageSet
-from backdoorbench_gic.gic.calibrators import FAMILIES, bound_perturbation, build_calibrator, project
+from backdoorbench_gic.gic.calibrators import FAMILIES, bound_perturbation, build_calibrator
+from backdoorbench_gic.utils.norms import project
 from backdoorbench_gic.gic.drift import drift_report
 from backdoorbench_gic.gic.fit import GICConfig, apply_calibrator, fit_calibrator
 from backdoorbench_gic.bnstats import (BNBatchStats, NoBatchNormError, channel_moments, dataset_bn_divergence,
@@ -39,9 +40,14 @@ def test_bound_helpers_by_hand():
     assert torch.allclose(p.norm(), torch.tanh(torch.tensor(5.0)))
     assert torch.allclose(p / p.norm(), v / 5)
     assert torch.allclose(bound_perturbation(torch.zeros(1, 1, 1, 2), 0.1, "linf"), torch.zeros(1, 1, 1, 2))
-    q = project(torch.tensor([[[[0.6, 0.8]]]]) * 2, 1.0, "l2")  # norm 2 -> 1
+    q = project(torch.tensor([[[[0.6, 0.8]]]]) * 2, "l2", 1.0)  # norm 2 -> 1
     assert torch.allclose(q, torch.tensor([[[[0.6, 0.8]]]]))
-    assert torch.equal(project(torch.tensor([[[[0.3, -0.5]]]]), 0.2, "linf"), torch.tensor([[[[0.2, -0.2]]]]))
+    assert torch.equal(project(torch.tensor([[[[0.3, -0.5]]]]), "linf", 0.2), torch.tensor([[[[0.2, -0.2]]]]))
+    # one definition for both spellings: BackdoorBench's (SAU, i-BAU) and GIC's
+    assert torch.equal(project(torch.tensor([[[[0.3, -0.5]]]]), "L_inf", 0.2), torch.tensor([[[[0.2, -0.2]]]]))
+    assert torch.equal(project(torch.tensor([[[[1.2, 1.6]]]]), "L2", 1.0), q)
+    with pytest.raises(ValueError, match="unknown norm 'l1'"):
+        project(q, "l1", 1.0)
 
 
 def test_generator_and_prompt_start_as_identity():

@@ -8,7 +8,7 @@ from backdoorbench_gic.data.imageset import ImageSet
 from backdoorbench_gic.defenses.base import Defense, PurifyResult
 from backdoorbench_gic.config import RunConfig, config_keys
 from backdoorbench_gic.gic import calibration as gic_calibration
-from backdoorbench_gic.gic.defense import PLACEMENTS, GICDefense, restore_bn_statistics, split_keys
+from backdoorbench_gic.gic.defense import GIC_KEYS, PLACEMENTS, GICDefense, restore_bn_statistics, split_keys
 from backdoorbench_gic.records import load_attack_record
 from backdoorbench_gic.registry import DEFENSES
 from backdoorbench_gic.testing import make_bb_record
@@ -75,11 +75,13 @@ def test_gic_draws_exactly_what_its_base_draws(stem, base, victim_record):
     plain = DEFENSES.get(base).from_sources(dataset, None, {"reserved_type": "reserved_noise"}, name=base)
     wrapped = GICDefense.from_sources(dataset, None, {"base": base, "reserved_type": "reserved_noise"})
     for k in config_keys(RunConfig):
-        assert getattr(wrapped.config, k) == getattr(plain.config, k) == getattr(wrapped.base.config, k), k
+        assert getattr(wrapped.run_config, k) == getattr(plain.run_config, k) == getattr(wrapped.base.config, k), k
+    assert wrapped.run_config is wrapped.base.config is wrapped.config.base_config  # one config, nested, not copied
     # the fixture has 200 training images, so each side's ratio is scaled alike to draw a few per class
-    a = build_aux_set(victim_record, "train", ratio=min(1.0, 40 * plain.config.ratio), seed=plain.config.random_seed)
-    b = build_aux_set(victim_record, "train", ratio=min(1.0, 40 * wrapped.config.ratio),
-                      seed=wrapped.config.random_seed)
+    a = build_aux_set(victim_record, "train", ratio=min(1.0, 40 * plain.run_config.ratio),
+                      seed=plain.run_config.random_seed)
+    b = build_aux_set(victim_record, "train", ratio=min(1.0, 40 * wrapped.run_config.ratio),
+                      seed=wrapped.run_config.random_seed)
     assert len(a) == len(b) and torch.equal(a.indices, b.indices)
 
 
@@ -91,6 +93,19 @@ def test_from_sources_builds_the_base_with_its_own_yaml_and_overrides():
     assert d.name == "gic-sau" and d.prefix == "gic-sau"
 
 
+def test_one_config_path_and_its_flat_and_nested_views():
+    """from_sources and keyword construction take the one resolve_config path; the nested config comes back from
+    its yaml-style layer, and its flat view is what the run-level, GIC and placement keys say."""
+    d = GICDefense.from_sources("fashion-mnist", None, {"base": "sau", "adv_steps": 2, "delta": 8 / 255})
+    again = GICDefense(**d.config.as_layer())
+    assert again.config == d.config and again.base.config == d.base.config
+    flat = d.config.flat()
+    assert flat["base"] == "sau" and flat["delta"] == pytest.approx(8 / 255) and flat["ratio"] == d.run_config.ratio
+    assert set(flat) == set(config_keys(RunConfig)) | GIC_KEYS and "adv_steps" not in flat
+    with pytest.raises(ConfigError, match="'base_config'"):
+        GICDefense(base_config={"epochs": 1})  # the nested config is built, never given as a key
+
+
 def test_unknown_key_is_still_an_error_naming_it():
     with pytest.raises(ConfigError, match="'n_roundz'"):
         GICDefense.from_sources("fashion-mnist", None, {"base": "sau", "n_roundz": 2})
@@ -99,7 +114,9 @@ def test_unknown_key_is_still_an_error_naming_it():
 
 
 def test_aliases_exist_for_every_builtin_defense():
-    for base in ("ft", "ft-sam", "fst", "sau", "i-bau"):
+    bases = [name for name in DEFENSES.names() if not issubclass(DEFENSES.get(name), GICDefense)]
+    assert len(bases) >= 10 and "gic" not in bases
+    for base in bases:
         cls = DEFENSES.get(f"gic-{base}")
         assert issubclass(cls, GICDefense)
         assert cls.from_sources("fashion-mnist", None, {"device": "cpu"}).base.name == base
@@ -325,6 +342,6 @@ def test_direct_construction_leaves_the_base_its_own_defaults():
     """GICDefense(base=...) without from_sources: GIC's run-level defaults (epochs=10) must not reach a defense that
     refuses them (sau runs n_rounds); explicitly given run-level keys do reach the base."""
     d = GICDefense(base="sau", gic_steps=5, device="cpu")
-    assert d.base.name == "sau" and d.config.epochs == d.base.config.epochs and d.config.device == "cpu"
+    assert d.base.name == "sau" and d.run_config.epochs == d.base.config.epochs and d.run_config.device == "cpu"
     ft = GICDefense(base={"name": "ft", "epochs": 3}, ratio=0.01)
-    assert ft.base.config.epochs == 3 and ft.base.config.ratio == 0.01 == ft.config.ratio
+    assert ft.base.config.epochs == 3 and ft.base.config.ratio == 0.01 == ft.run_config.ratio

@@ -21,10 +21,9 @@ import pytest
 import torch
 
 import backdoorbench_gic
-from backdoorbench_gic import cli, patching
+from backdoorbench_gic import cli, patching, testing
 from backdoorbench_gic.auxdata import build_aux_set
 from backdoorbench_gic.records import load_attack_record
-from backdoorbench_gic.testing import make_bb_record
 
 REPO_ROOT = Path(backdoorbench_gic.__file__).resolve().parent.parent
 RECORD = "badnet_r"
@@ -39,14 +38,10 @@ THEIR_FILES = {
 }
 
 
-def make_checkout(root: Path, files: dict[str, str] = THEIR_FILES) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
+def make_checkout(root: Path, files: dict[str, str] = THEIR_FILES, **record) -> Path:
     for marker in ("attack", "defense", "config/defense"):
         (root / marker).mkdir(parents=True, exist_ok=True)
-    for rel, text in files.items():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_text(text)
-    return root
+    return testing.make_checkout(root, files, **record)
 
 
 def snapshot(root: Path) -> dict[str, tuple]:
@@ -75,10 +70,8 @@ def bbgic(capsys, *argv: str) -> tuple[int, str]:
 @pytest.fixture(scope="module")
 def bb_checkout(tmp_path_factory):
     """A fake checkout with a BackdoorBench-format record (random-ish small CNN, 200 train / 40 test images)."""
-    root = make_checkout(tmp_path_factory.mktemp("bbcheckout") / "BackdoorBench")
-    make_bb_record(root, RECORD, n_train=200, n_test=40, train_steps=10, model_name="smallcnn", width=8,
-                   trigger_size=8)
-    return root
+    return make_checkout(tmp_path_factory.mktemp("bbcheckout") / "BackdoorBench", record=RECORD, n_train=200,
+                         n_test=40)
 
 
 @pytest.fixture(autouse=True)

@@ -25,7 +25,12 @@ def root(tmp_path_factory):
     return r
 
 
-def test_run_defense_writes_backdoorbench_layout_and_tidy_row(root):
+def test_run_defense_writes_backdoorbench_layout_and_tidy_row(root, monkeypatch):
+    from backdoorbench_gic import auxdata
+
+    checks = []
+    check = auxdata.check_aux_request
+    monkeypatch.setattr(auxdata, "check_aux_request", lambda *a, **k: checks.append(a[1]) or check(*a, **k))
     row = run_defense(DefenseRequest(result_file="victim", defense="ft", bb_root=str(root), device="cpu",
                                      overrides={"reserved_type": "train", "ratio": 0.25, "epochs": 2, "batch_size": 25},
                                      monitor_every=1, progress=False))
@@ -33,6 +38,7 @@ def test_run_defense_writes_backdoorbench_layout_and_tidy_row(root):
     for name in ("defense_result.pt", "ft_df.csv", "ft_df_summary.csv", "result.json", "result.csv", "log/index.txt"):
         assert (out / name).is_file(), name
     assert (out / "checkpoint").is_dir() and list((out / "log").glob("*.log"))
+    assert checks == ["train"]  # the request is checked once, before the defenses load
     saved = torch.load(out / "defense_result.pt", weights_only=True)
     assert list(saved) == ["model_name", "num_classes", "model"] and saved["model_name"] == "smallcnn"
     build_model("smallcnn", 10, in_channels=3, width=8).load_state_dict(saved["model"], strict=True)
@@ -54,6 +60,20 @@ def test_run_defense_writes_backdoorbench_layout_and_tidy_row(root):
     from backdoorbench_gic.utils.cache import cache_dir
 
     assert list((cache_dir() / "victim_metrics").glob("*.json"))
+
+
+def test_an_aux_request_from_a_yaml_is_checked_once_as_resolved(root, tmp_path, monkeypatch):
+    from backdoorbench_gic import auxdata
+
+    checks = []
+    check = auxdata.check_aux_request
+    monkeypatch.setattr(auxdata, "check_aux_request", lambda *a, **k: checks.append(a[1]) or check(*a, **k))
+    y = tmp_path / "ft.yaml"
+    y.write_text("reserved_type: reserved_foo\nepochs: 1\n")
+    with pytest.raises(auxdata.AuxDataError, match="reserved_foo"):
+        run_defense(DefenseRequest(result_file="victim", defense="ft", bb_root=str(root), device="cpu",
+                                   yaml_path=str(y), output_dir=str(tmp_path / "out"), progress=False))
+    assert checks == ["reserved_foo"]
 
 
 def test_same_seed_same_numbers_and_monitor_off(root, tmp_path):

@@ -13,7 +13,8 @@ from backdoorbench_gic.checkpoint import (StateDictMismatchError, UntrustedCheck
                                           normalize_state_dict, safe_torch_load)
 from backdoorbench_gic.data.datasets import open_dataset
 from backdoorbench_gic.models import build_model
-from backdoorbench_gic.records import RECORD_KEYS, RecordError, inspect_record, load_attack_record
+from backdoorbench_gic.inspection import inspect_record
+from backdoorbench_gic.records import RECORD_KEYS, RecordError, load_attack_record
 from backdoorbench_gic.testing import make_bb_record
 
 

@@ -116,7 +116,8 @@ def test_by_base_splits_the_paired_frame():
 
 # ---- pooling over blocks (analysis.protocols) ----
 from backdoorbench_gic.analysis.protocols import (first_protocol, paired_frame, per_base_protocol, pooled_figures,  # noqa: E402
-                                                  shifted_changes, study_blocks, variant_label)
+                                                  shifted_changes)
+from backdoorbench_gic.matrix.study import study_blocks, variant_label  # noqa: E402
 
 
 def frames():
@@ -225,7 +226,7 @@ def test_study_frames_pair_each_variant_s_finished_cells_with_the_block_s(tmp_pa
 
     import yaml
 
-    from backdoorbench_gic.analysis.protocols import study_frames
+    from backdoorbench_gic.matrix.study import study_frames
 
     spec = {"name": "s-dev", "role": "development", "output_root": "runs/s-dev", "attacks": ["v"],
             "defenses": ["ft"], "aux": ["reserved", "reserved_noise"], "seeds": [0],

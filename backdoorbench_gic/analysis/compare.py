@@ -121,3 +121,17 @@ def mean_se(x: pd.Series) -> tuple[float, float]:
     """(mean, :func:`standard_error`) of the non-NaN values; (NaN, NaN) when there are none."""
     x = pd.Series(x, dtype=float).dropna()
     return (float(x.mean()) if len(x) else math.nan), standard_error(x)
+
+
+def spearman(a: pd.Series, b: pd.Series) -> float:
+    """Spearman's rank correlation of ``a`` and ``b`` (aligned by position) over the complete pairs: a pair with a
+    NaN on either side is left out before ranking (ties share their mean rank). NaN when fewer than three complete
+    pairs remain or either side is constant on them: too little to rank."""
+    a = pd.Series(np.asarray(a, dtype=float))
+    b = pd.Series(np.asarray(b, dtype=float))
+    if len(a) != len(b):
+        raise ValueError(f"spearman needs two series of one length, got {len(a)} and {len(b)}")
+    ok = a.notna() & b.notna()
+    if ok.sum() < 3 or a[ok].nunique() < 2 or b[ok].nunique() < 2:
+        return math.nan
+    return float(a[ok].corr(b[ok], method="spearman"))

@@ -1,11 +1,12 @@
-"""Issue 16's two protocols over a study of blocks (BENCHMARKS.md, "GIC placement and objectives"): which blocks and
-variants a study holds, how their paired frames pool, and what each protocol selects and confirms. The rules
-themselves (eligibility, ranking, the confirmation targets) are :mod:`.selection`'s.
+"""Issue 16's two protocols over a study of blocks (BENCHMARKS.md, "GIC placement and objectives"): how their paired
+frames pool, and what each protocol selects and confirms. The rules themselves (eligibility, ranking, the
+confirmation targets) are :mod:`.selection`'s.
 
 A *block* is a spec that runs uncalibrated cells (its ``off`` variant) with ``role`` development, held-out or
 confirmation; its *variants* are its calibrated variants and those of the files that inherit from it
 (``_base_: block.yaml``, variants only), each paired with the block's uncalibrated cells by construction (the same
-cell id, checked by :func:`~backdoorbench_gic.matrix.spec.pairing_problems`).
+cell id). Which blocks and variants a study holds is read from its spec files by
+:func:`backdoorbench_gic.matrix.study.study_blocks`; this module sees their finished cells only.
 
 - The first protocol (:func:`first_protocol`) pools each variant over the blocks of a role that all ran it, base
   defenses together, and selects on the development pool with :data:`FIRST_RULE`.
@@ -15,9 +16,7 @@ cell id, checked by :func:`~backdoorbench_gic.matrix.spec.pairing_problems`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Mapping
+from typing import Mapping
 
 import pandas as pd
 
@@ -31,97 +30,12 @@ FIRST_RULE = Rule(asr_rise_limit=0.01)
 PER_BASE_RULE = Rule(asr_rise_limit=0.01, one_sided_harm=True, min_recovered=0.0, min_lossy_cells=4)
 CALIBRATION_FREE = ("bn-reset", "bn-refresh")  # placements that fit no g: cheaper, preferred on a tie
 
-if TYPE_CHECKING:
-    from ..matrix.spec import MatrixSpec
-
-
-def variant_label(settings: Mapping) -> str:
-    """A calibrated variant's name from its GIC keys: its placement, + its family if not the prompt (``before``,
-    ``before+generator``, ``bn-after``)."""
-    family = settings.get("family", "prompt")
-    return settings.get("placement", "before") + ("" if family == "prompt" else f"+{family}")
-
-
-@dataclass
-class StudyBlock:
-    """A block of a study: the spec of its uncalibrated cells and, per variant label, the part storing the variant's
-    calibrated cells, in report order (the block's default first, then by name)."""
-
-    name: str
-    role: str
-    spec: "MatrixSpec"
-    path: Path
-    variants: "dict[str, MatrixSpec]" = field(default_factory=dict)  # label -> the part storing it
-    files: dict[str, Path] = field(default_factory=dict)  # label -> the spec file that declares it
-
-
-def study_blocks(paths: Iterable[str | Path]) -> dict[str, StudyBlock]:
-    """The blocks of the spec files ``paths`` (named by the file that runs their ``off`` variant), in name order.
-    A file without ``off`` adds its variants to the nearest file it inherits from that has one. Refused when a
-    variant's cells would not pair with its block's (:func:`~backdoorbench_gic.matrix.spec.pairing_problems`), a
-    label repeats within a block, or a block has no role."""
-    from ..config import ConfigError
-    from ..matrix.spec import DEFAULT, OFF, load_spec, pairing_problems
-
-    specs = {Path(p).resolve(): load_spec(p) for p in paths}
-    blocks: dict[str, StudyBlock] = {}
-    for path, spec in sorted(specs.items(), key=lambda kv: kv[0].stem):
-        if OFF in spec.variants:
-            if spec.role is None:
-                raise ConfigError(f"{path}: a study block needs a role (development, held-out or confirmation)")
-            blocks[path.stem] = StudyBlock(path.stem, spec.role, spec, path)
-    found: dict[str, list[tuple[bool, str, MatrixSpec, Path]]] = {}  # block -> (its own default?, label, part, file)
-    for path, spec in specs.items():
-        owner = path if OFF in spec.variants else next((b for b in spec.bases if b in specs and OFF in specs[b].variants),
-                                                       None)
-        if owner is None:
-            raise ConfigError(f"{path}: runs no uncalibrated cells and inherits from no block among the study's files")
-        block = blocks[owner.stem]
-        problems = pairing_problems(spec, block.spec)
-        if problems:
-            raise ConfigError(f"{path}: its calibrated cells do not pair with {owner.name}'s uncalibrated ones: "
-                              + "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""))
-        for v, g in spec.variants.items():
-            if g is not None:
-                part = spec.part(v)
-                label = variant_label({**spec.gic_overrides, **g}) if v == DEFAULT else v
-                found.setdefault(block.name, []).append((path == owner and v == DEFAULT, label, part, path))
-    for name, block in blocks.items():
-        # the block's own default first, then by name in the order of the files they were once named by
-        # (<block>_<variant>.yaml: bn-transfer-first1 before bn-transfer), so reports keep their row order
-        entries = sorted(found.get(name, []), key=lambda e: (not e[0], e[1] + ".yaml"))
-        labels = [e[1] for e in entries]
-        if len(set(labels)) != len(labels):
-            raise ConfigError(f"block {name}: variant {next(x for x in labels if labels.count(x) > 1)!r} is declared twice")
-        for _, label, part, path in entries:
-            block.variants[label] = part
-            block.files[label] = path
-    return blocks
-
 
 def paired_frame(uncalibrated: pd.DataFrame, calibrated: pd.DataFrame) -> pd.DataFrame:
     """A variant's paired frame: a block's uncalibrated cells with the variant's calibrated ones."""
     off = uncalibrated[~uncalibrated[Col.GIC].astype(bool)]
     on = calibrated[calibrated[Col.GIC].astype(bool)]
     return pd.concat([off, on], ignore_index=True)
-
-
-def study_frames(blocks: Mapping[str, StudyBlock]) -> dict[str, dict[str, pd.DataFrame]]:
-    """``{block: {variant: paired frame}}`` from the finished cells of ``blocks`` (a block without uncalibrated
-    cells, and a variant without calibrated ones, are left out)."""
-    from ..matrix import collect_results
-
-    frames: dict[str, dict[str, pd.DataFrame]] = {}
-    for name, block in blocks.items():
-        off = collect_results(block.spec.output_root)
-        if off.empty:
-            continue
-        for v, part in block.variants.items():
-            on = off if part.output_root == block.spec.output_root else collect_results(part.output_root)
-            if on.empty or on[Col.GIC].astype(bool).sum() == 0:
-                continue
-            frames.setdefault(name, {})[v] = paired_frame(off, on)
-    return frames
 
 
 def rule_figures(df: pd.DataFrame, rule: Rule = FIRST_RULE) -> tuple[dict, pd.DataFrame]:

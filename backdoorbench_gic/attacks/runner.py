@@ -27,7 +27,8 @@ import torch
 from ..utils.progress import progress_bar
 
 from ..config import ConfigError, asdict_public, build_config
-from ..data.datasets import open_dataset
+from ..data.datasets import SplitDataset, open_dataset
+from ..data.imageset import ImageSet
 from ..data.transforms import TrainAugment
 from ..evaluation import evaluate
 from ..models import build_model
@@ -112,6 +113,24 @@ def attack_of_record(record) -> Attack:
     keys = {f.name for f in dataclasses.fields(cls.config_class)}
     attack = cls(build_config(cls.config_class, [({k: v for k, v in info.items() if k in keys}, str(info_path))]))
     return attack.setup(record.bb_root).load_extras(record.record_dir)
+
+
+def heldout_sets(record, exclude: torch.Tensor | list[int] | None = None) -> tuple[ImageSet, ImageSet]:
+    """What tuning may look at instead of the test set: the record's reserved images (a BackdoorBenchER split's
+    held-out part, which the victim never saw) minus the positions in ``exclude`` (an auxiliary draw from them),
+    and the same images poisoned by the record's own attack (:func:`attack_of_record`; the all-to-one target's
+    images left out, as in bd_test). Raises ``ValueError`` for a record without a split."""
+    ds = record.dataset()
+    if not isinstance(ds, SplitDataset):
+        raise ValueError(f"record {record.name} was trained on {record.clean_data}, which has no reserved part to "
+                         "hold out; use a <ds>_split_<pct>_seed_<s> victim")
+    reserved = ds.split("reserved")
+    keep = torch.ones(len(reserved), dtype=torch.bool)
+    if exclude is not None:
+        keep[torch.as_tensor(exclude, dtype=torch.long)] = False
+    clean = reserved.subset(torch.nonzero(keep).flatten())
+    bd, _ = attack_of_record(record).poison_test(clean)
+    return clean, bd
 
 
 def default_folder_name(attack: str) -> str:

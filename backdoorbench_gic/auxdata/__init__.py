@@ -16,8 +16,8 @@ BackdoorBenchER made), ``<type>_vp``, and ``mix:<a>+<b>[@weight]+...``.
 """
 from __future__ import annotations
 
-from .base import AuxContext, AuxDataError, Pool
-from .build import accepted_options, build_aux_set, check_aux_request, known_types, options_for, parse_reserved_type
+from .base import AuxContext, AuxDataError, Pool, known_types, parse_reserved_type
+from .build import accepted_options, build_aux_set, check_aux_request, options_for
 from .layout import (export_image_folder, export_reserved_shift, import_image_folder, read_vp_arrays, vp_dir,
                      write_vp_arrays)
 from .sampling import read_index_file, sample_positions, write_index_file

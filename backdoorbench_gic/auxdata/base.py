@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..data.imageset import ImageSet
-from ..registry import AUX_SOURCES
+from ..registry import AUX_SOURCES, UnknownNameError
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,8 @@ class AuxContext:
     reserved_type: str = ""
     index_file: Any = None  # positions to take instead of sampling (BackdoorBenchER's log/index.txt)
     replacement: bool = False  # repeat images of classes that have too few
+    # build_aux_set, handed to the sources that draw a whole set from parts (mix:), which build each part with it
+    builder: Callable[..., ImageSet] | None = None
     _train_size: int | None = None
 
     def opt(self, key: str, default: Any = None) -> Any:
@@ -175,6 +177,55 @@ def aux_source(name: str, *, options: dict[str, tuple[Any, str]] | None = None, 
 
 def source_options(fn: Callable[..., Pool]) -> dict[str, tuple[Any, str]]:
     return {**COMMON_OPTIONS, **getattr(fn, "aux_options", {})}
+
+
+def known_types() -> list[str]:
+    """The names a user can write, for messages: each registered source as it is written."""
+    return [AUX_SOURCES.get(name).aux_usage for name in AUX_SOURCES.names()]
+
+
+def _suffix_form(low: str) -> tuple[str, str] | None:
+    for name in AUX_SOURCES.names():
+        suffix = getattr(AUX_SOURCES.get(name), "aux_suffix", None)
+        if suffix and low.endswith(suffix) and len(low) > len(suffix):
+            return name, suffix
+    return None
+
+
+def parse_reserved_type(name: str) -> tuple[str, str | None]:
+    """``"reserved_noise"`` -> ``("reserved_noise", None)``; ``"external:digits"`` -> ``("external", "digits")``;
+    ``"reserved_vp"`` -> ``("vp", "reserved")``; ``"reserved_imagenet"`` -> ``("folder", "reserved_imagenet")``
+    (BackdoorBenchER reads unknown types as folders); anything else unknown raises, listing the known types."""
+    if not isinstance(name, str) or not name.strip():
+        raise AuxDataError(f"reserved_type must be a non-empty string, got {name!r}; known: {', '.join(known_types())}")
+    text = name.strip()
+    if ":" in text:
+        prefix, arg = text.split(":", 1)
+        prefix = prefix.strip().lower()
+        try:
+            canonical = AUX_SOURCES.resolve(prefix)
+        except UnknownNameError:
+            raise UnknownNameError(f"unknown auxiliary type prefix {prefix!r} in {name!r}; known types: "
+                                   f"{', '.join(known_types())}") from None
+        mode = getattr(AUX_SOURCES.get(canonical), "aux_arg", "none")
+        if mode == "none":
+            raise AuxDataError(f"auxiliary type {canonical!r} takes no ':<argument>' (got {name!r})")
+        if not arg.strip():
+            raise AuxDataError(f"auxiliary type {canonical!r} needs an argument after ':' (got {name!r})")
+        return canonical, arg.strip()
+    low = text.lower()
+    suffixed = _suffix_form(low)
+    if suffixed is not None:
+        return suffixed[0], text[:-len(suffixed[1])]
+    if low in AUX_SOURCES:
+        canonical = AUX_SOURCES.resolve(low)
+        if getattr(AUX_SOURCES.get(canonical), "aux_arg", "none") == "required":
+            raise AuxDataError(f"auxiliary type {canonical!r} needs an argument: {canonical}:<...> "
+                               f"(known types: {', '.join(known_types())})")
+        return canonical, None
+    if low.startswith("reserved_"):
+        return "folder", text
+    raise UnknownNameError(f"unknown auxiliary type {name!r}. Known types: {', '.join(known_types())}")
 
 
 def check_options(options: dict[str, Any], accepted: dict[str, tuple[Any, str]], what: str) -> None:

@@ -1,5 +1,5 @@
-"""From a type name to the sampled auxiliary set: parsing ``--reserved_type``, the options a type accepts, a
-check that fails fast before any model is built, and :func:`build_aux_set`.
+"""From a type name to the sampled auxiliary set: the options a type accepts, a check that fails fast before any
+model is built, and :func:`build_aux_set` (the name itself is read by :func:`~.base.parse_reserved_type`).
 
 Every source declares how it is written and checked through :func:`~.base.aux_source` (usage, a name suffix
 such as ``_vp``, a cheap ``check``, sources such as ``mix:`` that sample the whole set themselves); nothing here
@@ -14,61 +14,12 @@ from typing import Any
 import torch
 
 from ..data.imageset import ImageSet
-from ..registry import AUX_SOURCES, UnknownNameError
+from ..registry import AUX_SOURCES
 from . import sources as _sources  # noqa: F401  (registers the sources)
-from .base import AuxContext, AuxDataError, Pool, check_options, source_options
+from .base import AuxContext, AuxDataError, Pool, check_options, parse_reserved_type, source_options
 from .sampling import class_histogram, read_index_file, sample_positions
 
 log = logging.getLogger(__name__)
-
-
-def known_types() -> list[str]:
-    """The names a user can write, for messages: each registered source as it is written."""
-    return [AUX_SOURCES.get(name).aux_usage for name in AUX_SOURCES.names()]
-
-
-def _suffix_form(low: str) -> tuple[str, str] | None:
-    for name in AUX_SOURCES.names():
-        suffix = getattr(AUX_SOURCES.get(name), "aux_suffix", None)
-        if suffix and low.endswith(suffix) and len(low) > len(suffix):
-            return name, suffix
-    return None
-
-
-def parse_reserved_type(name: str) -> tuple[str, str | None]:
-    """``"reserved_noise"`` -> ``("reserved_noise", None)``; ``"external:digits"`` -> ``("external", "digits")``;
-    ``"reserved_vp"`` -> ``("vp", "reserved")``; ``"reserved_imagenet"`` -> ``("folder", "reserved_imagenet")``
-    (BackdoorBenchER reads unknown types as folders); anything else unknown raises, listing the known types."""
-    if not isinstance(name, str) or not name.strip():
-        raise AuxDataError(f"reserved_type must be a non-empty string, got {name!r}; known: {', '.join(known_types())}")
-    text = name.strip()
-    if ":" in text:
-        prefix, arg = text.split(":", 1)
-        prefix = prefix.strip().lower()
-        try:
-            canonical = AUX_SOURCES.resolve(prefix)
-        except UnknownNameError:
-            raise UnknownNameError(f"unknown auxiliary type prefix {prefix!r} in {name!r}; known types: "
-                                   f"{', '.join(known_types())}") from None
-        mode = getattr(AUX_SOURCES.get(canonical), "aux_arg", "none")
-        if mode == "none":
-            raise AuxDataError(f"auxiliary type {canonical!r} takes no ':<argument>' (got {name!r})")
-        if not arg.strip():
-            raise AuxDataError(f"auxiliary type {canonical!r} needs an argument after ':' (got {name!r})")
-        return canonical, arg.strip()
-    low = text.lower()
-    suffixed = _suffix_form(low)
-    if suffixed is not None:
-        return suffixed[0], text[:-len(suffixed[1])]
-    if low in AUX_SOURCES:
-        canonical = AUX_SOURCES.resolve(low)
-        if getattr(AUX_SOURCES.get(canonical), "aux_arg", "none") == "required":
-            raise AuxDataError(f"auxiliary type {canonical!r} needs an argument: {canonical}:<...> "
-                               f"(known types: {', '.join(known_types())})")
-        return canonical, None
-    if low.startswith("reserved_"):
-        return "folder", text
-    raise UnknownNameError(f"unknown auxiliary type {name!r}. Known types: {', '.join(known_types())}")
 
 
 def accepted_options(reserved_type: str) -> dict[str, tuple[Any, str]]:
@@ -137,7 +88,7 @@ def build_aux_set(record, reserved_type: str = "train", *, ratio: float | None =
     fn = AUX_SOURCES.get(source)
     check_options(options, accepted_options(reserved_type), reserved_type)
     ctx = AuxContext(record, int(seed), torch.device(device), options, ratio, n_per_class, victim, reserved_type,
-                     index_file, replacement)
+                     index_file, replacement, build_aux_set)
     if getattr(fn, "aux_whole_set", False):
         return fn(ctx, arg)
     pool: Pool = fn(ctx, arg)

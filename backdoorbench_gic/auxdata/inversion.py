@@ -169,18 +169,13 @@ def invert_victim(model: torch.nn.Module, num_classes: int, per_class: int, chw:
 def inversion_cache_key(model: torch.nn.Module, num_classes: int, per_class: int, chw: tuple[int, int, int],
                         seed: int, config: InversionConfig) -> str:
     """Content key of one inversion: the victim's weights, what is asked for, and every setting."""
-    import hashlib
-    import json
     from dataclasses import asdict
 
-    from ..utils.cache import hash_weights
+    from ..utils.cache import content_key
 
-    h = hashlib.sha1()
-    hash_weights(h, model)
-    h.update(json.dumps({"num_classes": num_classes, "per_class": per_class, "chw": list(chw), "seed": int(seed),
-                         "bn_moments": "bnstats.BNBatchStats", **asdict(config)}, sort_keys=True,
-                        default=str).encode())
-    return h.hexdigest()[:20]
+    return content_key(weights=model, settings={"num_classes": num_classes, "per_class": per_class, "chw": list(chw),
+                                                "seed": int(seed), "bn_moments": "bnstats.BNBatchStats",
+                                                **asdict(config)})
 
 
 def cached_invert_victim(model: torch.nn.Module, num_classes: int, per_class: int, chw: tuple[int, int, int], *,
@@ -192,27 +187,26 @@ def cached_invert_victim(model: torch.nn.Module, num_classes: int, per_class: in
     The cache holds plain tensors only (loaded with ``weights_only=True``); ``cache_dir=None`` disables it."""
     from pathlib import Path
 
+    from ..utils.cache import load_or_compute
     from ..utils.io import atomic_torch_save
 
     cfg = config or InversionConfig()
     if cache_dir is None:
         return invert_victim(model, num_classes, per_class, chw, seed=seed, config=cfg, device=device)
-    path = Path(cache_dir) / f"{inversion_cache_key(model, num_classes, per_class, chw, seed, cfg)}.pt"
-    if path.is_file():
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-            log.info("synthetic:inversion: reusing %s", path)
-            return data["images"], data["labels"].numpy(), {k: float(v) for k, v in data["stats"].items()}
-        except Exception as exc:  # a damaged cache entry is recomputed, never trusted
-            log.warning("ignoring unreadable inversion cache %s (%s)", path, exc)
-    images, labels, stats = invert_victim(model, num_classes, per_class, chw, seed=seed, config=cfg, device=device)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def load(path: Path) -> tuple[torch.Tensor, np.ndarray, dict]:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        log.info("synthetic:inversion: reusing %s", path)
+        return data["images"], data["labels"].numpy(), {k: float(v) for k, v in data["stats"].items()}
+
+    def save(entry: tuple[torch.Tensor, np.ndarray, dict], path: Path) -> None:
+        images, labels, stats = entry
         atomic_torch_save({"images": images, "labels": torch.as_tensor(labels),
                            "stats": {k: torch.tensor(float(v)) for k, v in stats.items()}}, path)
-    except OSError as exc:
-        log.debug("could not cache the inversion: %s", exc)
-    return images, labels, stats
+
+    path = Path(cache_dir) / f"{inversion_cache_key(model, num_classes, per_class, chw, seed, cfg)}.pt"
+    return load_or_compute(path, lambda: invert_victim(model, num_classes, per_class, chw, seed=seed, config=cfg,
+                                                       device=device), load=load, save=save, what="inversion")[0]
 
 
 def inversion_cache_dir():

@@ -541,7 +541,7 @@ def _largest_remainder(total: int, weights: list[float]) -> list[int]:
 def _mix_parts(arg: str | None) -> list[tuple[str, float, str]]:
     """(part type, weight, its source name) per part; a part that is itself a whole-set source is refused."""
     from ..registry import AUX_SOURCES
-    from .build import parse_reserved_type
+    from .base import parse_reserved_type
 
     out = []
     for part, w in _split_mix(arg or ""):
@@ -584,7 +584,7 @@ def _part_requests(ctx: AuxContext, arg: str | None) -> list[tuple[int, str, str
 
 def _mix_check(ctx: AuxContext, arg: str | None) -> None:
     from ..registry import AUX_SOURCES
-    from .build import parse_reserved_type
+    from .base import parse_reserved_type
 
     for _, part, src, own, part_ratio, n_i in _part_requests(ctx, arg):
         check = getattr(AUX_SOURCES.get(src), "aux_check", None)
@@ -600,7 +600,6 @@ def mix_source(ctx: AuxContext, arg: str | None) -> ImageSet:
 
     ``n_per_class`` counts the whole set, split among the parts by weight (largest remainder); a ratio is split
     by weight; each part draws with its own seed derived from the run's."""
-    from .build import build_aux_set
 
     if ctx.index_file is not None:
         raise AuxDataError("index files cannot select from a mix: (indices of different sources would collide); "
@@ -610,9 +609,9 @@ def mix_source(ctx: AuxContext, arg: str | None) -> ImageSet:
     sets = []
     for i, part, _, own, part_ratio, n_i in _part_requests(ctx, arg):
         part_seed = int(np.random.SeedSequence([int(ctx.seed), i]).generate_state(1)[0])
-        sets.append(build_aux_set(ctx.record, part, ratio=part_ratio, n_per_class=n_i, seed=part_seed,
-                                  replacement=ctx.replacement, victim=ctx.victim_model, device=ctx.device,
-                                  options=own))
+        sets.append(ctx.builder(ctx.record, part, ratio=part_ratio, n_per_class=n_i, seed=part_seed,
+                                replacement=ctx.replacement, victim=ctx.victim_model, device=ctx.device,
+                                options=own))
     mixed = ImageSet.concat(sets, name=ctx.reserved_type)
     log.info("mix %s: %s", ctx.reserved_type, ", ".join(f"{s.name} {len(s)}" for s in sets))
     return mixed

@@ -153,8 +153,10 @@ def run(args: argparse.Namespace) -> int:
                                  index_file=Path(root, str(index)) if index else None, device="cpu")
 
         from ..gic.calibration import GIC
+        from ..gic.defense import DEFENSE_KEYS
 
-        GIC.from_sources(s.get("dataset") or record.clean_data, args.gic_yaml, gic_cli)  # bad settings fail now
+        # bad settings fail now, read as fit_gic reads them (a gic defense yaml's own keys skipped)
+        GIC.from_sources(s.get("dataset") or record.clean_data, args.gic_yaml, gic_cli, skip=DEFENSE_KEYS)
         calibrator = bbrun.DrawnFit(record, fit, Path(args.script).name, fallback,
                                     announce=lambda line: print(line, flush=True))
         h, w, c = record.img_size

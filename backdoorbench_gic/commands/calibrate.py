@@ -38,18 +38,20 @@ def run(args: argparse.Namespace) -> int:
     from ..auxdata import build_aux_set, check_aux_request, vp_dir, write_vp_arrays
     from ..auxdata.shifts import shift_warning
     from ..gic.calibration import GIC
+    from ..gic.defense import DEFENSE_KEYS
     from ..records import load_attack_record
     from ..utils.runtime import resolve_device, seed_everything
     from .defend import parse_extra_flags
 
     cli = parse_extra_flags(getattr(args, "extra", []))
     seed = int(cli.pop("random_seed", 0))
-    gic = GIC.from_sources(args.dataset, args.yaml_path, cli)  # settings are checked before anything loads
+    # settings are checked before anything loads; a --yaml_path of the gic defense may carry its own keys too
+    gic = GIC.from_sources(args.dataset, args.yaml_path, cli, skip=DEFENSE_KEYS)
     record = load_attack_record(args.result_file, args.bb_root, trust=args.trust_checkpoint,
                                 dataset_dir=args.dataset_dir)
     dataset = args.dataset or record.clean_data
     if args.dataset is None:
-        gic = GIC.from_sources(dataset, args.yaml_path, cli)
+        gic = GIC.from_sources(dataset, args.yaml_path, cli, skip=DEFENSE_KEYS)
     device = resolve_device(args.device or "auto")
     check_aux_request(record, args.reserved_type, n_per_class=args.n_per_class)  # before the victim is built
     seed_everything(seed)

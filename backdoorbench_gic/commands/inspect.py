@@ -19,7 +19,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..records import inspect_record
+    from ..inspection import inspect_record
 
     report = inspect_record(args.result_file, args.bb_root, trust=args.trust_checkpoint, evaluate=args.evaluate,
                             device=args.device, batch_size=args.batch_size, dataset_dir=args.dataset_dir)

@@ -146,7 +146,7 @@ def config_rows(cls: type, packaged: dict[str, Any] | None = None) -> tuple[list
     hints = typing.get_type_hints(cls)
     own, shared = [], []
     for f in dataclasses.fields(cls):
-        if not f.init or f.name.startswith("_"):
+        if not f.init or f.name.startswith("_") or f.metadata.get("nested"):
             continue
         default = _default(f)
         row = [f.name, _type_name(hints.get(f.name, Any)), _show(default)]

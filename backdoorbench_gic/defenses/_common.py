@@ -1,5 +1,5 @@
-"""Pieces the purification defenses share: the classifier head, the outer optimizer of the adversarial
-defenses, BatchNorm-statistics freezing, and norm-bounded perturbation arithmetic.
+"""Pieces the purification defenses share: the classifier head, the rounds and outer optimizer of the adversarial
+defenses (SAU, i-BAU), BatchNorm-statistics freezing, and norm-bounded perturbation arithmetic.
 
 Perturbations (SAU's per-sample PGD, i-BAU's universal trigger) are measured in the same units as
 BackdoorBench's, which perturbs *normalised* tensors, while our inputs are pixels in [0,1] with the
@@ -7,19 +7,22 @@ normalisation inside :class:`~backdoorbench_gic.models.VictimModel`. A perturbat
 is therefore applied to pixels as ``clamp(x + d * std, 0, 1)``: ``x_norm + d`` is exactly BackdoorBench's
 perturbed input, and the clamp keeps the image valid (it can only shrink the perturbation, so the bound still
 holds). ``budget_space: pixel`` measures the budget in pixels instead (``std`` taken as 1). All of this
-arithmetic runs in float32, outside autocast.
+arithmetic runs in float32, outside autocast. Norms and the projection onto a ball: :mod:`..utils.norms`.
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
 
+from ..config import check_range, require
 from ..models.wrapper import head_of
 from ..training import make_optimizer
+from ..utils.norms import flat_norm
+from .base import Defense, DefenseConfig, Run, refuse_unused
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +39,37 @@ def classifier_head(model: torch.nn.Module) -> torch.nn.Linear:
     return head_of(net)[1]
 
 
-def outer_optimizer(params, cfg: Any) -> torch.optim.Optimizer:
-    """BackdoorBench's sau and i-bau pick their outer optimizer with ``optim`` (not ``client_optimizer``)."""
-    return make_optimizer(params, dataclasses.replace(cfg, client_optimizer=str(cfg.optim).lower()))
+OPTIMS = ("adam", "sgd", "adamw", "adadelta")
+
+
+@dataclass
+class RoundsConfig(DefenseConfig):
+    """The keys SAU and i-BAU share (BackdoorBench's sau and i-bau): the outer optimizer is chosen with ``optim``
+    (``client_optimizer`` is not used), Adam at a constant 1e-4 without weight decay; the passes over the auxiliary
+    set are counted in ``n_rounds`` (``epochs`` is refused)."""
+
+    lr: float = 1e-4
+    wd: float = 0.0
+    lr_scheduler: str | None = "none"  # BackdoorBench keeps Adam's rate constant
+    optim: str = "Adam"  # the outer optimizer (BackdoorBench's key)
+    n_rounds: int = 5
+    epochs: int | None = None  # refused: counted in n_rounds
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.optim.lower() in OPTIMS, "optim", f"must be one of Adam, SGD, AdamW, Adadelta, got {self.optim!r}")
+        refuse_unused(self, "epochs", "n_rounds", "it counts its passes over the auxiliary set in rounds")
+        check_range(self, "n_rounds", 0)
+
+
+class RoundsDefense(Defense):
+    """A defense configured by :class:`RoundsConfig`: rounds instead of epochs, the outer optimizer from ``optim``."""
+
+    epochs_key: ClassVar[str] = "n_rounds"
+    unit: ClassVar[str] = "round"
+
+    def build_optimizer(self, run: Run) -> torch.optim.Optimizer:
+        return make_optimizer(self.parameters(run), self.config, name=self.config.optim)
 
 
 def input_scale(model: torch.nn.Module, budget_space: str, device: torch.device) -> torch.Tensor:
@@ -54,21 +85,6 @@ def input_scale(model: torch.nn.Module, budget_space: str, device: torch.device)
 def perturb_pixels(x: torch.Tensor, delta: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``x`` (pixels) plus ``delta`` (normalised units), clamped to valid pixels."""
     return (x.float() + delta.float() * scale).clamp(0.0, 1.0)
-
-
-def flat_norm(t: torch.Tensor, norm_type: str) -> torch.Tensor:
-    """Per-sample norm over all but the first dimension."""
-    flat = t.reshape(t.shape[0], -1).float()
-    return flat.abs().amax(1) if norm_type == "L_inf" else flat.norm(dim=1)
-
-
-def project(delta: torch.Tensor, norm_type: str, radius: float) -> torch.Tensor:
-    """Project each sample of ``delta`` onto the ``norm_type`` ball of ``radius``."""
-    if norm_type == "L_inf":
-        return delta.clamp(-radius, radius)
-    norms = flat_norm(delta, "L2").clamp_min(1e-12)
-    factor = (radius / norms).clamp(max=1.0).view(-1, *([1] * (delta.dim() - 1)))
-    return delta * factor
 
 
 def ascent_step(delta: torch.Tensor, grad: torch.Tensor, norm_type: str, step: float) -> torch.Tensor:

@@ -32,6 +32,7 @@ names, checked in ``validate``), optionally ``csv_prefix`` (BackdoorBench's CSV 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import logging
 from dataclasses import dataclass, field
@@ -98,6 +99,7 @@ class Defense:
     config_class: ClassVar[type[DefenseConfig]] = DefenseConfig
     csv_prefix: ClassVar[str | None] = None  # defaults to the registry name
     augment: ClassVar[bool] = True  # BackdoorBench: ft, ft-sam, i-bau augment; sau, fst, npd do not
+    cacheable: ClassVar[bool] = True  # the purified-model cache (purify_cache.py) may serve this defense's result
     registry_name: ClassVar[str] = "defense"
 
     def __init__(self, config: DefenseConfig | None = None, **overrides: Any):
@@ -107,15 +109,23 @@ class Defense:
             config = build_config(self.config_class, [(asdict_public(config), "config"), (overrides, "keyword arguments")])
         elif not isinstance(config, self.config_class):
             raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
-        else:
-            config.validate()
-        self.config = config
+        self.config = config  # checked when it was made (a RunConfig checks itself)
 
     @classmethod
     def from_sources(cls, dataset: str | None = None, yaml_path: str | None = None,
                      cli: dict[str, Any] | None = None, name: str | None = None) -> "Defense":
         """Defaults < ``defense_configs/<name>/<dataset>.yaml`` < ``yaml_path`` < ``cli``."""
         return cls(load_config(cls.config_class, name or cls.registry_name, dataset, yaml_path, cli))
+
+    @property
+    def run_config(self) -> RunConfig:
+        """The run-level keys this defense runs with (auxiliary draw, seed, device): its own config; a wrapper's
+        are its base's."""
+        return self.config
+
+    def settings(self) -> dict[str, Any]:
+        """The resolved settings as one flat mapping (what a yaml would say)."""
+        return dataclasses.asdict(self.config)
 
     @property
     def name(self) -> str:

@@ -39,26 +39,18 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..config import check_range, require
+from ..config import check_range
 from ..data.imageset import Batch, ImageSet
 from ..registry import DEFENSES
 from ..utils.runtime import autocast, make_generator, to_device
-from ._common import (BudgetSpace, NormType, ascent_step, flat_norm, input_scale, outer_optimizer, perturb_pixels,
-                      project)
-from .base import Defense, DefenseConfig, Run, refuse_unused
-
-
-OPTIMS = ("adam", "sgd", "adamw", "adadelta")
+from ..utils.norms import flat_norm, project
+from ._common import BudgetSpace, NormType, RoundsConfig, RoundsDefense, ascent_step, input_scale, perturb_pixels
+from .base import Run
 
 
 @dataclass
-class IBAUConfig(DefenseConfig):
-    lr: float = 1e-4
-    wd: float = 0.0
-    lr_scheduler: str | None = "none"
-    optim: str = "Adam"  # the outer optimizer (BackdoorBench's key); client_optimizer is not used
-    n_rounds: int = 5  # rounds
-    epochs: int | None = None  # refused: i-BAU counts n_rounds
+class IBAUConfig(RoundsConfig):
+    n_rounds: int = 5  # rounds of unlearning
     K: int = 5
     pert_norm: float = 10.0
     norm_type: NormType = "L2"
@@ -70,9 +62,6 @@ class IBAUConfig(DefenseConfig):
 
     def validate(self) -> None:
         super().validate()
-        require(self.optim.lower() in OPTIMS, "optim", f"must be one of Adam, SGD, AdamW, Adadelta, got {self.optim!r}")
-        refuse_unused(self, "epochs", "n_rounds", "i-BAU runs n_rounds rounds of unlearning")
-        check_range(self, "n_rounds", 0)
         check_range(self, "K", 0)
         check_range(self, "pert_norm", 0, lo_open=True)
         check_range(self, "inner_steps", 0)
@@ -82,13 +71,11 @@ class IBAUConfig(DefenseConfig):
 
 
 @DEFENSES.register("i-bau", aliases=["i_bau", "ibau"])
-class IBAU(Defense):
+class IBAU(RoundsDefense):
     """Implicit backdoor adversarial unlearning: minimax over a universal perturbation (Zeng et al., ICLR 2022)."""
 
     config_class = IBAUConfig
     augment = True
-    epochs_key = "n_rounds"
-    unit = "round"
 
     def universal_perturbation(self, model: torch.nn.Module, data: ImageSet, *, device: torch.device,
                                generator: torch.Generator | None = None, augment=None,
@@ -146,9 +133,6 @@ class IBAU(Defense):
     def setup(self, run: Run) -> None:
         run.scale = input_scale(run.net, self.config.budget_space, run.device)
         run.delta = None
-
-    def build_optimizer(self, run: Run) -> torch.optim.Optimizer:
-        return outer_optimizer(self.parameters(run), self.config)
 
     def start_epoch(self, run: Run, epoch: int) -> None:
         """The inner step, warm-started from the previous round's perturbation."""

@@ -38,8 +38,8 @@ from ..config import check_range
 from ..data.imageset import Batch
 from ..registry import DEFENSES
 from ..utils.runtime import autocast, to_device
-from ._common import (NormType, ascent_step, bare_net, input_scale, keep_valid, perturb_pixels, project,
-                      trace_layers)
+from ..utils.norms import project
+from ._common import NormType, ascent_step, bare_net, input_scale, keep_valid, perturb_pixels, trace_layers
 from .base import Defense, DefenseConfig, Run
 
 

@@ -45,26 +45,19 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from ..config import check_range, require
+from ..config import check_range
 from ..data.imageset import Batch
 from ..registry import DEFENSES
 from ..utils.runtime import autocast, make_generator, to_device
-from ._common import (BudgetSpace, NormType, ascent_step, init_delta, input_scale, keep_valid, outer_optimizer,
-                      perturb_pixels, project)
-from .base import Defense, DefenseConfig, Run, refuse_unused
-
-
-OPTIMS = ("adam", "sgd", "adamw", "adadelta")
+from ..utils.norms import project
+from ._common import (BudgetSpace, NormType, RoundsConfig, RoundsDefense, ascent_step, init_delta, input_scale,
+                      keep_valid, perturb_pixels)
+from .base import Run
 
 
 @dataclass
-class SAUConfig(DefenseConfig):
-    lr: float = 1e-4
-    wd: float = 0.0
-    lr_scheduler: str | None = "none"  # BackdoorBench's sau keeps Adam's rate constant
-    optim: str = "Adam"  # the outer optimizer (BackdoorBench's key); client_optimizer is not used
+class SAUConfig(RoundsConfig):
     n_rounds: int = 100  # rounds over the auxiliary set
-    epochs: int | None = None  # refused: SAU counts n_rounds
     outer_steps: int = 1
     lmd_1: float = 1.0
     lmd_2: float = 0.0
@@ -81,9 +74,6 @@ class SAUConfig(DefenseConfig):
 
     def validate(self) -> None:
         super().validate()
-        require(self.optim.lower() in OPTIMS, "optim", f"must be one of Adam, SGD, AdamW, Adadelta, got {self.optim!r}")
-        refuse_unused(self, "epochs", "n_rounds", "SAU runs n_rounds rounds over the auxiliary set")
-        check_range(self, "n_rounds", 0)
         check_range(self, "outer_steps", 1)
         for key in ("lmd_1", "lmd_2", "lmd_3", "beta_1", "beta_2"):
             check_range(self, key, 0)
@@ -107,13 +97,11 @@ def shared_loss(logits: torch.Tensor, ref_logits: torch.Tensor, y: torch.Tensor)
 
 
 @DEFENSES.register("sau", aliases=["shared-adversarial-unlearning"])
-class SAU(Defense):
+class SAU(RoundsDefense):
     """Shared adversarial unlearning (Wei et al., NeurIPS 2023)."""
 
     config_class = SAUConfig
     augment = False
-    epochs_key = "n_rounds"
-    unit = "round"
 
     def shared_adversarial_examples(self, model: torch.nn.Module, reference: torch.nn.Module, x: torch.Tensor,
                                     y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -153,9 +141,6 @@ class SAU(Defense):
         for p in run.reference.parameters():
             p.requires_grad_(False)
         run.shared, run.shared_rates = 0, []
-
-    def build_optimizer(self, run: Run) -> torch.optim.Optimizer:
-        return outer_optimizer(self.parameters(run), self.config)
 
     @property
     def train_mode(self) -> bool:

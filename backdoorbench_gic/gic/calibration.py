@@ -16,20 +16,22 @@ defenses. With ``per_source`` a mixed set gets one calibrator per provenance sou
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
+import math
 import time
-from dataclasses import asdict
-from typing import Any, Mapping
+from pathlib import Path
+from typing import Any, Collection, Mapping
 
 import torch
 
 from ..bnstats import NoBatchNormError, dataset_bn_divergence
-from ..config import asdict_public, build_config
+from ..config import build_config, config_layers
 from ..data.imageset import ImageSet
 from ..keys import GicInfo, gic_summary_line, per_source_key
-from ..utils.cache import cache_dir, hash_weights
+from ..utils.cache import cache_dir, content_key, load_or_compute
 from ..utils.io import atomic_torch_save, atomic_write_text
 from .calibrators import Calibrator, build_calibrator
 from .drift import drift_report
@@ -37,17 +39,11 @@ from .fit import GICConfig, apply_calibrator, fit_calibrator
 
 log = logging.getLogger(__name__)
 
-_MEMORY_CACHE: dict[str, dict[str, Any]] = {}
+_MEMORY_CACHE: dict[str, Any] = {}  # cache path -> fitted (calibrator, info) or summary
 
 
 def fit_key(victim: torch.nn.Module, aux: ImageSet, cfg: GICConfig, seed: int) -> str:
-    h = hashlib.sha1()
-    hash_weights(h, victim)
-    h.update(aux.images.contiguous().numpy().tobytes())
-    h.update(aux.labels.numpy().tobytes())
-    h.update(aux.sources.numpy().tobytes())
-    h.update(json.dumps({**cfg.identity(), "seed": seed}, sort_keys=True, default=str).encode())
-    return h.hexdigest()[:20]
+    return content_key(weights=victim, data=[aux], settings={**cfg.identity(), "seed": seed})
 
 
 class GIC:
@@ -58,10 +54,10 @@ class GIC:
             data = {**dict(config or {}), **overrides}
             config = build_config(GICConfig, [(data, "GIC settings")])
         elif overrides:
-            config = build_config(GICConfig, [(asdict_public(config), "config"), (overrides, "keyword arguments")])
-        else:
-            config.validate()
-        self.config: GICConfig = config
+            config = build_config(GICConfig, [(config.gic_settings(), "config"), (overrides, "keyword arguments")])
+        elif not isinstance(config, GICConfig):
+            raise TypeError(f"GIC needs a GICConfig or a mapping of its keys, got {type(config).__name__}")
+        self.config: GICConfig = config  # checked when it was made (a GICConfig checks itself)
         self.calibrators: dict[str | None, Calibrator] = {}  # None: the whole set; else one per source name
         self.info: dict[str, Any] = {}
         self.summary: dict[str, Any] = {}
@@ -69,17 +65,14 @@ class GIC:
 
     @classmethod
     def from_sources(cls, dataset: str | None = None, yaml_path: str | None = None,
-                     cli: Mapping[str, Any] | None = None) -> "GIC":
+                     cli: Mapping[str, Any] | None = None, *, skip: Collection[str] = ()) -> "GIC":
         """``defense_configs/gic/<dataset>.yaml`` < ``yaml_path`` < ``cli``; a key GIC does not take is an error.
-        The yaml files configure the ``gic`` defense too: their defense-level keys (``placement``, the base, the
-        run-level BackdoorBench keys) are skipped there, not on the command line."""
-        from ..config import config_keys, config_layers
-        from .defense import GICDefenseConfig
-
-        defense_only = set(config_keys(GICDefenseConfig)) - set(config_keys(GICConfig))  # placement, base, run keys
-        layers = [(values if source == "the command line" else
-                   {k: v for k, v in values.items() if k not in defense_only}, source)
-                  for values, source in config_layers("gic", dataset, yaml_path, cli)]
+        ``skip``: keys the yaml files may carry for someone else, skipped there (not on the command line). The
+        packaged files hold GIC's keys only; a caller that reads a yaml of the ``gic`` defense passes that defense's
+        own keys (:data:`backdoorbench_gic.gic.defense.DEFENSE_KEYS`: placement, base, the run-level keys)."""
+        skip = frozenset(skip)
+        layers = [(values if source == "the command line" else {k: v for k, v in values.items() if k not in skip},
+                   source) for values, source in config_layers("gic", dataset, yaml_path, cli)]
         return cls(build_config(GICConfig, layers))
 
     @property
@@ -90,34 +83,29 @@ class GIC:
     def _fit_one(self, victim: torch.nn.Module, aux: ImageSet, device: torch.device, seed: int,
                  progress: bool | None, amp: bool, key: str) -> tuple[Calibrator, dict[str, Any]]:
         cfg = self.config
-        if cfg.gic_cache and key in _MEMORY_CACHE:
-            entry = _MEMORY_CACHE[key]
-            return entry["calibrator"], {**entry["info"], GicInfo.CACHED: 1.0}
-        path = cache_dir() / f"{key}.pt"
-        if cfg.gic_cache and path.is_file():
-            try:
-                data = torch.load(path, map_location="cpu", weights_only=True)
-                cal = build_calibrator(data["family"], tuple(data["shape"]), float(data["delta"]), data["norm"],
-                                       int(data["hidden"]))
-                cal.load_state_dict(data["state"])
-                _MEMORY_CACHE[key] = {"calibrator": cal.to(device).eval(), "info": data["info"]}
-                return _MEMORY_CACHE[key]["calibrator"], {**data["info"], GicInfo.CACHED: 1.0}
-            except Exception as exc:  # a damaged cache entry is refitted, never trusted
-                log.warning("ignoring unreadable GIC cache entry %s: %s", path, exc)
-        fit = fit_calibrator(victim, aux, cfg, device=device, seed=seed, amp=amp,
-                             progress=progress)
-        info = {GicInfo.SECONDS: fit.seconds, GicInfo.STEPS: float(fit.steps), GicInfo.DELTA: fit.delta,
-                GicInfo.FINAL_LOSS: fit.history[-1]["loss"] if fit.history else float("nan"), GicInfo.CACHED: 0.0}
-        if cfg.gic_cache:
-            _MEMORY_CACHE[key] = {"calibrator": fit.calibrator, "info": info}
-            try:
-                atomic_torch_save({"family": cfg.family, "shape": list(aux.shape), "delta": fit.delta, "norm": cfg.norm,
-                                   "hidden": cfg.generator_hidden,
-                                   "state": {k: v.detach().cpu() for k, v in fit.calibrator.state_dict().items()},
-                                   "info": info}, path)
-            except OSError as exc:
-                log.debug("could not write GIC cache %s: %s", path, exc)
-        return fit.calibrator, info
+
+        def fit() -> tuple[Calibrator, dict[str, Any]]:
+            result = fit_calibrator(victim, aux, cfg, device=device, seed=seed, amp=amp, progress=progress)
+            return result.calibrator, {GicInfo.SECONDS: result.seconds, GicInfo.STEPS: float(result.steps),
+                                       GicInfo.DELTA: result.delta, GicInfo.CACHED: 0.0,
+                                       GicInfo.FINAL_LOSS: result.history[-1]["loss"] if result.history else math.nan}
+
+        def load(path: Path) -> tuple[Calibrator, dict[str, Any]]:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+            cal = build_calibrator(data["family"], tuple(data["shape"]), float(data["delta"]), data["norm"],
+                                   int(data["hidden"]))
+            cal.load_state_dict(data["state"])
+            return cal.to(device).eval(), data["info"]
+
+        def save(entry: tuple[Calibrator, dict[str, Any]], path: Path) -> None:
+            cal, info = entry
+            atomic_torch_save({"family": cfg.family, "shape": list(aux.shape), "delta": cal.delta, "norm": cfg.norm,
+                               "hidden": cfg.generator_hidden,
+                               "state": {k: v.detach().cpu() for k, v in cal.state_dict().items()}, "info": info}, path)
+
+        (cal, info), hit = load_or_compute(cache_dir() / f"{key}.pt", fit, load=load, save=save, what="GIC fit",
+                                           enabled=cfg.gic_cache, memory=_MEMORY_CACHE)
+        return cal, ({**info, GicInfo.CACHED: 1.0} if hit else info)
 
     def fit(self, victim: torch.nn.Module, aux: ImageSet, *, device: torch.device | str = "cpu", seed: int = 0,
             progress: bool | None = None, report: bool = True, amp: bool = True) -> "GIC":
@@ -143,24 +131,11 @@ class GIC:
 
     def _cached_summary(self, victim: torch.nn.Module, aux: ImageSet, device: torch.device, key: str) -> dict[str, Any]:
         """:meth:`measure`, kept beside the fits: a function of the victim, the set and the fitted g alone."""
-        key = "summary-" + hashlib.sha1(key.encode()).hexdigest()[:20]
-        path = cache_dir() / f"{key}.json"
-        if self.config.gic_cache:
-            if key in _MEMORY_CACHE:
-                return dict(_MEMORY_CACHE[key])
-            try:
-                summary = json.loads(path.read_text())
-                _MEMORY_CACHE[key] = summary
-                return dict(summary)
-            except (OSError, ValueError):
-                pass
-        summary = self.measure(victim, aux, device)
-        if self.config.gic_cache:
-            _MEMORY_CACHE[key] = summary
-            try:
-                atomic_write_text(path, json.dumps(summary))
-            except OSError as exc:
-                log.debug("could not write GIC cache %s: %s", path, exc)
+        path = cache_dir() / f"summary-{hashlib.sha1(key.encode()).hexdigest()[:20]}.json"
+        summary, _ = load_or_compute(path, lambda: self.measure(victim, aux, device),
+                                     load=lambda p: json.loads(p.read_text()),
+                                     save=lambda s, p: atomic_write_text(p, json.dumps(s)), what="GIC summary",
+                                     enabled=self.config.gic_cache, memory=_MEMORY_CACHE)
         return dict(summary)
 
     # -- applying -----------------------------------------------------------------------------------------------
@@ -230,7 +205,8 @@ class GIC:
     # -- state ----------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         self._require_fitted()
-        return {"config": asdict(self.config), "info": dict(self.info), "summary": dict(self.summary),
+        return {"config": copy.deepcopy(self.config.gic_settings()), "info": dict(self.info),
+                "summary": dict(self.summary),
                 "calibrators": {("" if s is None else s): {
                     "family": self.config.family, "shape": list(_shape_of(c)), "delta": c.delta, "norm": c.norm,
                     "hidden": self.config.generator_hidden,

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..utils.norms import project
+
 NORMS = ("linf", "l2")
 
 
@@ -30,15 +32,6 @@ def bound_perturbation(v: torch.Tensor, delta: float, norm: str) -> torch.Tensor
         out = batch * (delta * torch.tanh(n) / n).view(-1, 1, 1, 1)
         return out if v.dim() == 4 else out[0]
     raise ValueError(f"unknown norm {norm!r}: use one of {', '.join(NORMS)}")
-
-
-def project(p: torch.Tensor, delta: float, norm: str) -> torch.Tensor:
-    """Project a batch of perturbations onto the closed delta ball."""
-    if norm == "linf":
-        return p.clamp(-delta, delta)
-    n = p.reshape(p.shape[0], -1).norm(dim=1).clamp_min(1e-12)
-    factor = torch.clamp(delta / n, max=1.0).view(-1, 1, 1, 1)
-    return p * factor
 
 
 class Calibrator(nn.Module):
@@ -103,7 +96,7 @@ class PromptPlusGenerator(Calibrator):
         self.generator = ResidualGenerator(shape[0], delta, norm, hidden)
 
     def perturbation(self, x: torch.Tensor) -> torch.Tensor:
-        return project(self.prompt.perturbation(x) + self.generator.perturbation(x), self.delta, self.norm)
+        return project(self.prompt.perturbation(x) + self.generator.perturbation(x), self.norm, self.delta)
 
 
 FAMILIES = {"prompt": UniversalPrompt, "generator": ResidualGenerator, "prompt+generator": PromptPlusGenerator}

@@ -2,12 +2,15 @@
 registered base defense (``--defense gic --base sau``, the alias ``gic-sau``, or ``base: {name: sau, ...}``).
 
 Configuration is nested: GIC's own keys (:class:`~backdoorbench_gic.gic.fit.GICConfig`, ``placement``,
-``bn_batch_size``) at the top, the base defense under ``base`` (a name, or ``{name: sau, <sau's keys>}``). The base
-starts from its own packaged ``defense_configs/<base>/<dataset>.yaml``, so ``gic`` with base ``ft`` runs exactly
-the fine-tuning ``ft`` runs, on exactly the auxiliary draw ``ft`` gets: the run-level keys (ratio, reserved_type,
-random_seed, batch_size, device, ...) of the gic defense are the base's resolved ones. Flat keys (from a command
-line or a matrix spec) are placed by name: GIC's keys to GIC, keys of the base's config to the base, the run-level
-keys to the base; a key both could take (say ``norm``) is refused as ambiguous, a key neither takes is refused.
+``bn_batch_size``) at the top, the base defense under ``base`` (a name, or ``{name: sau, <sau's keys>}``). The base's
+config is built once, by its own class, starting from its packaged ``defense_configs/<base>/<dataset>.yaml``, and
+is held in :class:`GICDefenseConfig` (``base_config``); so ``gic`` with base ``ft`` runs exactly the fine-tuning
+``ft`` runs, on exactly the auxiliary draw ``ft`` gets: the run-level keys (ratio, reserved_type, random_seed,
+batch_size, device, ...) of a gic run are its base's (:attr:`GICDefense.run_config`), never copied. Flat keys (from
+a command line or a matrix spec) are placed by name: GIC's keys to GIC, keys of the base's config to the base, the
+run-level keys to the base; a key both could take (say ``norm``) is refused as ambiguous, a key neither takes is
+refused. :meth:`GICDefense.resolve_config` is the one path from keys to a config; both ``GICDefense(**keys)`` and
+``from_sources`` take it.
 
 Placement (``placement``):
 - ``before`` (the paper's): purify on g(aux);
@@ -31,19 +34,20 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 import torch
 
 from ..bnstats import batchnorm_layers, recalibrate_bn
-from ..config import ConfigError, RunConfig, build_config, check_range, config_keys, config_layers, require
+from ..config import (ConfigError, RunConfig, asdict_public, build_config, check_range, config_keys, config_layers,
+                      require)
 from ..data.imageset import ImageSet
 from ..data.transforms import TrainAugment
+from ..defenses import purify_cache
 from ..defenses.base import Defense, DefenseConfig, Monitor, PurifyResult
 from ..keys import GicInfo
 from ..registry import DEFENSES
-from ..utils import purify_cache
 from .calibration import GIC
 from .fit import GICConfig
 
@@ -54,30 +58,47 @@ CALIBRATED = ("before", "bn-after", "both")  # placements that fit g
 
 
 @dataclass
-class GICDefenseConfig(DefenseConfig, GICConfig):
-    base: Any = "ft"  # a defense name, or {name: <defense>, <its keys>} (resolved into self.base by from_sources)
+class GICDefenseConfig(GICConfig):
+    """The gic defense: GIC's own keys (:class:`GICConfig`), where calibration acts, and the base defense, nested:
+    ``base`` names it, ``base_config`` is its resolved config (built once by the base's class; the run-level keys
+    of the run are its). Made by :meth:`GICDefense.resolve_config`; checked when made."""
+
+    base: str = "ft"  # the base defense's registry name (a yaml may write {name: <defense>, <its keys>})
     placement: str = "before"
     bn_batch_size: int = 256  # batch of the BatchNorm re-estimation passes (bn-after, both, bn-refresh, bn-transfer)
     bn_transfer_layers: int = 0  # bn-transfer: move only the first n BatchNorm layers (0: all)
+    base_config: DefenseConfig | None = field(default=None, metadata={"nested": True})
 
     def validate(self) -> None:
-        DefenseConfig.validate(self)
-        GICConfig.validate(self)
+        super().validate()
         require(self.placement in PLACEMENTS, "placement",
                 f"must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
         check_range(self, "bn_batch_size", 1)
         check_range(self, "bn_transfer_layers", 0)
         require(self.bn_transfer_layers == 0 or self.placement == "bn-transfer", "bn_transfer_layers",
                 f"only placement bn-transfer uses it (placement is {self.placement!r}); leave it at 0")
-        require(isinstance(self.base, str) or (isinstance(self.base, Mapping) and "name" in self.base), "base",
-                f"must be a defense name or a mapping with a 'name' key, got {self.base!r}")
+        base_cls = DEFENSES.get(self.base)
+        require(isinstance(self.base_config, base_cls.config_class), "base_config",
+                f"must be the resolved {base_cls.config_class.__name__} of base {self.base!r} (build the config "
+                f"with GICDefense.resolve_config), got {type(self.base_config).__name__}")
 
-    def gic_settings(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in config_keys(GICConfig)}
+    def flat(self) -> dict[str, Any]:
+        """One flat mapping, as a command line writes it: the base's run-level keys, GIC's and the placement's
+        keys, the base by name (its own keys are in ``base_config``)."""
+        own = {f.name: getattr(self, f.name) for f in fields(self) if not f.metadata.get("nested")}
+        return {**{k: getattr(self.base_config, k) for k in config_keys(RunConfig)}, **own}
+
+    def as_layer(self) -> dict[str, Any]:
+        """The whole config as one yaml-style layer (``base: {name: ..., <every key of the base>}``), from which
+        :meth:`GICDefense.resolve_config` makes it again."""
+        own = {f.name: getattr(self, f.name) for f in fields(self) if not f.metadata.get("nested")}
+        return {**own, "base": {"name": self.base, **asdict_public(self.base_config)}}
 
 
-GIC_KEYS = set(config_keys(GICDefenseConfig)) - set(config_keys(RunConfig))  # GIC's own and the placement's
-COMMON_KEYS = set(config_keys(RunConfig))
+GIC_KEYS = frozenset(f.name for f in fields(GICDefenseConfig) if not f.metadata.get("nested"))  # GIC's, placement's
+COMMON_KEYS = frozenset(config_keys(RunConfig))
+# the keys of the gic defense's yaml files that are not GIC's own (what GIC.from_sources skips in them)
+DEFENSE_KEYS = (GIC_KEYS - frozenset(config_keys(GICConfig))) | COMMON_KEYS
 
 
 def _base_name(base: Any) -> str:
@@ -94,7 +115,7 @@ def split_keys(data: Mapping[str, Any], base_keys: set[str], source: str) -> tup
         elif key == "base" and isinstance(v, Mapping):
             gic["base"] = _base_name(v)
             base.update({kk: vv for kk, vv in v.items() if kk != "name"})
-        elif key in GIC_KEYS and key in base_keys and key not in COMMON_KEYS:
+        elif key in GIC_KEYS and key in base_keys:
             raise ConfigError(f"key {key!r} (from {source}) is ambiguous: both GIC and the base defense take it; "
                               f"write base: {{{key}: ...}} in a yaml (or --base.{key}) for the base, or set it in "
                               "defense_configs/gic/ for GIC")
@@ -116,33 +137,29 @@ class GICDefense(Defense):
     cacheable = False  # the pipeline's purification cache serves the base, not the wrapper
     default_base: str | None = None
 
-    def __init__(self, config: GICDefenseConfig | None = None, base_defense: Defense | None = None, **overrides: Any):
-        super().__init__(config, **overrides)
-        if base_defense is None:
-            base_cls = DEFENSES.get(_base_name(self.config.base))
-            nested = dict(self.config.base) if isinstance(self.config.base, Mapping) else {}
-            nested.pop("name", None)
-            # run-level keys given explicitly reach the base; the rest are the base's own defaults (a gic default
-            # such as epochs=10 must not reach a defense that runs rounds), and the gic config takes the base's values
-            explicit = {k: v for k, v in overrides.items() if k in COMMON_KEYS}
-            base_defense = base_cls(build_config(base_cls.config_class, [(explicit, "keyword arguments"),
-                                                                         (nested, "base")]))
-            for k in config_keys(RunConfig):
-                setattr(self.config, k, getattr(base_defense.config, k))
-        self.base = base_defense
-        self.gic = GIC(self.config.gic_settings())
+    def __init__(self, config: GICDefenseConfig | None = None, **keys: Any):
+        """From a resolved config, or from keys (``GICDefense(base="sau", delta=8 / 255, ratio=0.1)``: GIC's and the
+        placement's keys to GIC, the rest to the base, which starts from its own class defaults), or both (the keys
+        override the config's)."""
+        if config is None or keys:
+            layers = [] if config is None else [(config.as_layer(), "config")]
+            config = self.resolve_config(layers + [(keys, "keyword arguments")])
+        elif not isinstance(config, GICDefenseConfig):
+            raise TypeError(f"{type(self).__name__} needs a GICDefenseConfig, got {type(config).__name__}")
+        self.config = config
+        self.base = DEFENSES.get(config.base)(config.base_config)
+        self.gic = GIC(config)
 
     @classmethod
-    def from_sources(cls, dataset: str | None = None, yaml_path: str | None = None, cli: dict[str, Any] | None = None,
-                     name: str | None = None) -> "GICDefense":
-        """GIC: gic yaml < --yaml_path < CLI; the base: its packaged yaml < its keys from those layers. The run-level
-        keys of the result are the base's resolved ones, so both draw the same auxiliary set."""
-        layers = config_layers("gic", dataset, yaml_path, cli)
+    def resolve_config(cls, layers: list[tuple[Mapping[str, Any], str]], dataset: str | None = None,
+                       packaged: bool = False) -> GICDefenseConfig:
+        """The one path from flat key layers (lowest first) to a config: each layer split between GIC and the base
+        (:func:`split_keys`); the base's config built once by its own class from its packaged
+        ``defense_configs/<base>/<dataset>.yaml`` (when ``packaged``) < its keys from the layers < ``dataset``."""
         base_choice: Any = cls.default_base or "ft"
         for data, _ in layers:
-            b = data.get("base")
-            if b is not None:
-                base_choice = b
+            if data.get("base") is not None:
+                base_choice = data["base"]
         base_name = _base_name(base_choice)
         try:
             base_cls = DEFENSES.get(base_name)
@@ -153,19 +170,31 @@ class GICDefense(Defense):
         base_name = DEFENSES.resolve(base_name)
         base_keys = set(config_keys(base_cls.config_class))
         gic_layers: list[tuple[Mapping[str, Any], str]] = []
-        base_layers = config_layers(base_name, dataset)
+        base_layers = config_layers(base_name, dataset) if packaged else []
         for data, source in layers:
             g, b = split_keys(data, base_keys, source)
             gic_layers.append((g, source))
             base_layers.append((b, source))
         if dataset is not None:
             base_layers.append(({"dataset": dataset}, "the --dataset argument"))
-        base = base_cls(build_config(base_cls.config_class, base_layers))
-        gic_layers.append(({"base": base_name}, f"the base defense {base_name}"))
-        config = build_config(cls.config_class, gic_layers)
-        for k in config_keys(RunConfig):  # the base's resolved run-level keys (validated by the base's config)
-            setattr(config, k, getattr(base.config, k))
-        return cls(config, base)
+        base_config = build_config(base_cls.config_class, base_layers)
+        gic_layers.append(({"base": base_name, "base_config": base_config}, f"the base defense {base_name}"))
+        return build_config(cls.config_class, gic_layers)
+
+    @classmethod
+    def from_sources(cls, dataset: str | None = None, yaml_path: str | None = None, cli: dict[str, Any] | None = None,
+                     name: str | None = None) -> "GICDefense":
+        """GIC: gic yaml < --yaml_path < CLI; the base: its packaged yaml < its keys from those layers. The run-level
+        keys of the run are the base's resolved ones, so both draw the same auxiliary set."""
+        return cls(cls.resolve_config(config_layers("gic", dataset, yaml_path, cli), dataset, packaged=True))
+
+    @property
+    def run_config(self) -> RunConfig:
+        """The base's config: a gic run draws, seeds and runs exactly as its base would."""
+        return self.base.run_config
+
+    def settings(self) -> dict[str, Any]:
+        return self.config.flat()
 
     @property
     def name(self) -> str:
@@ -178,9 +207,9 @@ class GICDefense(Defense):
     def calibrate(self, victim: torch.nn.Module, aux: ImageSet, *, device: torch.device,
                   progress: bool | None = None) -> tuple[ImageSet, dict[str, Any]]:
         """Fit g through the victim and return g(aux) with the fit's info and summary."""
-        cfg = self.config
-        seed = cfg.gic_seed if cfg.gic_seed is not None else cfg.random_seed
-        self.gic.fit(victim, aux, device=device, seed=seed, progress=progress, amp=cfg.amp)
+        cfg, run = self.config, self.run_config
+        seed = cfg.gic_seed if cfg.gic_seed is not None else run.random_seed
+        self.gic.fit(victim, aux, device=device, seed=seed, progress=progress, amp=run.amp)
         log.info("%s", self.gic.describe())
         return self.gic.transform(aux, device), {**self.gic.info, **self.gic.summary}
 

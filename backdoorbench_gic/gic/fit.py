@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import torch
 from ..utils.progress import progress_bar
 
-from ..config import ConfigError, check_range, require
+from ..config import ConfigError, SelfChecking, check_range, identity, not_identity, require
 from ..data.imageset import ImageSet
 from ..utils.logs import progress_enabled
 from ..utils.runtime import autocast, make_generator
@@ -34,17 +34,11 @@ from .objectives import GICObjective
 log = logging.getLogger(__name__)
 
 
-def _not_identity(default: Any = None, **kw: Any) -> Any:
-    """A field that does not change what a fit computes (left out of the cache key)."""
-    if "default_factory" in kw:
-        return field(default_factory=kw["default_factory"], metadata={"identity": False})
-    return field(default=default, metadata={"identity": False})
-
-
 @dataclass
-class GICConfig:
+class GICConfig(SelfChecking):
     """GIC's own keys (prefixed where a base defense uses the same word). Every field enters the cache key of a
-    fit (:meth:`identity`) unless its metadata says ``identity: False``, so a new field cannot be forgotten."""
+    fit (:meth:`identity`) unless it is marked :func:`~backdoorbench_gic.config.not_identity`, so a new field cannot
+    be forgotten. Checked when made (:class:`~backdoorbench_gic.config.SelfChecking`)."""
 
     family: str = "prompt"  # prompt | generator | prompt+generator
     norm: str = "linf"  # linf | l2
@@ -63,9 +57,9 @@ class GICConfig:
     auto_delta_steps: int = 40
     auto_delta_tol: float = 0.1
     # warn when a class's predicted share exceeds this multiple of its label share
-    drift_warn_ratio: float = _not_identity(2.0)
-    gic_seed: int | None = _not_identity(None)  # default: the run's random_seed (the resolved seed enters the key)
-    gic_cache: bool = _not_identity(True)
+    drift_warn_ratio: float = not_identity(2.0)
+    gic_seed: int | None = not_identity(None)  # default: the run's random_seed (the resolved seed enters the key)
+    gic_cache: bool = not_identity(True)
 
     def validate(self) -> None:
         from .objectives import parse_objectives
@@ -90,7 +84,11 @@ class GICConfig:
 
     def identity(self) -> dict[str, Any]:
         """The settings that determine a fitted g (for caching): every GICConfig field not marked otherwise."""
-        return {f.name: getattr(self, f.name) for f in fields(GICConfig) if f.metadata.get("identity", True)}
+        return identity(self, GICConfig)
+
+    def gic_settings(self) -> dict[str, Any]:
+        """GIC's own keys and values (a subclass's further fields, such as the gic defense's, left out)."""
+        return {f.name: getattr(self, f.name) for f in fields(GICConfig)}
 
     @property
     def bn_layer_scheme(self) -> Any:

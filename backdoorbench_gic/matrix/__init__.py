@@ -3,8 +3,9 @@ process pool or a Ray cluster, and leaderboard tables and plots."""
 from .report import collect_results, write_report
 from .runner import (MatrixSpecError, audit_runs, check_cells, matrix_status, render_status, run_matrix,
                      validate_matrix)
+from .runs import ensure_splits, run_spec
 from .spec import Cell, MatrixSpec, load_spec, parse_spec, validate_spec
 
-__all__ = ["Cell", "MatrixSpec", "MatrixSpecError", "audit_runs", "check_cells", "collect_results", "load_spec",
-           "matrix_status", "parse_spec", "render_status", "run_matrix", "validate_matrix", "validate_spec",
-           "write_report"]
+__all__ = ["Cell", "MatrixSpec", "MatrixSpecError", "audit_runs", "check_cells", "collect_results", "ensure_splits",
+           "load_spec", "matrix_status", "parse_spec", "render_status", "run_matrix", "run_spec", "validate_matrix",
+           "validate_spec", "write_report"]

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from backdoorbench_gic.analysis import Col, describe_machine, md_table, run_spec
+from backdoorbench_gic.analysis import Col, describe_machine, md_table
+from backdoorbench_gic.matrix import run_spec
 
 HERE = Path(__file__).resolve().parent
 BENCH = HERE.parent

@@ -1,8 +1,13 @@
 """Running a matrix spec for a benchmark: make the splits its generated victims need, run it (resumable), and
-collect the finished cells."""
+collect the finished cells. (The reading of finished cells is :mod:`backdoorbench_gic.analysis`, one layer
+below: analysis never runs a matrix.)"""
 from __future__ import annotations
 
 import time
+
+from .report import collect_results
+from .runner import run_matrix
+from .spec import load_spec
 
 
 def ensure_splits(spec) -> None:
@@ -19,8 +24,6 @@ def ensure_splits(spec) -> None:
 def run_spec(spec_path: str, report_only: bool, executor_overrides: dict | None = None):
     """Load a matrix spec and, unless ``report_only``, make its missing splits and run it (resumable); then
     collect the finished cells. Returns (spec, results, seconds this invocation ran)."""
-    from ..matrix import collect_results, load_spec, run_matrix
-
     spec = load_spec(spec_path)
     t0 = time.time()
     if not report_only:
