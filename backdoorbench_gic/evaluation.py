@@ -121,3 +121,13 @@ def compare(before: Metrics, after: Metrics) -> dict[str, float]:
         "rir": rir(before.acc, before.ra, after.acc, after.ra),
         "success": float(purification_success(before.acc, after.acc, after.asr)),
     }
+
+
+def __getattr__(name: str):
+    """The post-purification probes (:mod:`backdoorbench_gic.probes`: ASR-refresh, P-ASR) are importable from here
+    too, beside :func:`evaluate`; loaded on first use (that module builds on this one)."""
+    from . import probes
+
+    if name in probes.__all__:
+        return getattr(probes, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -25,6 +25,7 @@ from .data.imageset import ImageSet
 from .evaluation import Metrics, compare, evaluate
 from .records import AttackRecord, load_attack_record
 from .keys import extra_column
+from .probes import Prober, probe_request
 from .registry import DEFENSES
 from .results import MetricLog, defense_output_dir, write_defense_result, write_tidy_row
 from .utils.cache import cache_dir, hash_images, hash_weights
@@ -60,6 +61,8 @@ class DefenseRequest:
     # For CPU-scale matrices only: the subset is the same for every cell and is recorded in the row.
     eval_limit: int | None = None
     extra_row: dict[str, Any] = field(default_factory=dict)  # copied into the tidy row (matrix cell keys)
+    probes: list[str] = field(default_factory=list)  # post-purification probes (probes.py): refresh, retune
+    probe_options: dict[str, Any] = field(default_factory=dict)  # ProbeSettings keys, e.g. {"retune.epochs": 3}
 
 
 def eval_sets(record: AttackRecord, limit: int | None) -> tuple[ImageSet, ImageSet | None]:
@@ -156,6 +159,7 @@ def run_defense(req: DefenseRequest, record: AttackRecord | None = None) -> dict
         raise ValueError(f"eval_limit must be a positive number of test images, got {req.eval_limit}")
     if req.monitor_every < 0:
         raise ValueError(f"monitor_every must be >= 0 (0: evaluate only at the end), got {req.monitor_every}")
+    probe_settings = probe_request(record, req.probes, req.probe_options) if req.probes or req.probe_options else None
     variant = req.variant or default_variant(dataset, cfg.reserved_type, req.yaml_path)
     out_dir = Path(req.output_dir) if req.output_dir else defense_output_dir(record.record_dir, defense.name, variant)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -204,6 +208,9 @@ def run_defense(req: DefenseRequest, record: AttackRecord | None = None) -> dict
         write_defense_result(out_dir, csv_prefix=defense.prefix, model_name=record.model_name,
                              num_classes=record.num_classes, state_dict=net.state_dict(), history=history,
                              index=aux.indices.tolist())
+        probe_row = {} if probe_settings is None else Prober(
+            record, req.probes, probe_settings, clean_eval=clean_test, bd_eval=bd_test, device=device,
+            batch_size=req.eval_batch_size, trust=req.trust_checkpoint, progress=req.progress).row(victim, result.model)
         row: dict[str, Any] = {
             "attack": record.name,
             "model": record.model_name,
@@ -224,6 +231,7 @@ def run_defense(req: DefenseRequest, record: AttackRecord | None = None) -> dict
             "torch": torch.__version__,
             "log": os.path.relpath(log_path, out_dir),
             **{extra_column(k): v for k, v in result.extras.items() if isinstance(v, (int, float, str, bool))},
+            **probe_row,
             **req.extra_row,
         }
         write_tidy_row(out_dir, row)
