@@ -2,7 +2,7 @@
 """BackdoorBench-style entry point.
 
     python run_defense.py                      # the embedded demo: backdoor a victim on scikit-learn's digits,
-                                               # purify it with FT (and GIC+FT) on reserved and shifted data
+                                               # remove it with FST (and GIC+FST) on reserved and shifted data
     python run_defense.py --dataset fashion-mnist        # the demo on another dataset
     python run_defense.py --result_file R --defense ft [--yaml_path Y --dataset D --device cuda:0 ...]
                                                # one defense on one record (as BackdoorBench's defense scripts)
@@ -15,6 +15,12 @@ import sys
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if not {"-h", "--help"} & set(argv):
+        from backdoorbench_gic.cli import startup_check
+
+        code = startup_check("run_defense.py")  # a torch/torchvision build mismatch, reported once, with its fix
+        if code is not None:
+            return code
     if "--result_file" in argv or any(a.startswith("--result_file=") for a in argv):
         from backdoorbench_gic.commands.defend import main as defend_main
 

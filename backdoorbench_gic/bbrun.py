@@ -8,13 +8,18 @@ requires, with a few targeted patches that are all undone when it returns (or fa
   allow-list of a BackdoorBench record, whatever the caller asked for. Their ``load_attack_result`` calls
   ``torch.load`` bare, which torch >= 2.6 refuses for every record; the usual fix, ``weights_only=False``, runs
   whatever the pickle says. A file outside the allow-list is refused with its globals' names, and nothing of it runs.
-- with GIC, the clean training images their defense draws pass through a calibrator g fitted beforehand through
-  the frozen victim on the auxiliary data: upstream, the raw dataset behind ``load_attack_result(...)['clean_train']``
-  (every defense builds its clean subset from it); BackdoorBenchER with ``--reserved_type`` other than ``train``,
-  the dataset ``defense.base.defense.get_reserved_data`` returns. Test and poisoned data are never touched.
-  Images reach their pipeline as 8-bit PIL images (as their loaders give them), so g(x) is rounded to 1/255.
-- numpy >= 2 removed aliases their code still uses (``np.infty`` in the plot helper of sau, i-bau, anp, clp, fst;
-  ``np.float`` in some triggers): they are defined for the run when missing (``numpy_compat=False`` to skip).
+- with GIC, the clean training images their defense draws pass through a calibrator g fitted through the frozen
+  victim on exactly those images (:class:`DrawnFit`): the draw is intercepted before training, upstream at
+  ``utils.choose_index.choose_index`` (the ``--index`` file or their seeded draw) with the raw dataset behind
+  ``load_attack_result(...)['clean_train']`` wrapped; BackdoorBenchER at ``defense.base.defense.get_reserved_data``,
+  whose returned subset is what they train on, for every reserved type. A script that reads clean training images
+  before any draw gets g fitted on our own draw with its ratio and seed, and the fit line says so. Test and
+  poisoned data are never touched. Images reach their pipeline as 8-bit PIL images (as their loaders give them),
+  so g(x) is rounded to 1/255.
+- numpy >= 2 removed aliases their code still uses (:data:`NUMPY_ALIASES`: ``np.infty`` in their plot helper
+  ``general_plot_for_epoch``, which abl, anp, bnp, clp, d-br, dbd, ep, fp, fst, i-bau, mcr, nab, nad, rnp and sau
+  call; ``np.float``, ``np.int``, ``np.round_`` in some attacks and triggers): they are defined for the run when
+  missing (``numpy_compat=False`` to skip).
 
 Their modules are imported from the checkout and dropped from ``sys.modules`` afterwards, as are the log handlers
 their ``set_logger`` adds to the root logger; ``sys.argv``, ``sys.path`` and the working directory are restored.
@@ -40,7 +45,11 @@ from .patching import detect_checkout
 log = logging.getLogger(__name__)
 
 # numpy 2 removed these; BackdoorBench's code still spells them (formats doc section 9)
-NUMPY_ALIASES: dict[str, Any] = {"infty": np.inf, "Inf": np.inf, "NaN": np.nan, "float": float, "int": int}
+# what their code spells (grep of f02e353 and BackdoorBenchER): np.infty in utils/trainer_cls.py:754-755
+# (general_plot_for_epoch); np.float in the ftrojann and patch triggers, attack/trojannn.py and poison_ink;
+# np.int in lowFrequency's universal_pert.py; np.round_ in attack/bpp.py. Inf and NaN for their older forks.
+NUMPY_ALIASES: dict[str, Any] = {"infty": np.inf, "Inf": np.inf, "NaN": np.nan, "float": float, "int": int,
+                                 "round_": np.round}
 TRAIN_TYPES = (None, "", "train")
 
 
@@ -58,6 +67,7 @@ class RunReport:
     loads: list[str] = field(default_factory=list)
     calibrated: list[tuple[str, int]] = field(default_factory=list)
     numpy_aliases: list[str] = field(default_factory=list)
+    fits: list[str] = field(default_factory=list)  # one line per g fitted: on which images
     exit_code: int = 0
 
     def note_calibrated(self, where: str, n: int) -> None:
@@ -104,17 +114,7 @@ class CalibratedImages(torch.utils.data.Dataset):
         if isinstance(img, torch.Tensor):  # float C x H x W in [0,1] (BackdoorBenchER's _vp arrays)
             with torch.no_grad():
                 return self.calibrator(img.float().unsqueeze(0))[0].to(img.dtype)
-        if isinstance(img, Image.Image):
-            pil = img.convert("L" if c == 1 else "RGB")
-            if pil.size != (w, h):
-                pil = pil.resize((w, h), Image.BILINEAR)
-            arr = np.asarray(pil, dtype=np.uint8).reshape(h, w, c)
-        elif isinstance(img, np.ndarray) and img.dtype == np.uint8:
-            arr = img.reshape(img.shape[0], img.shape[1], -1)
-            if arr.shape != (h, w, c):
-                raise BBRunError(f"an image of shape {img.shape} cannot pass through a calibrator fitted on {(h, w, c)}")
-        else:
-            raise BBRunError(f"cannot calibrate an image of type {type(img).__name__} (PIL, uint8 array or float tensor)")
+        arr = uint8_hwc(img, self.shape)
         x = torch.from_numpy(np.array(arr)).permute(2, 0, 1).float().div_(255.0)
         with torch.no_grad():
             y = self.calibrator(x.unsqueeze(0))[0]
@@ -122,6 +122,84 @@ class CalibratedImages(torch.utils.data.Dataset):
         if isinstance(img, np.ndarray):
             return out.reshape(img.shape)
         return Image.fromarray(out[:, :, 0] if c == 1 else out, mode="L" if c == 1 else "RGB")
+
+
+def uint8_hwc(img: Any, shape: tuple[int, int, int]) -> np.ndarray:
+    """One of their raw images (PIL or uint8 array) as an H x W x C uint8 array at (C, H, W) ``shape``; PIL images
+    of another size (GTSRB's raw files) are resized as their Resize transform would."""
+    from PIL import Image
+
+    c, h, w = shape
+    if isinstance(img, Image.Image):
+        pil = img.convert("L" if c == 1 else "RGB")
+        if pil.size != (w, h):
+            pil = pil.resize((w, h), Image.BILINEAR)
+        return np.asarray(pil, dtype=np.uint8).reshape(h, w, c)
+    if isinstance(img, np.ndarray) and img.dtype == np.uint8:
+        arr = img.reshape(img.shape[0], img.shape[1], -1)
+        if arr.shape != (h, w, c):
+            raise BBRunError(f"an image of shape {img.shape} cannot pass through a calibrator fitted on {(h, w, c)}")
+        return arr
+    raise BBRunError(f"cannot calibrate an image of type {type(img).__name__} (PIL, uint8 array or float tensor)")
+
+
+def images_of(dataset: Any, shape: tuple[int, int, int], name: str) -> Any:
+    """Their dataset's images and labels (items ``(image, label, ...)``) as one of our uint8 ImageSets."""
+    from .data.imageset import ImageSet
+
+    xs, ys = [], []
+    for i in range(len(dataset)):
+        item = dataset[i]
+        xs.append(torch.from_numpy(np.array(uint8_hwc(item[0], shape))).permute(2, 0, 1))
+        ys.append(int(item[1]))
+    if not xs:
+        raise BBRunError(f"{name}: their script drew no images")
+    return ImageSet(torch.stack(xs), torch.tensor(ys, dtype=torch.long), name=name)
+
+
+class DrawnFit:
+    """g, fitted through the victim on the images their script draws, when it draws them.
+
+    ``fit(images)`` returns (a CPU calibrator, its description); ``fallback()`` gives the set to fit on when their
+    script reads a clean training image before any draw was seen. Each fit is announced (``announce``) and kept in
+    ``lines``; a draw of the same images as the last fit reuses it (their fp.py draws twice)."""
+
+    def __init__(self, record: Any, fit: Callable[[Any], tuple[Callable, str]], script: str,
+                 fallback: Callable[[], Any] | None = None, announce: Callable[[str], None] = print):
+        self.record, self.fit, self.script, self.fallback, self.announce = record, fit, script, fallback, announce
+        self.g: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.lines: list[str] = []
+        self._key: str | None = None
+
+    def on_images(self, images: Any, which: str) -> None:
+        import hashlib
+
+        from .utils.cache import hash_images
+
+        h = hashlib.sha1()
+        hash_images(h, images)
+        if h.hexdigest() == self._key:
+            return
+        self.g, described = self.fit(images)
+        self._key = h.hexdigest()
+        line = (f"GIC: g fitted through the victim of {self.record.name} on {which} ({len(images)} images). "
+                f"{described}. The clean images {self.script} draws pass through it; its test data does not.")
+        self.lines.append(line)
+        self.announce(line)
+
+    def on_positions(self, positions: Any, which: str) -> None:
+        pos = np.asarray(positions, dtype=np.int64).reshape(-1)
+        self.on_images(self.record.clean_train.subset(pos, name="clean_train"), which)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.g is None:
+            if self.fallback is None:
+                raise BBRunError(f"{self.script} read a clean training image before drawing its subset, and no "
+                                 "fallback set was given")
+            aux = self.fallback()
+            self.on_images(aux, f"{aux.name}, our own draw with their ratio and seed ({self.script} read clean "
+                                "training images before any draw bb-run could see, so its own set is unknown)")
+        return self.g(x)
 
 
 def fit_gic(record: Any, aux: Any, *, dataset: str | None = None, yaml_path: str | None = None,
@@ -215,30 +293,49 @@ def _attribute(obj: Any, name: str, value: Any) -> Iterator[None]:
             delattr(obj, name)
 
 
-def _gic_hooks(stack: contextlib.ExitStack, report: RunReport, calibrator, shape, reserved_type: str | None) -> None:
+def _gic_hooks(stack: contextlib.ExitStack, report: RunReport, calibrator, shape, reserved_type: str | None,
+               script: str) -> None:
     """Install the data hooks in their already imported modules (see the module docstring)."""
+    drawn = calibrator if isinstance(calibrator, DrawnFit) else None
+    base = getattr(sys.modules.get("defense.base"), "defense", None)
+    if base is not None and hasattr(base, "get_reserved_data"):  # BackdoorBenchER: every type goes through it
+        _hook_reserved(stack, report, calibrator, drawn, shape, base, reserved_type)
+        return
+    if reserved_type not in TRAIN_TYPES:
+        raise BBRunError(f"--reserved_type {reserved_type}: this checkout's defense/base.py has no get_reserved_data "
+                         "(upstream BackdoorBench draws only the clean training set; drop --reserved_type)")
     sla = sys.modules.get("utils.save_load_attack")
     if sla is None or not hasattr(sla, "load_attack_result"):
         raise BBRunError("this checkout's utils/save_load_attack.py has no load_attack_result; bb-run --gic needs it")
-    if reserved_type in TRAIN_TYPES:
-        original = sla.load_attack_result
+    original = sla.load_attack_result
 
-        def load_attack_result(*args, **kwargs):
-            result = original(*args, **kwargs)
-            clean = result.get("clean_train") if isinstance(result, dict) else None
-            if clean is None or not hasattr(clean, "wrapped_dataset"):
-                return result  # a defense_result.pt read through the same function: no data to calibrate
-            if not isinstance(clean.wrapped_dataset, CalibratedImages):
-                clean.wrapped_dataset = CalibratedImages(clean.wrapped_dataset, calibrator, shape)
-                report.note_calibrated("load_attack_result()['clean_train']", len(clean.wrapped_dataset))
-            return result
+    def load_attack_result(*args, **kwargs):
+        result = original(*args, **kwargs)
+        clean = result.get("clean_train") if isinstance(result, dict) else None
+        if clean is None or not hasattr(clean, "wrapped_dataset"):
+            return result  # a defense_result.pt read through the same function: no data to calibrate
+        if not isinstance(clean.wrapped_dataset, CalibratedImages):
+            clean.wrapped_dataset = CalibratedImages(clean.wrapped_dataset, calibrator, shape)
+            report.note_calibrated("load_attack_result()['clean_train']", len(clean.wrapped_dataset))
+        return result
 
-        stack.enter_context(_attribute(sla, "load_attack_result", load_attack_result))
+    stack.enter_context(_attribute(sla, "load_attack_result", load_attack_result))
+    ci = sys.modules.get("utils.choose_index")
+    if drawn is None or ci is None or not hasattr(ci, "choose_index"):
         return
-    base = getattr(sys.modules.get("defense.base"), "defense", None)
-    if base is None or not hasattr(base, "get_reserved_data"):
-        raise BBRunError(f"--reserved_type {reserved_type}: this checkout's defense/base.py has no get_reserved_data "
-                         "(upstream BackdoorBench draws only the clean training set; drop --reserved_type)")
+    original_choose = ci.choose_index
+
+    def choose_index(args, *rest, **kwargs):
+        idx = original_choose(args, *rest, **kwargs)
+        index = getattr(args, "index", None)
+        how = f"the --index file {index}" if index else f"their seeded draw, random_seed {getattr(args, 'random_seed', '?')}"
+        drawn.on_positions(idx, f"the clean training images {script} drew (choose_index: {how})")
+        return idx
+
+    stack.enter_context(_attribute(ci, "choose_index", choose_index))
+
+
+def _hook_reserved(stack, report, calibrator, drawn, shape, base, reserved_type) -> None:
     original_get = base.get_reserved_data
 
     def get_reserved_data(self, *args, **kwargs):
@@ -247,9 +344,16 @@ def _gic_hooks(stack: contextlib.ExitStack, report: RunReport, calibrator, shape
         if inner is None:
             raise BBRunError("get_reserved_data returned a dataset without wrapped_dataset; bb-run cannot find its "
                              "raw images to calibrate")
+        rtype = kwargs.get("reserved_type", args[1] if len(args) > 1 else reserved_type)
         if not isinstance(inner, CalibratedImages):
+            if drawn is not None:
+                index = getattr(getattr(self, "args", None), "index", None)
+                how = f"the --index file {index}" if index else "their seeded draw"
+                drawn.on_images(images_of(inner, shape, f"get_reserved_data() [{rtype}]"),
+                                f"the images get_reserved_data() [{rtype}] returned ({how}), what {drawn.script} "
+                                "trains on")
             out.wrapped_dataset = CalibratedImages(inner, calibrator, shape)
-            report.note_calibrated(f"get_reserved_data() [{reserved_type}]", len(out.wrapped_dataset))
+            report.note_calibrated(f"get_reserved_data() [{rtype}]", len(out.wrapped_dataset))
         return out
 
     stack.enter_context(_attribute(base, "get_reserved_data", get_reserved_data))
@@ -257,9 +361,10 @@ def _gic_hooks(stack: contextlib.ExitStack, report: RunReport, calibrator, shape
 
 @contextlib.contextmanager
 def _their_process_state(root: Path, script: Path, argv: list[str]) -> Iterator[None]:
-    """cwd = checkout root, sys.argv = their command line, their root first on sys.path, their modules and root
-    log handlers dropped afterwards, everything else restored."""
-    top_level = {p.stem if p.suffix == ".py" else p.name for p in root.iterdir()
+    """cwd = checkout root, sys.argv = their command line, sys.path as ``python <script>`` from the root makes it
+    (the script's folder first: analysis/visual_metric.py imports its sibling visual_utils) with the root next,
+    their modules and root log handlers dropped afterwards, everything else restored."""
+    top_level = {p.stem if p.suffix == ".py" else p.name for folder in {root, script.parent} for p in folder.iterdir()
                  if (p.is_dir() and not p.name.startswith(".")) or p.suffix == ".py"}
     shadowed = {k: v for k, v in sys.modules.items() if k.split(".")[0] in top_level}
     for k in shadowed:
@@ -269,6 +374,7 @@ def _their_process_state(root: Path, script: Path, argv: list[str]) -> Iterator[
     saved_handlers, saved_level = rootlog.handlers[:], rootlog.level
     os.chdir(root)
     sys.path.insert(0, str(root))
+    sys.path.insert(0, str(script.parent))
     sys.argv = [str(script)] + list(argv)
     try:
         yield
@@ -318,17 +424,21 @@ def run_script(script: str | os.PathLike, argv: list[str], bb_root: str | os.Pat
                 raise BBRunError("image_shape is needed with a calibrator")
             try:
                 import utils.save_load_attack  # noqa: F401  (theirs, from the checkout)
-                if reserved_type not in TRAIN_TYPES:
+                if (root / "defense" / "base.py").is_file() or reserved_type not in TRAIN_TYPES:
                     import defense.base  # noqa: F401
+                if (root / "utils" / "choose_index.py").is_file():
+                    import utils.choose_index  # noqa: F401
             except ImportError as exc:
                 raise BBRunError(f"importing the checkout's modules failed ({exc}); install BackdoorBench's "
                                  "requirements in this environment") from exc
-            _gic_hooks(stack, report, calibrator, image_shape, reserved_type)
+            _gic_hooks(stack, report, calibrator, image_shape, reserved_type, path.name)
         try:
             runpy.run_path(str(path), run_name="__main__")
         except SystemExit as exc:
             code = exc.code
             report.exit_code = code if isinstance(code, int) else (0 if code is None else 1)
+    if isinstance(calibrator, DrawnFit):
+        report.fits = list(calibrator.lines)
     if calibrator is not None and not report.calibrated and report.exit_code == 0:
         raise BBRunError(f"{path.name} never drew clean training images through load_attack_result or "
                          "get_reserved_data, so GIC had nothing to calibrate")

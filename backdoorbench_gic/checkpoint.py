@@ -104,7 +104,7 @@ def load_allowlisted(f: Any, map_location: Any = "cpu") -> Any:
         try:
             bad = unsafe_globals(f)
         except Exception as exc:  # not a zip/pickle torch understands
-            raise ValueError(f"{f} is not a readable torch checkpoint: {exc}") from None
+            raise unreadable(name, exc) from None
         if bad:
             raise UntrustedCheckpointError(name, bad)
     with torch.serialization.safe_globals(_numpy_allowlist()):
@@ -113,7 +113,17 @@ def load_allowlisted(f: Any, map_location: Any = "cpu") -> Any:
         except Exception as exc:
             # a global the static scan could not see (pushed dynamically): still refused, never executed
             found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+            if found is None and "Weights only load failed" not in str(exc):
+                raise unreadable(name, exc) from None  # damaged bytes, not a refused global
             raise UntrustedCheckpointError(name, [found.group(1) if found else str(exc).splitlines()[0][:200]]) from None
+
+
+def unreadable(name: str, exc: Exception) -> ValueError:
+    """A file torch cannot read as a checkpoint (truncated by an interrupted copy, damaged): what to do, and
+    torch's own reason in one sentence (its zip reader's is followed by a paragraph on miniz)."""
+    reason = re.split(r"(?<=\.)\s", str(exc).strip(), maxsplit=1)[0].rstrip(".") or type(exc).__name__
+    return ValueError(f"{name} is not a readable torch checkpoint: it is truncated or damaged ({reason}); re-copy or "
+                      "re-create the record")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import pkgutil
+import re
 import sys
 
 
@@ -49,9 +50,50 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+_RST_ROLE = re.compile(r":[a-z]+:`~?([^`]+)`")
+
+
+def plain_help(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Strip reST markup (``literal``, :mod:`name`) from ``parser``'s description, epilog and every argument's and
+    subcommand's help, recursively: docstrings double as ``--help`` text, where the markup would show literally."""
+    def plain(text):
+        return _RST_ROLE.sub(r"\1", text).replace("``", "") if isinstance(text, str) else text
+
+    parser.description, parser.epilog = plain(parser.description), plain(parser.epilog)
+    for action in parser._actions:
+        action.help = plain(action.help)
+        if isinstance(action, argparse._SubParsersAction):
+            for choice in action._choices_actions:
+                choice.help = plain(choice.help)
+            for sub in set(action.choices.values()):
+                plain_help(sub)
+    return parser
+
+
+def startup_check(prog: str) -> int | None:
+    """The one check of the installation every command shares: a torch/torchvision build mismatch is reported
+    here, once, with the reinstall command (:mod:`backdoorbench_gic.environment`); returns the exit code then."""
+    from .environment import TorchBuildMismatch, check_torch_build
+
+    try:
+        check_torch_build()
+    except TorchBuildMismatch as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    return None
+
+
+def report_error(prog: str, exc: BaseException) -> int:
+    """Print ``exc`` as ``<prog>: error: ...`` (a torch/torchvision build mismatch as such, with its fix)."""
+    from .environment import as_build_mismatch
+
+    print(f"{prog}: error: {as_build_mismatch(exc) or exc}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(chosen_command(argv))
+    parser = plain_help(build_parser(chosen_command(argv)))
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "accepts_extra", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -59,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     from .utils.logs import console_logging
 
     console_logging()
+    prog = f"bbgic {args.command}"
+    code = startup_check(prog)
+    if code is not None:
+        return code
     try:
         code = args.func(args)
     except KeyboardInterrupt:
@@ -67,8 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:
         if getattr(args, "debug", False):
             raise
-        print(f"bbgic {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return report_error(prog, exc)
     return int(code or 0)
 
 

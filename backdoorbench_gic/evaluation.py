@@ -96,6 +96,36 @@ def evaluate(model: torch.nn.Module, clean_test: ImageSet, bd_test: ImageSet | N
     return Metrics(acc, asr, ra, clean_loss, bd_loss, ra_loss, len(clean_test), len(bd))
 
 
+class WeightsMemo:
+    """:func:`evaluate` on fixed test sets, memoised by the network's content (every tensor of its state dict,
+    wrapper included): a model scored twice with the same weights, e.g. by the last epoch's monitor and then as
+    the final result, is evaluated once. Kept in memory for one run; a changed weight is a new evaluation."""
+
+    def __init__(self, clean_test: ImageSet, bd_test: ImageSet | None, device: torch.device | str = "cpu",
+                 batch_size: int = 512, amp: bool = False):
+        self.clean_test, self.bd_test = clean_test, bd_test
+        self.device, self.batch_size, self.amp = device, batch_size, amp
+        self.memo: dict[str, Metrics] = {}
+        self.evaluations = 0
+
+    @staticmethod
+    def key(model: torch.nn.Module) -> str:
+        import hashlib
+
+        from .utils.cache import hash_weights
+
+        h = hashlib.sha1(type(model).__qualname__.encode())
+        hash_weights(h, model.state_dict())  # a mapping: the wrapper's own tensors count too
+        return h.hexdigest()
+
+    def __call__(self, model: torch.nn.Module) -> Metrics:
+        k = self.key(model)
+        if k not in self.memo:
+            self.memo = {k: evaluate(model, self.clean_test, self.bd_test, self.device, self.batch_size, self.amp)}
+            self.evaluations += 1
+        return self.memo[k]
+
+
 def der(acc_before: float, asr_before: float, acc_after: float, asr_after: float) -> float:
     """Defense effectiveness rating: 0.5 = no change, 1 = ASR removed at no accuracy cost."""
     return (max(0.0, asr_before - asr_after) - max(0.0, acc_before - acc_after) + 1.0) / 2.0
@@ -121,6 +151,27 @@ def compare(before: Metrics, after: Metrics) -> dict[str, float]:
         "rir": rir(before.acc, before.ra, after.acc, after.ra),
         "success": float(purification_success(before.acc, after.acc, after.asr)),
     }
+
+
+def heldout_sets(record, exclude: "torch.Tensor | list[int] | None" = None) -> tuple[ImageSet, ImageSet]:
+    """What tuning may look at instead of the test set: the record's reserved images (a BackdoorBenchER split's
+    held-out part, which the victim never saw) minus the positions in ``exclude`` (an auxiliary draw from them),
+    and the same images poisoned by the record's own attack (:func:`~.attacks.runner.attack_of_record`; the
+    all-to-one target's images left out, as in bd_test). Raises ``ValueError`` for a record without a split."""
+    from .attacks.runner import attack_of_record
+    from .data.datasets import SplitDataset
+
+    ds = record.dataset()
+    if not isinstance(ds, SplitDataset):
+        raise ValueError(f"record {record.name} was trained on {record.clean_data}, which has no reserved part to "
+                         "hold out; use a <ds>_split_<pct>_seed_<s> victim")
+    reserved = ds.split("reserved")
+    keep = torch.ones(len(reserved), dtype=torch.bool)
+    if exclude is not None:
+        keep[torch.as_tensor(exclude, dtype=torch.long)] = False
+    clean = reserved.subset(torch.nonzero(keep).flatten())
+    bd, _ = attack_of_record(record).poison_test(clean)
+    return clean, bd
 
 
 def __getattr__(name: str):

@@ -25,6 +25,16 @@ class InspectReport:
         return "\n".join(lines)
 
 
+def _raise_if_installation(exc: Exception) -> None:
+    """A torch/torchvision build mismatch is the installation's fault, not the record's: raise it as such
+    (:mod:`.environment`) instead of reporting the record invalid."""
+    from .environment import as_build_mismatch
+
+    mismatch = as_build_mismatch(exc)
+    if mismatch is not None:
+        raise mismatch from None
+
+
 def inspect_record(result_file: str | os.PathLike, bb_root=None, *, trust: bool = False, evaluate: bool = False,
                    device: str | None = None, batch_size: int = 512, dataset_dir=None) -> InspectReport:
     """What a record holds and whether it is usable; with ``evaluate``, recompute C-Acc/ASR/RA and compare them
@@ -34,7 +44,8 @@ def inspect_record(result_file: str | os.PathLike, bb_root=None, *, trust: bool 
     warnings: list[str] = []
     try:
         rec = load_attack_record(result_file, bb_root, trust=trust, dataset_dir=dataset_dir)
-    except Exception as exc:  # the reason is the report
+    except Exception as exc:  # the reason is the report (unless the installation is at fault)
+        _raise_if_installation(exc)
         return InspectReport(False, {"record": str(result_file)}, [f"{type(exc).__name__}: {exc}"], [])
     facts["record"] = str(rec.record_dir)
     facts["bb_root"] = str(rec.bb_root)
@@ -72,6 +83,7 @@ def inspect_record(result_file: str | os.PathLike, bb_root=None, *, trust: bool 
         model = rec.build_model()
         facts["parameters"] = sum(p.numel() for p in model.parameters())
     except Exception as exc:
+        _raise_if_installation(exc)
         problems.append(f"model does not load: {exc}")
         model = None
     if evaluate and model is not None and not problems:
@@ -81,16 +93,17 @@ def inspect_record(result_file: str | os.PathLike, bb_root=None, *, trust: bool 
         try:
             m = run_eval(model, rec.clean_test, rec.bd_test, device=resolve_device(device), batch_size=batch_size)
         except Exception as exc:
+            _raise_if_installation(exc)
             problems.append(f"evaluation failed: {type(exc).__name__}: {exc}")
         else:
-            facts["evaluated"] = f"C-Acc {m.acc:.4f}  ASR {m.asr:.4f}  RA {m.ra:.4f}"
+            facts["evaluated"] = f"C-Acc {m.acc:.2%}  ASR {m.asr:.2%}  RA {m.ra:.2%}"
             summary = rec.attack_summary()
             if summary is None:
                 warnings.append("no attack_df_summary.csv row 'last' to compare with")
             else:
                 logged = {k: summary.get(k) for k in ("test_acc", "test_asr", "test_ra")}
                 facts["logged (attack_df_summary.csv, last)"] = "  ".join(
-                    f"{k} {v:.4f}" for k, v in logged.items() if v is not None)
+                    f"{k} {v:.2%}" for k, v in logged.items() if v is not None)
                 ours = {"test_acc": m.acc, "test_asr": m.asr, "test_ra": m.ra}
                 # counts are integers over known denominators: agreement is exact up to float formatting
                 diffs = {k: (ours[k], v) for k, v in logged.items() if v is not None and abs(ours[k] - v) > 1e-6}

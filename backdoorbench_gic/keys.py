@@ -79,6 +79,18 @@ class Col:
     PROBE_SECONDS, CONTROL_SECONDS = "probe_seconds", "control_seconds"
 
 
+def per_source_key(key: str, source: str) -> str:
+    """The key of one source's value in a mixed set's GIC info or summary: ``bn_div_before[external:digits]``."""
+    return f"{key}[{source}]"
+
+
+def per_source_values(values, key: str, prefix: str = "") -> dict[str, float]:
+    """{source: value} of every ``<prefix><key>[<source>]`` entry of ``values``, in the order they appear."""
+    head = f"{prefix}{key}["
+    return {k[len(head):-1]: float(v) for k, v in values.items() if k.startswith(head) and k.endswith("]")
+            and v is not None}
+
+
 def gic_summary_line(values, prefix: str = "") -> str | None:
     """GIC's fit summary for people (delta, D_BN before -> after, drift), from its info and summary keys (in a tidy
     row they sit under ``prefix`` = ``extra_``); None when the values hold no calibration."""
@@ -92,7 +104,17 @@ def gic_summary_line(values, prefix: str = "") -> str | None:
         parts.append(f"delta {float(get(GicInfo.DELTA)) * 255:.1f}/255")
     if get(GicInfo.BN_DIV_BEFORE) is not None and get(GicInfo.BN_DIV_AFTER) is not None:
         parts.append(f"D_BN {float(get(GicInfo.BN_DIV_BEFORE)):.4f} -> {float(get(GicInfo.BN_DIV_AFTER)):.4f}")
-    if get(GicInfo.DRIFT_CLASS) is not None:
-        parts.append(f"drift: class {int(get(GicInfo.DRIFT_CLASS))} gets {float(get(GicInfo.DRIFT_SHARE)):.1%} of "
-                     "predictions" + (" (WARNING: concentrated)" if get(GicInfo.DRIFT_FLAG) else ""))
+        before = per_source_values(values, GicInfo.BN_DIV_BEFORE, prefix)
+        after = per_source_values(values, GicInfo.BN_DIV_AFTER, prefix)
+        if before:
+            parts[-1] += " (" + ", ".join(f"{s} {b:.4f} -> {after[s]:.4f}" for s, b in before.items() if s in after) + ")"
+    if get(GicInfo.DRIFT_CLASS) is not None:  # the drift monitor (gic/drift.py): the class g pulled most towards
+        share = float(get(GicInfo.DRIFT_SHARE))
+        against = [f"{share / float(get(GicInfo.DRIFT_RATIO)):.1%} of the labels"] if get(GicInfo.DRIFT_RATIO) else []
+        if get(GicInfo.DRIFT_RAW_SHARE) is not None:
+            against.append(f"{float(get(GicInfo.DRIFT_RAW_SHARE)):.1%} before calibration")
+        parts.append(f"drift: on g(aux) the victim predicts class {int(get(GicInfo.DRIFT_CLASS))} (the class that gained "
+                     f"most) for {share:.1%} of the images" + (f", against {' and '.join(against)}" if against else "")
+                     + (": WARNING, predictions concentrate on it, as on a backdoor's target" if get(GicInfo.DRIFT_FLAG)
+                        else ": not concentrated"))
     return "GIC: " + ", ".join(parts)

@@ -2,8 +2,9 @@
 
 This is the only place that ties the stages together; ``run_defense.py``, ``bbgic defend``, the matrix runner
 and the BackdoorBench patch all call :func:`run_defense`. The defense never sees test data: the pipeline
-evaluates before and after, and (when ``monitor_every`` > 0) logs test metrics per epoch through the
-defense's monitor callback, as BackdoorBench's CSVs do.
+evaluates before and after, and (when ``monitor_every`` > 0, opt-in) logs test metrics per epoch through the
+defense's monitor callback, as BackdoorBench's CSVs do. The victim's metrics are cached by content and a model
+evaluated twice with the same weights (the last epoch's monitor, the final result) is scored once.
 """
 from __future__ import annotations
 
@@ -22,10 +23,10 @@ import numpy as np
 import torch
 
 from .data.imageset import ImageSet
-from .evaluation import Metrics, compare, evaluate
+from .evaluation import Metrics, WeightsMemo, compare, evaluate
 from .records import AttackRecord, load_attack_record
 from .keys import extra_column
-from .probes import Prober, probe_request
+from .probes import Prober, ProbeSettings, probe_request
 from .registry import DEFENSES
 from .results import MetricLog, defense_output_dir, write_defense_result, write_tidy_row
 from .utils.cache import cache_dir, hash_images, hash_weights
@@ -52,7 +53,7 @@ class DefenseRequest:
     variant: str | None = None  # default: yaml basename, else <dataset>_<reserved_type>
     n_per_class: int | None = None
     aux_options: dict[str, Any] = field(default_factory=dict)
-    monitor_every: int = 1  # evaluate on the test sets every N epochs (0: only at the end)
+    monitor_every: int = 0  # evaluate on the test sets every N epochs (0: only at the end; opt-in)
     trust_checkpoint: bool = False
     dataset_dir: str | None = None
     progress: bool | None = None
@@ -133,15 +134,23 @@ def default_variant(dataset: str, reserved_type: str, yaml_path: str | None) -> 
     return f"{dataset}_{safe}"
 
 
-def run_defense(req: DefenseRequest, record: AttackRecord | None = None) -> dict[str, Any]:
-    """Run one defense on one record; returns the tidy result row (also written as result.json)."""
-    from .auxdata import build_aux_set, check_aux_request
-    from .data.transforms import TrainAugment
+def output_dir(req: DefenseRequest, record_dir: str | os.PathLike, defense_name: str, dataset: str,
+               reserved_type: str) -> Path:
+    """Where a run writes: ``req.output_dir``, else ``<record>/defense/<name>/<variant>``."""
+    if req.output_dir:
+        return Path(req.output_dir)
+    variant = req.variant or default_variant(dataset, reserved_type, req.yaml_path)
+    return defense_output_dir(record_dir, defense_name, variant)
 
-    t0 = time.perf_counter()
-    record = record or load_attack_record(req.result_file, req.bb_root, trust=req.trust_checkpoint,
-                                          dataset_dir=req.dataset_dir)
-    dataset = req.dataset or record.clean_data
+
+def check_request(req: DefenseRequest, record: AttackRecord):
+    """Everything about a run that can be checked without building a model or decoding an image (the auxiliary
+    request against the record's dataset, the defense's config, the evaluation settings); returns the configured
+    defense. :func:`run_defense` calls it first, and ``bbgic matrix validate`` calls it for every cell, so a
+    request that passes here cannot fail on such a check later. The device is not checked: a run may go to
+    another machine."""
+    from .auxdata import check_aux_request
+
     if "reserved_type" in req.overrides:  # the usual CLI case: refuse a bad request before the defenses load
         check_aux_request(record, str(req.overrides["reserved_type"]), options=req.aux_options,
                           n_per_class=req.n_per_class)
@@ -149,19 +158,35 @@ def run_defense(req: DefenseRequest, record: AttackRecord | None = None) -> dict
     overrides = dict(req.overrides)
     if req.device is not None:
         overrides["device"] = req.device
-    defense = defense_cls.from_sources(dataset, req.yaml_path, overrides, name=DEFENSES.resolve(req.defense))
+    defense = defense_cls.from_sources(req.dataset or record.clean_data, req.yaml_path, overrides,
+                                       name=DEFENSES.resolve(req.defense))
     cfg = defense.config
-    device = resolve_device(cfg.device)
-    # everything checkable without the model, before it is built or evaluated
     check_aux_request(record, cfg.reserved_type, options=req.aux_options, n_per_class=req.n_per_class,
-                      index_file=cfg.index)
+                      index_file=cfg.index, ratio=cfg.ratio)
     if req.eval_limit is not None and req.eval_limit < 1:
         raise ValueError(f"eval_limit must be a positive number of test images, got {req.eval_limit}")
     if req.monitor_every < 0:
         raise ValueError(f"monitor_every must be >= 0 (0: evaluate only at the end), got {req.monitor_every}")
-    probe_settings = probe_request(record, req.probes, req.probe_options) if req.probes or req.probe_options else None
-    variant = req.variant or default_variant(dataset, cfg.reserved_type, req.yaml_path)
-    out_dir = Path(req.output_dir) if req.output_dir else defense_output_dir(record.record_dir, defense.name, variant)
+    if req.probes or req.probe_options:  # what the record cannot probe (no bd_train, no BatchNorm, a budget too large)
+        probe_request(record, req.probes, req.probe_options)
+    return defense
+
+
+def run_defense(req: DefenseRequest, record: AttackRecord | None = None) -> dict[str, Any]:
+    """Run one defense on one record; returns the tidy result row (also written as result.json)."""
+    from .auxdata import build_aux_set
+    from .auxdata.shifts import shift_warning
+    from .data.transforms import TrainAugment
+
+    t0 = time.perf_counter()
+    record = record or load_attack_record(req.result_file, req.bb_root, trust=req.trust_checkpoint,
+                                          dataset_dir=req.dataset_dir)
+    dataset = req.dataset or record.clean_data
+    defense = check_request(req, record)
+    cfg = defense.config
+    device = resolve_device(cfg.device)
+    probe_settings = ProbeSettings.from_dict(req.probe_options) if req.probes else None  # checked above
+    out_dir = output_dir(req, record.record_dir, defense.name, dataset, cfg.reserved_type)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     with run_log(out_dir / "log", timestamp()) as log_path:
@@ -183,11 +208,12 @@ def run_defense(req: DefenseRequest, record: AttackRecord | None = None) -> dict
                  aux.class_counts(record.num_classes).tolist())
 
         epoch_counter = {"n": 0}
+        scored = WeightsMemo(clean_test, bd_test, device=device, batch_size=req.eval_batch_size)
 
         def monitor(model: torch.nn.Module) -> dict[str, float]:
             epoch_counter["n"] += 1
             if req.monitor_every and epoch_counter["n"] % req.monitor_every == 0:
-                return evaluate(model, clean_test, bd_test, device=device, batch_size=req.eval_batch_size).as_row()
+                return scored(model).as_row()
             return {}
 
         torch.manual_seed(cfg.random_seed)
@@ -196,7 +222,7 @@ def run_defense(req: DefenseRequest, record: AttackRecord | None = None) -> dict
                                      train_augment=TrainAugment.for_spec(record.spec), monitor=monitor,
                                      progress=req.progress)
         defense_seconds = time.perf_counter() - t_def
-        after = evaluate(result.model, clean_test, bd_test, device=device, batch_size=req.eval_batch_size)
+        after = scored(result.model)
         log.info("purified: C-Acc %.4f ASR %.4f RA %.4f (%.1f s)", after.acc, after.asr, after.ra, defense_seconds)
 
         history = MetricLog(result.history)
@@ -218,6 +244,7 @@ def run_defense(req: DefenseRequest, record: AttackRecord | None = None) -> dict
             "defense": defense.name,
             "aux_type": cfg.reserved_type,
             "aux_size": len(aux),
+            "aux_warning": shift_warning(cfg.reserved_type),
             "seed": cfg.random_seed,
             "config_fingerprint": config_fingerprint(defense),
             **compare(before, after),

@@ -24,6 +24,20 @@ class UnknownNameError(KeyError):
         return str(self.args[0])
 
 
+def transpositions(word: str) -> set[str]:
+    """``word`` with two neighbouring characters swapped, each way (``fts`` -> ``tfs``, ``fst``)."""
+    return {word[:i] + word[i + 1] + word[i] + word[i + 2:] for i in range(len(word) - 1)} - {word}
+
+
+def suggestions(key: str, known: Iterable[str], n: int = 3) -> list[str]:
+    """What ``key`` may have meant: names one transposition away first (``fts`` -> ``fst``; difflib ranks those
+    below names that merely share a prefix), then difflib's closest matches; at most ``n`` plus the
+    transpositions."""
+    known = list(known)
+    swapped = [k for k in known if k in transpositions(key)]
+    return swapped + [c for c in difflib.get_close_matches(key, known, n=n) if c not in swapped]
+
+
 class Registry:
     """Maps names (and aliases) to builders: classes or functions that return a component.
 
@@ -115,8 +129,7 @@ class Registry:
             return key
         if key in self._aliases:
             return self._aliases[key]
-        known = self.names(include_aliases=True)
-        close = difflib.get_close_matches(key, known, n=3)
+        close = suggestions(key, self.names(include_aliases=True))
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise UnknownNameError(
             f"unknown {self.kind} {name!r}.{hint} Known {self.kind}s: {', '.join(self.names())}"

@@ -23,6 +23,9 @@ from .utils.io import atomic_torch_save, atomic_write_json, atomic_write_text, a
 log = logging.getLogger(__name__)
 
 DEFENSE_RESULT_KEYS = ("model_name", "num_classes", "model")
+# BackdoorBench's trainers log the test losses, then these three, last (utils/trainer_cls.py); their tools and
+# ours read the CSVs by these names, and the order keeps the files alike column for column
+TEST_TAIL = ("test_acc", "test_asr", "test_ra")
 NAN_TEXT = "nan_value"
 TIDY_ROW_FILE = "result.json"
 
@@ -40,7 +43,10 @@ class MetricLog:
         return len(self.rows)
 
     def dataframe(self) -> pd.DataFrame:
-        return pd.DataFrame(self.rows)
+        """Columns in order of first appearance, except ``test_acc, test_asr, test_ra``, which come last."""
+        df = pd.DataFrame(self.rows)
+        tail = [c for c in TEST_TAIL if c in df.columns]
+        return df[[c for c in df.columns if c not in tail] + tail]
 
     def summary(self) -> pd.DataFrame:
         """Rows ``last`` (final values; read these), ``valid_max`` (column max ignoring NaN; for ASR this is the
@@ -48,11 +54,8 @@ class MetricLog:
         df = self.dataframe().apply(pd.to_numeric, errors="coerce")
         if df.empty:
             return pd.DataFrame(index=["last", "valid_max", "exist_nan_value"])
-        out = pd.DataFrame(
-            [df.iloc[-1], df.max(skipna=True), df.isna().any()],
-            index=["last", "valid_max", "exist_nan_value"],
-        )
-        return out
+        return pd.DataFrame([df.iloc[-1], df.max(skipna=True), df.isna().any()],
+                            index=["last", "valid_max", "exist_nan_value"])
 
     def save(self, folder: str | os.PathLike, prefix: str) -> tuple[Path, Path]:
         folder = Path(folder)
@@ -134,6 +137,39 @@ def load_defense_result(path: str | os.PathLike, trust: bool = False) -> dict[st
     if missing:
         raise ValueError(f"{path} lacks the key(s) {', '.join(missing)}")
     return dict(data)
+
+
+PRUNE_SUFFIXES = ("_orig", "_mask")
+
+
+def fold_pruning(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict with ``torch.nn.utils.prune``'s reparametrisation (``<w>_orig`` and ``<w>_mask``, which
+    BackdoorBench's fp.py saves: it prunes the linear layer with ``prune.custom_from_mask`` and never removes the
+    hook) folded back into plain ``<w> = <w>_orig * <w>_mask``; other entries unchanged."""
+    out = {k: v for k, v in state.items() if not k.endswith(PRUNE_SUFFIXES)}
+    for k in state:
+        if k.endswith("_orig"):
+            base = k[: -len("_orig")]
+            mask = state.get(base + "_mask")
+            if mask is None:
+                raise ValueError(f"{k} has no {base}_mask beside it: not torch's pruning reparametrisation")
+            out[base] = state[k] * mask.to(state[k].dtype)
+        elif k.endswith("_mask") and k[: -len("_mask")] + "_orig" not in state:
+            out[k] = state[k]  # a buffer merely named *_mask
+    return out
+
+
+def load_defense_model(path: str | os.PathLike, record: Any, trust: bool = False) -> torch.nn.Module:
+    """The purified network of a ``defense_result.pt`` (ours or BackdoorBench's) in ``record``'s normalising
+    wrapper, in eval mode, loaded strictly (pruning reparametrisation folded); a network of another shape than
+    the record's is an error naming the mismatch."""
+    from .checkpoint import load_state_dict_strict
+
+    data = load_defense_result(path, trust=trust)
+    state = fold_pruning(data["model"])
+    model = record.build_model()
+    load_state_dict_strict(model.net, state, where=f"of {path}")
+    return model.eval()
 
 
 def save_metric_plots(history: MetricLog, out_dir: str | os.PathLike, prefix: str = "") -> None:

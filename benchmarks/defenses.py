@@ -54,15 +54,15 @@ def selection_rows(spec, df: pd.DataFrame) -> list[list[str]]:
     cells = df[df["defense"].isin(list(PRUNING))].sort_values(["attack", "aux_type", "defense"])
     for r in cells.itertuples():
         record = load_attack_record(spec.bb_root / "record" / r.attack, spec.bb_root)
-        entry = next(e for e in spec.defenses if e.name == r.defense)
-        overrides = {**spec.defaults, **entry.overrides, "random_seed": int(r.seed), "reserved_type": r.aux_type,
-                     "ratio": spec.aux_sizes[0].ratio, "device": "cpu"}
-        d = DEFENSES.get(r.defense).from_sources(record.clean_data, None, overrides)
+        req = spec.cell_of(r._asdict()).request(spec)  # the cell's own run: entry, defaults, seed, aux type and size
+        overrides = {**req.overrides, "device": "cpu"}
+        d = DEFENSES.get(req.defense).from_sources(record.clean_data, None, overrides)
         seed_everything(d.config.random_seed)
         victim = record.build_model().eval()
         clean_test, bd_test = eval_sets(record, spec.eval_limit)
-        aux = build_aux_set(record, r.aux_type, ratio=d.config.ratio, seed=d.config.random_seed, victim=victim,
-                            device=cpu, options={**spec.aux_options, **spec.aux_options_for.get(r.aux_type, {})})
+        aux = build_aux_set(record, r.aux_type, ratio=None if req.n_per_class else d.config.ratio,
+                            n_per_class=req.n_per_class, seed=d.config.random_seed, victim=victim, device=cpu,
+                            options=req.aux_options)
         plan = d.plan(d.start(victim, aux, device=cpu, progress=False))
         curve = []
         for amount in plan.candidates:

@@ -11,7 +11,8 @@ Targets (gic-method.md section 1 for DER and the gap; computed by `backdoorbench
     python benchmarks/efficacy.py                                  # CPU profile: benchmarks/efficacy.yaml
     python benchmarks/efficacy.py --spec benchmarks/efficacy_gpu.yaml
     python benchmarks/efficacy.py --report_only                    # re-analyse finished cells
-    python benchmarks/efficacy.py --spec V.yaml --baseline_spec B.yaml  # a GIC-only variant against B's uncalibrated cells
+    python benchmarks/efficacy.py --spec B.yaml --variant bn-after     # a named GIC variant of B against B's uncalibrated cells
+    python benchmarks/efficacy.py --spec V.yaml --baseline_spec B.yaml  # a GIC-only spec against B's uncalibrated cells
 
 It makes the Fashion-MNIST split when missing (the spec's attacks generate their victims), runs the matrix
 (resumable: a rerun skips finished cells), writes the matrix report under <output_root>/report/ and the analysis
@@ -22,35 +23,29 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
 
-from backdoorbench_gic.analysis import command_line, describe_machine, run_spec, victims_table
+from backdoorbench_gic.analysis import command_line, describe_machine, victims_table
 from backdoorbench_gic.analysis.efficacy import efficacy_report
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 
 
-def baseline_spec(spec, baseline_path: str):
-    """The baseline whose uncalibrated cells pair with a spec that runs only the calibrated side (a GIC variant:
-    other budget or objective). Refused unless both specs purify the same victims with the same base defenses,
-    overrides, defaults and test subset, so every pair still differs in GIC alone."""
-    from backdoorbench_gic.matrix import load_spec
+def paired_with(spec, base, what: str):
+    """``base``, whose uncalibrated cells pair with ``spec``'s calibrated ones; refused (before anything runs) unless
+    every calibrated cell has a twin there that differs from it in GIC alone
+    (:func:`~backdoorbench_gic.matrix.spec.pairing_problems`)."""
+    from backdoorbench_gic.matrix.spec import pairing_problems
 
-    base = load_spec(baseline_path)
-    same = {"attacks": [a.record for a in spec.attacks] == [a.record for a in base.attacks],
-            "defenses": [(d.name, d.overrides) for d in spec.defenses] == [(d.name, d.overrides) for d in base.defenses],
-            "defaults": spec.defaults == base.defaults, "eval_limit": spec.eval_limit == base.eval_limit,
-            "bb_root": spec.bb_root == base.bb_root}
-    differ = [k for k, ok in same.items() if not ok]
-    if differ:
-        raise SystemExit(f"--baseline_spec {baseline_path}: its {', '.join(differ)} differ from {spec.path}'s; "
-                         "the uncalibrated cells would not pair with this spec's")
-    if list(spec.gic) != [True] or False not in base.gic:
-        raise SystemExit("--baseline_spec pairs a spec with gic: [true] only against a baseline that has uncalibrated "
-                         f"cells; got gic {spec.gic} and the baseline's {base.gic}")
+    problems = pairing_problems(spec, base)
+    if problems:
+        raise SystemExit(f"{what}: the uncalibrated cells of {base.path or base.name} would not pair with "
+                         f"{spec.path or spec.name}'s calibrated ones: " + "; ".join(problems[:3])
+                         + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""))
     return base
 
 
@@ -60,33 +55,51 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report_only", action="store_true", help="analyse the finished cells; run nothing")
     p.add_argument("--workers", type=int, default=None, help="override the spec's local worker count")
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--variant", default=None,
+                   help="report this named GIC variant of the spec (its own matrix) against the spec's uncalibrated cells")
     p.add_argument("--baseline_spec", default=None,
                    help="take the uncalibrated cells from this finished spec's run (for a spec with gic: [true])")
     args = p.parse_args(argv)
 
-    from backdoorbench_gic.matrix import write_report
+    from backdoorbench_gic.analysis import ensure_splits
+    from backdoorbench_gic.matrix import collect_results, load_spec, run_matrix, write_report
+    from backdoorbench_gic.matrix.spec import DEFAULT, OFF, uncalibrated_source
     from backdoorbench_gic.utils.io import atomic_write_text
     from backdoorbench_gic.utils.logs import console_logging
 
     console_logging()
-    base = None
-    if args.baseline_spec:  # checked before anything runs
-        from backdoorbench_gic.matrix import load_spec
-
-        base = baseline_spec(load_spec(args.spec), args.baseline_spec)
-    spec, df, wall = run_spec(args.spec, args.report_only, {"workers": args.workers} if args.workers else None)
+    spec = load_spec(args.spec)
+    base = None  # checked before anything runs
+    if args.variant:
+        if args.baseline_spec or args.variant in (OFF, DEFAULT):
+            raise SystemExit("--variant names a variant other than off and default (those are the spec's own cells, "
+                             "reported without it) and pairs with the spec's uncalibrated cells (no --baseline_spec)")
+        base = paired_with(spec, uncalibrated_source(spec), f"--variant {args.variant}")
+        spec = spec.part(args.variant)
+    else:
+        if not set(spec.variants) & {OFF, DEFAULT}:
+            raise SystemExit(f"{args.spec} runs only the GIC variants {', '.join(spec.variants)}: name one with --variant")
+        spec = spec.parts()[0]  # off and default; named variants are reported with --variant
+        if args.baseline_spec:
+            if OFF in spec.variants:
+                raise SystemExit(f"--baseline_spec pairs a spec that runs only calibrated cells; {args.spec} runs its own")
+            base = paired_with(spec, load_spec(args.baseline_spec), f"--baseline_spec {args.baseline_spec}")
+    t0 = time.time()
+    if not args.report_only:
+        ensure_splits(spec)
+        print(f"matrix: {run_matrix(spec, {'workers': args.workers} if args.workers else None).counts}")
+    wall = time.time() - t0
+    df = collect_results(spec.output_root)
     if df.empty:
         print("no finished cells", file=sys.stderr)
         return 1
     write_report(spec.output_root)
     baseline, ran = "", len(df)
     if base is not None:
-        from backdoorbench_gic.matrix import collect_results
-
         off = collect_results(base.output_root)
         off = off[~off["gic"].astype(bool)]
         df = pd.concat([off, df], ignore_index=True)
-        baseline = f"; uncalibrated cells: {len(off)} from `{Path(args.baseline_spec).name}`'s run"
+        baseline = f"; uncalibrated cells: {len(off)} from `{Path(base.path).name}`'s run"
     text, gaps, verdict = efficacy_report(df)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -84,6 +84,28 @@ def test_gic_comparison_and_efficacy_agree_on_the_gap_closed():
     assert "| DER gap closed where the gap > 0.02 | 1 of 1 cells | 40 % | >= 50 % | MISS |" in text
 
 
+def test_success_figures_by_hand():
+    """Success = ASR <= 10 % and C-Acc within 5 points of the victim (0.90), per paired run of the shifted sets."""
+    from backdoorbench_gic.analysis.efficacy import success_figures, success_table
+
+    df = cells().set_index(["aux_type", "seed", "gic"])
+    df.loc[("reserved_noise", 0, False), ["acc_after", "asr_after"]] = (0.87, 0.05)  # success
+    df.loc[("reserved_noise", 0, True), ["acc_after", "asr_after"]] = (0.88, 0.12)  # ASR above 10 %: lost
+    df.loc[("reserved_noise", 1, False), ["acc_after", "asr_after"]] = (0.70, 0.05)  # 20 points down: failure
+    df.loc[("reserved_noise", 1, True), ["acc_after", "asr_after"]] = (0.86, 0.05)  # 4 points down: gained
+    pairs = paired(df.reset_index())
+    fig = success_figures(pairs, reference_gaps(pairs))
+    # the noise cell loses (0.81 - (0.87 + 0.70) / 2) = 2.5 points against reserved: lossy, so both readings agree
+    for p in ("success", "lossy_success"):
+        assert (fig[f"{p}_runs"], fig[f"{p}_gained"], fig[f"{p}_lost"]) == (2, 1, 1)
+        assert fig[f"{p}_rate_nogic"] == 0.5 and fig[f"{p}_rate_gic"] == 0.5
+    assert "| shifted sets | 2 | 50.0 % | 50.0 % | 1 | 1 |" in success_table(fig)
+    df.loc[("reserved_noise", 1, False), "acc_after"] = 0.76  # loss 0.005: not lossy any more
+    pairs = paired(df.reset_index())
+    fig = success_figures(pairs, reference_gaps(pairs))
+    assert fig["lossy_success_runs"] == 0 and math.isnan(fig["lossy_success_rate_gic"]) and fig["success_runs"] == 2
+
+
 def test_table_cells_by_hand():
     assert pm(0.1234, 0.0056) == "12.3 ± 0.6"
     assert pm(-0.02, math.nan, sign=True) == "-2.0"

@@ -297,6 +297,33 @@ def test_split_dataset_records_the_split(fm_root):
     assert inspect_record(d, fm_root, evaluate=True).valid
 
 
+def test_heldout_sets_poison_the_reserved_part_with_the_records_own_trigger(fm_root):
+    from backdoorbench_gic.attacks.runner import attack_of_record
+    from backdoorbench_gic.evaluation import heldout_sets
+
+    split = fm_root / "data" / "fashion-mnist_split_5_seed_0"
+    if not split.is_dir():
+        for part, n, seed in (("train", 60, 0), ("reserved", 10, 5), ("test", 30, 1)):
+            x, y = class_images(n, 10, 28, 28, 1, seed)
+            write_image_folder(split / part, x, y)
+    d = run_attack({"attack": "blended", "save_folder_name": "heldout_run", **FAST,
+                    "dataset": "fashion-mnist_split_5_seed_0", "blend_pattern_seed": 7}, bb_root=fm_root,
+                   progress=False)
+    record = load_attack_record(d, fm_root)
+    attack = attack_of_record(record)
+    assert attack.name == "blended" and attack.config.blend_pattern_seed == 7
+    # the rebuilt attack poisons the test images exactly as the record's stored bd_test
+    remade, _ = attack.poison_test(record.clean_test)
+    assert torch.equal(remade.images, record.bd_test.images) and torch.equal(remade.labels, record.bd_test.labels)
+    clean, bd = heldout_sets(record, exclude=[0, 3])
+    reserved = record.dataset().split("reserved")
+    assert len(clean) == len(reserved) - 2 and torch.equal(clean.images[0], reserved.images[1])
+    assert len(bd) == int((clean.labels != 0).sum()) and bool((bd.labels == 0).all())
+    with pytest.raises(ValueError, match="no reserved part"):
+        heldout_sets(load_attack_record(run_attack({"attack": "badnet", "save_folder_name": "plain_run", **FAST},
+                                                   bb_root=fm_root, progress=False), fm_root))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the command line
 # ---------------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from backdoorbench_gic.auxdata.quality import (VERDICTS, BNMoments, frechet_distance, measure_quality,
+from backdoorbench_gic.auxdata.quality import (VERDICTS, BNMoments, frechet_distance, measure_quality, plot_quality,
                                                purification_risk, quality_table, recalibrate_bn, risk_verdict,
                                                symmetric_gaussian_kl)
 from backdoorbench_gic.data.imageset import ImageSet
@@ -124,7 +124,9 @@ def test_cli_writes_table_and_plot(record, tmp_path, capsys):
                  "--csv", str(csv), "--plot", str(png)])
     assert code == 0
     out = capsys.readouterr().out
-    assert "reserved_noise" in out and "alignment" in out
+    assert "reserved_noise" in out and "alignment" not in out  # the headline columns; --wide prints them all
+    assert max(len(line) for line in out.splitlines() if not line.startswith("wrote")) <= 120
+    assert f"wrote the table (every signal) to {csv}" in out and f"wrote the plot to {png}" in out
     df = pd.read_csv(csv)
     assert df["reserved_type"].tolist() == ["train", "reserved_noise"] and len(df.columns) >= 15
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -215,11 +217,14 @@ def test_report_text_ranks_says_directions_verdicts_and_warns_of_the_target():
     assert "verdicts (close: risk below 0.002; with --reference reserved" in text
     df.attrs.update(reference="reserved", reference_risk=0.0016)
     assert "verdicts (close: risk at most 2 x the reference reserved's 0.0016):" in report_text(df)
-    assert "bn_div: lower is better" in text and "entropy: closer to the reserved/train row" in text
-    assert f"reserved: close - {VERDICTS['close']}" in text
-    assert f"synthetic:inversion: fitted - {VERDICTS['fitted']}" in text
-    assert "warning: reserved_noise: class(es) 0" in text and "target class" in text
-    assert "warning: reserved:" not in text
+    assert "bn_div: lower is better" in text and "entropy: closer" not in text  # entropy: --wide only
+    assert "entropy: closer to the reserved/train row" in report_text(df, wide=True)
+    assert max(map(len, text.splitlines())) <= 120  # the table and the wrapped prose
+    flat = " ".join(text.split())
+    assert f"reserved: close - {VERDICTS['close']}" in flat
+    assert f"synthetic:inversion: fitted - {VERDICTS['fitted']}" in flat
+    assert "warning: reserved_noise: class(es) 0" in flat and "target class" in flat
+    assert "warning: reserved:" not in flat
 
 
 def test_aux_evidence_joins_any_efficacy_csv(tmp_path):
@@ -255,3 +260,28 @@ def test_aux_evidence_joins_any_efficacy_csv(tmp_path):
     assert "in 1 of 2 groups (validation: 0 of 1)" in text and "held-out types (in no design group): none" in text
     assert "`design-budget` v ft n20: the same uncalibrated cells as `design`, counted once" in text
     assert "lacks reserved_tv:X" in r.stderr and "--append --types 'reserved_tv:X'" in r.stderr
+
+
+def test_one_verdict_per_set_in_the_log_the_table_and_the_plot(record, tmp_path, caplog):
+    """Issue 27: the per-set log line judged against the absolute bound while the table judged against
+    --reference; now the verdict is decided once and the plot labels each bar with it."""
+    import logging
+    import re
+
+    import matplotlib
+
+    with caplog.at_level(logging.INFO, logger="backdoorbench_gic.auxdata.quality"):
+        df, reports = quality_table(record, ["train", "reserved_noise"], reference="train", ratio=None, n_per_class=3,
+                                    options={"shift_base": "train"})
+    # this fixture's risks are far above the absolute bound: judged without the reference they would be 'shifted'
+    assert any(risk_verdict(r.risk, r.entropy, r.entropy_adapted) != r.verdict for r in reports)
+    logged = dict(m.groups() for r in caplog.records
+                  if (m := re.match(r"(\S+): n \d+, risk \S+, verdict (\w+)", r.getMessage())))
+    assert logged == dict(zip(df["reserved_type"], df["verdict"])) == {r.name: r.verdict for r in reports}
+    svg = tmp_path / "q.svg"
+    with matplotlib.rc_context({"svg.fonttype": "none"}):  # keep the labels as text
+        plot_quality(df, svg)
+    text = svg.read_text()
+    for _, row in df.iterrows():
+        assert f"{row['risk']:.2g} {row['verdict']}" in text
+    assert "verdict close: risk at most 2 x the reference train" in text

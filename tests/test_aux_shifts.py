@@ -35,10 +35,10 @@ def test_noise_clamp_versus_wrap_at_hand_picked_pixels():
     assert Noise(0.1).quantize_mode == "clamp" and Noise(0.1, wrap=True).quantize_mode == "wrap"
 
 
-def test_noise_wrap_option_end_to_end():
+def test_noise_wrap_end_to_end():
     imgs = torch.full((1, 1, 32, 32), 250, dtype=torch.uint8)  # bright: 0.1 noise overflows often
     clamp = shift_images(imgs, "noise")
-    wrap = shift_images(imgs, "noise", options={"noise_wrap": True})
+    wrap = shift_images(imgs, "noise_wrap")  # the same draws (seed key "noise"), wrapped
     assert clamp.max() == 255 and (clamp == 255).sum() > 100
     assert (wrap < 100).sum() > 100  # wrapped-around pixels: 256 + k -> k
     g = torch.Generator().manual_seed(image_seed(0, "noise", 0))  # image 0's own generator

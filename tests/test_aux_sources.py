@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from backdoorbench_gic.auxdata import (AuxDataError, build_aux_set, export_image_folder, import_image_folder,
+from backdoorbench_gic.auxdata import (AuxDataError, build_aux_set, check_aux_request, export_image_folder, import_image_folder,
                                    read_vp_arrays, vp_dir, write_vp_arrays)
 from backdoorbench_gic.testing import class_images, write_image_folder
 
@@ -44,10 +44,14 @@ def test_external_digits_refused_for_other_victims(tmp_path):
 
     rec = load_attack_record(make_bb_record(tmp_path, "c", "cifar10", n_train=20, n_test=20, model_name="smallcnn",
                                             width=8))
-    with pytest.raises(AuxDataError, match="only for MNIST-like victims"):
-        build_aux_set(rec, "external:digits", n_per_class=1)
-    aux = build_aux_set(rec, "external:digits", n_per_class=1, options={"allow_label_mismatch": True})
-    assert aux.images.shape == (10, 3, 32, 32)
+    for name in ("digits", "fonts"):
+        # refused by the early check and by the build, naming both label sets
+        for attempt in (lambda: check_aux_request(rec, f"external:{name}", n_per_class=1),
+                        lambda: build_aux_set(rec, f"external:{name}", n_per_class=1)):
+            with pytest.raises(AuxDataError, match=r"labels of the digits 0-9.*the 10 classes of cifar10"):
+                attempt()
+        aux = build_aux_set(rec, f"external:{name}", n_per_class=1, options={"allow_label_mismatch": True})
+        assert aux.images.shape == (10, 3, 32, 32) and aux.source_names == [f"external:{name}"]
 
 
 def test_folder_sources_with_label_maps(mnist, tmp_path):

@@ -201,3 +201,38 @@ def test_explicit_shift_options_do_not_silently_read_another_folder(split_record
     assert not torch.equal(strong.images, default.images)
     with pytest.raises(AuxDataError, match="exported with other parameters"):
         export_reserved_shift(out, "noise", options={"noise_std": 0.3})
+
+
+def test_reserved_noise_is_clipped_and_reserved_noise_wrap_is_backdoorbencher_s(tmp_path, caplog):
+    """One name, one set: BackdoorBenchER's reserved_noise/ folder (wrapped pixels) is read by reserved_noise_wrap
+    only; reserved_noise is always the clipped set, whatever is on disk."""
+    from backdoorbench_gic.auxdata.layout import EXPORT_PARAMS_FILE
+    from backdoorbench_gic.auxdata.shifts import WRAP_WARNING, shift_warning
+    from backdoorbench_gic.records import load_attack_record
+    from backdoorbench_gic.testing import make_split_record
+
+    rec = load_attack_record(make_split_record(tmp_path, "r", "cifar10", split_ratio=0.2, train_steps=0, width=8))
+    split_dir = rec.dataset().locate()
+    folder = export_reserved_shift(split_dir, "noise_wrap")
+    assert folder.name == "reserved_noise"  # where BackdoorBenchER's generate_ood.py puts its noise
+    os.remove(folder / EXPORT_PARAMS_FILE)  # now it looks made elsewhere, as theirs are
+    clear_dataset_cache()
+    theirs = build_aux_set(rec, "reserved_noise_wrap", ratio=None)
+    wrap_fly = build_aux_set(rec, "reserved_noise_wrap", ratio=None, options={"precomputed": "never"})
+    assert torch.equal(theirs.images, wrap_fly.images)
+    with caplog.at_level("WARNING"):
+        clipped = build_aux_set(rec, "reserved_noise", ratio=None)
+    assert "holds wrapped noise" in caplog.text and "reserved_noise_wrap reads it" in caplog.text
+    assert torch.equal(clipped.images, build_aux_set(rec, "reserved_noise", ratio=None,
+                                                     options={"precomputed": "never"}).images)
+    assert not torch.equal(clipped.images, theirs.images)
+    # the same noise draws: inside [0, 1] the sets differ by their truncation against our rounding (at most 1
+    # level); the wrapped pixels jump across the range
+    diff = (clipped.images.int() - theirs.images.int()).abs()
+    assert (diff <= 1).float().mean().item() > 0.5 and (diff > 128).any()
+    with pytest.raises(AuxDataError, match="name reserved_noise_wrap to read it"):
+        build_aux_set(rec, "reserved_noise", ratio=None, options={"precomputed": "always"})
+    with pytest.raises(AuxDataError, match="no float form"):
+        build_aux_set(rec, "reserved_noise_wrap", ratio=None, options={"quantize": False})
+    assert shift_warning("reserved_noise_wrap") == WRAP_WARNING and shift_warning("reserved_noise") is None
+    assert shift_warning("mix:reserved+reserved_noise_wrap") == WRAP_WARNING

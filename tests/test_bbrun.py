@@ -167,6 +167,7 @@ import yaml
 
 sys.path.append(os.getcwd())
 from defense.base import defense
+from utils.choose_index import choose_index
 from utils.save_load_attack import load_attack_result
 
 
@@ -187,7 +188,8 @@ class ft(defense):
             idx = np.asarray(data.wrapped_dataset.indices)
         else:
             raw = self.result["clean_train"].wrapped_dataset
-            idx = np.random.RandomState(a.random_seed).permutation(len(raw))[: int(a.ratio * len(raw))]
+            np.random.seed(a.random_seed)
+            idx = choose_index(a, len(raw))
             data = torch.utils.data.Subset(raw, idx.tolist())
         clean = np.stack([np.asarray(data[i][0]) for i in range(len(data))])
         test = self.result["clean_test"]
@@ -201,7 +203,7 @@ class ft(defense):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    for flag in ("--result_file", "--yaml_path", "--dataset", "--device", "--reserved_type"):
+    for flag in ("--result_file", "--yaml_path", "--dataset", "--device", "--reserved_type", "--index"):
         parser.add_argument(flag, type=str)
     parser.add_argument("--ratio", type=float)
     parser.add_argument("--random_seed", type=int)
@@ -210,9 +212,22 @@ if __name__ == "__main__":
 '''
 
 
+CHOOSE_INDEX = '''
+import numpy as np
+
+
+def choose_index(args, data_all_length):
+    """The --index file's positions, else a seeded draw of ratio x length positions (their interface)."""
+    if getattr(args, "index", None):
+        return np.loadtxt(args.index, dtype=int)
+    return np.sort(np.random.choice(np.arange(data_all_length), int(data_all_length * args.ratio), replace=False))
+'''
+
+
 def make_checkout(root: Path, er: bool = False) -> Path:
     files = {
         "utils/__init__.py": "", "utils/save_load_attack.py": SAVE_LOAD_ATTACK, "utils/bd_dataset_v2.py": BD_DATASET_V2,
+        "utils/choose_index.py": CHOOSE_INDEX,
         "defense/__init__.py": "", "defense/base.py": BASE_ER if er else BASE, "defense/ft.py": FT,
         "config/defense/ft/config.yaml": "ratio: 0.2\nrandom_seed: 0\ndevice: cpu\ndataset_path: ./data\n"
                                          + ("reserved_type: train\n" if er else ""),
@@ -261,12 +276,14 @@ def expected_calibrated(calibrator, images_nhwc: np.ndarray) -> np.ndarray:
     return y.mul(255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def refit(root: Path, reserved_type: str, ratio: float, seed: int = 0):
-    """The g bb-run fitted, from the in-memory GIC cache (same victim, data and settings -> the same fit)."""
-    from backdoorbench_gic.auxdata import build_aux_set
+def refit(root: Path, images, seed: int = 0):
+    """The g bb-run fitted on ``images`` (uint8 N x H x W x C with labels), from the GIC cache: a cache hit proves
+    bb-run fitted on exactly these images with these settings."""
+    from backdoorbench_gic.data.imageset import ImageSet
 
     rec = load_attack_record(RECORD, root)
-    aux = build_aux_set(rec, reserved_type, ratio=ratio, seed=seed)
+    x, y = images
+    aux = ImageSet(torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).contiguous(), torch.as_tensor(y))
     settings = {k.lstrip("-"): v for k, v in zip(GIC_FLAGS[::2], GIC_FLAGS[1::2])}
     cal, _, info = bbrun.fit_gic(rec, aux, settings=settings, seed=seed, device="cpu")
     assert info["gic_cached"] == 1.0  # bb-run's own fit, not a new one
@@ -298,11 +315,13 @@ def test_gic_calibrates_the_clean_images_it_draws_and_never_the_test_data(upstre
     code, out = bbgic(capsys, "bb-run", "defense/ft.py", "--bb_root", upstream, "--result_file", RECORD,
                       "--yaml_path", "./config/defense/ft/config.yaml", "--dataset", "cifar10", "--gic", *GIC_FLAGS)
     assert code == 0, out
-    assert "GIC: g fitted through the victim of badnet_bb on train (20 images)" in out
+    assert ("GIC: g fitted through the victim of badnet_bb on the clean training images ft.py drew (choose_index: "
+            "their seeded draw, random_seed 0) (20 images)") in out
     assert "GIC calibrated load_attack_result()['clean_train'] (100 images)" in out
     s = seen(upstream)
-    rec, cal = refit(upstream, "train", 0.2)
+    rec = load_attack_record(RECORD, upstream)
     raw = nchw_to_nhwc_uint8(rec.clean_train.images)[s["clean_idx"]]
+    _, cal = refit(upstream, (raw, rec.clean_train.labels[s["clean_idx"]]))  # g saw exactly what ft.py drew
     assert np.array_equal(s["clean"], expected_calibrated(cal, raw))
     diff = np.abs(s["clean"].astype(int) - raw.astype(int))
     assert diff.max() > 0 and diff.max() <= round(0.0627 * 255) + 1  # moved, within the budget (+ rounding)
@@ -342,9 +361,11 @@ def test_backdoorbench_er_reserved_type_calibrates_what_get_reserved_data_return
                       "--gic", *GIC_FLAGS)
     assert code == 0, out
     assert "GIC calibrated get_reserved_data() [reserved]" in out and "clean_train" not in out
+    assert "on the images get_reserved_data() [reserved] returned (their seeded draw), what ft.py trains on" in out
     s = seen(root)
-    _, cal = refit(root, "reserved", 0.3)
-    reserved = nchw_to_nhwc_uint8(rec.dataset().split("reserved").images)[s["clean_idx"]]
+    reserved_set = rec.dataset().split("reserved")
+    reserved = nchw_to_nhwc_uint8(reserved_set.images)[s["clean_idx"]]
+    _, cal = refit(root, (reserved, reserved_set.labels[s["clean_idx"]]))
     assert np.array_equal(s["clean"], expected_calibrated(cal, reserved))
     assert not np.array_equal(s["clean"], reserved)
     assert np.array_equal(s["test"], nchw_to_nhwc_uint8(rec.clean_test.images))

@@ -173,9 +173,8 @@ def test_demo_table_is_in_percent_with_a_reading(capsys):
              "asr_before": 0.96, "asr_after": 0.40, "eval_n_clean": 360},
             {"defense": "gic-ft", "aux_type": "noise", "der": 0.75, "acc_before": 0.98, "acc_after": 0.97,
              "asr_before": 0.96, "asr_after": 0.30, "eval_n_clean": 360}]
-    line = reading(rows)
-    assert "gic-ft on noise removes the most (ASR 96.0% -> 30.0%" in line
-    assert "GIC changes DER by +5.0 points on noise" in line and "360 test images" in line
+    text = reading(rows)  # one line per row by the success rule (tests/test_newcomer.py has the details)
+    assert "gic-ft on noise: failure (ASR 30.0% > 10 %): ASR 96.0% -> 30.0%" in text and "360 test images" in text
 
 
 def test_defend_prints_the_gic_summary_from_the_row():
@@ -187,7 +186,10 @@ def test_defend_prints_the_gic_summary_from_the_row():
            "extra_bn_div_before": 0.5, "extra_bn_div_after": 0.125, "extra_drift_class": 3,
            "extra_drift_share": 0.25, "extra_drift_flag": 1.0}
     assert "C-Acc 90.00% -> 85.00%" in format_row(row) and "DER 92.50%" in format_row(row)
-    assert format_gic_summary(row) == ("GIC: delta 16.0/255, D_BN 0.5000 -> 0.1250, drift: class 3 gets 25.0% of "
-                                       "predictions (WARNING: concentrated)")
+    assert format_gic_summary(row) == ("GIC: delta 16.0/255, D_BN 0.5000 -> 0.1250, drift: on g(aux) the victim "
+                                       "predicts class 3 (the class that gained most) for 25.0% of the images: "
+                                       "WARNING, predictions concentrate on it, as on a backdoor's target")
+    row.update(extra_drift_ratio=2.5, extra_drift_raw_share=0.12)
+    assert "25.0% of the images, against 10.0% of the labels and 12.0% before calibration" in format_gic_summary(row)
     assert "WARNING" not in format_gic_summary({**row, "extra_drift_flag": 0.0})
     assert format_gic_summary({k: v for k, v in row.items() if not k.startswith("extra_")}) is None

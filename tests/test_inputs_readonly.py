@@ -66,7 +66,10 @@ def test_bad_requests_are_refused_before_the_model_is_built(root, tmp_path, monk
 def test_check_aux_request_accepts_what_builds(root):
     record = load_attack_record("victim", root)
     check_aux_request(record, "train", options={"include_poisoned_indices": False}, n_per_class=2)
-    check_aux_request(record, "mix:train+external:digits")
+    check_aux_request(record, "mix:train+external:digits", options={"allow_label_mismatch": True})
+    # the digits' labels are not a CIFAR-10 victim's: refused before any model is built, inside a mix too
+    with pytest.raises(AuxDataError, match="the two label sets differ"):
+        check_aux_request(record, "mix:train+external:digits")
 
 
 def test_source_forms_are_declared_not_special_cased():

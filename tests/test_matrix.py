@@ -13,6 +13,7 @@ import yaml
 
 from backdoorbench_gic.matrix import (MatrixSpecError, collect_results, load_spec, matrix_status, run_matrix,
                                       validate_spec, write_report)
+from backdoorbench_gic.matrix.runner import render_status
 from backdoorbench_gic.testing import make_bb_record
 from backdoorbench_gic.matrix.store import _pid_alive
 
@@ -55,6 +56,26 @@ def test_local_run_resumes_and_skips_done_cells(bb_root, tmp_path):
     for p in first:  # BackdoorBench-format files beside every result row
         assert (p.parent / "defense_result.pt").is_file() and list(p.parent.glob("*_df_summary.csv"))
     assert not any((tmp_path / "out" / ".staging").iterdir())
+
+
+def test_named_gic_variants_run_in_their_own_folders(bb_root, tmp_path):
+    """off and default in output_root, bn-reset as the matrix <name>-bn-reset beside it; every cell once; a failed
+    variant cell is reported from its own folder."""
+    spec = load_spec(write_spec(tmp_path / "s.yaml", bb_root, str(tmp_path / "out"), seeds=[0],
+                                defenses=[{"name": "ft", "overrides": {"epochs": 1, "batch_size": 20}}],
+                                gic={"off": None, "bn-reset": {"placement": "bn-reset"},
+                                     "bad": {"placement": "bn-reset", "bn_batch_size": 0}}))
+    assert [p.name for p in spec.parts()] == ["t", "t-bad", "t-bn-reset"]  # write_spec sorts the keys
+    summary = run_matrix(spec, validate=False)
+    assert summary.counts == {"done": 2, "failed": 1}
+    off, reset = collect_results(tmp_path / "out"), collect_results(tmp_path / "out-bn-reset")
+    assert list(off["gic"]) == [False] and list(reset["gic"]) == [True] and list(reset["matrix"]) == ["t-bn-reset"]
+    assert reset["cell_id"].iloc[0] == spec.part("bn-reset").cells()[0].cell_id
+    assert yaml.safe_load((tmp_path / "out-bn-reset" / "spec.yaml").read_text())["gic"] == [True]
+    st = matrix_status(spec).counts()
+    assert (st["done"], st["failed"]) == (2, 1)
+    assert "out-bad/failures" in render_status(spec, matrix_status(spec))
+    assert run_matrix(spec, validate=False, max_cells=0).counts == {}
 
 
 def test_unknown_defense_or_missing_record_fails_before_running(bb_root, tmp_path):
@@ -174,8 +195,10 @@ def test_killed_worker_and_killed_run_resume_to_every_cell_exactly_once(bb_root,
     assert not (out / "failures").exists() or not any((out / "failures").iterdir())
 
 
-def test_local_and_ray_give_identical_numbers(bb_root, tmp_path):
+def test_local_and_ray_give_identical_numbers(bb_root, tmp_path, monkeypatch):
     pytest.importorskip("ray")
+    # a local Ray starts afresh even where the environment names another cluster (a CI host may run one)
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:9")
     local = load_spec(write_spec(tmp_path / "a.yaml", bb_root, str(tmp_path / "local")))
     ray_spec = load_spec(write_spec(tmp_path / "b.yaml", bb_root, str(tmp_path / "ray"),
                                     executor={"kind": "ray", "local_num_cpus": 2, "num_cpus": 1}))

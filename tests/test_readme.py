@@ -4,7 +4,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import pytest
 
 import backdoorbench_gic
 
@@ -32,11 +31,13 @@ def test_readme_python_quickstart_runs(tmp_path, monkeypatch, capsys, one_thread
     from backdoorbench_gic.testing import make_split_record
 
     monkeypatch.setenv("BBGIC_CACHE_DIR", str(tmp_path / "cache"))
-    # 300 train / 100 reserved images: 5 % of |train| is 15, one reserved image per class (BackdoorBenchER's rule)
-    make_split_record(tmp_path, "badnet_fm", n_train=400, n_test=60, split_ratio=0.25, train_steps=30, width=8)
+    # 300 train / 100 reserved images: 20 % of |train| is 60, six reserved images per class (BackdoorBenchER's rule)
+    make_split_record(tmp_path / "bbgic_demo", "demo_digits_badnet", n_train=400, n_test=60, split_ratio=0.25,
+                      train_steps=30, width=8)
     monkeypatch.chdir(tmp_path)
     capsys.readouterr()
     exec(compile(python_quickstart(), str(README), "exec"), {"__name__": "readme_quickstart"})
     out = capsys.readouterr().out
-    rows = re.findall(r"^(victim|FT on g\(aux\)): C-Acc (\d\.\d{3})  ASR (\d\.\d{3})  RA (\d\.\d{3})$", out, re.M)
-    assert [r[0] for r in rows] == ["victim", "FT on g(aux)"], out
+    rows = re.findall(r"^(victim|FST on g\(aux\)): C-Acc (\d+\.\d%)  ASR (\d+\.\d%)  RA (\d+\.\d%)$", out, re.M)
+    assert [r[0] for r in rows] == ["victim", "FST on g(aux)"], out  # in percent, as the README promises
+    assert re.search(r"^GIC: delta .*, D_BN \d\.\d{4} -> \d\.\d{4}", out, re.M), out

@@ -7,6 +7,9 @@ Targets (gic-method.md section 1 for DER and the gap; the figures come from :mod
 - DER gap closed: >= 50 % on average wherever DER(reserved) - DER(S) > :data:`GAP_THRESHOLD`;
 - no harm: on ``train`` and ``reserved``, |mean dDER| <= 0.01 and mean dC-Acc >= -0.5 points (``no_harm``); the
   one-sided reading (``no_harm_one_sided``: mean dDER >= -0.01, a DER improvement is not harm) is reported beside it.
+
+Beside them, the paper's own reading (:func:`success_figures`): how many paired runs purify successfully without
+and with GIC, and how many GIC gains and loses.
 """
 from __future__ import annotations
 
@@ -60,6 +63,41 @@ def recovery_figures(gaps: pd.DataFrame) -> dict[str, float | int]:
             if len(gapped) else math.nan}
 
 
+def success_figures(pairs: pd.DataFrame, gaps: pd.DataFrame) -> dict[str, float | int]:
+    """The paper's headline reading: the share of paired runs whose purification succeeds
+    (:func:`~backdoorbench_gic.evaluation.purification_success`: ASR <= 10 % and C-Acc within 5 points of the
+    victim) without and with GIC, and the runs GIC turns into a success (gained) or out of one (lost); over the
+    shifted sets' runs (``success_*``) and over the runs of the lossy cells only (``lossy_success_*``)."""
+    from ..evaluation import purification_success
+
+    def ok(frame: pd.DataFrame, side: str) -> pd.Series:
+        return pd.Series([purification_success(b, a, r) for b, a, r in
+                          zip(frame[Col.ACC_BEFORE], frame[f"acc_after_{side}"], frame[f"asr_after_{side}"])],
+                         index=frame.index, dtype=bool)
+
+    shifted = pairs[~pairs[Col.AUX_TYPE].isin(IN_DISTRIBUTION)]
+    lossy_cells = shifted_cells(gaps)
+    lossy_cells = lossy_cells[lossy_cells["acc_loss"] > GAP_THRESHOLD]
+    out: dict[str, float | int] = {}
+    for prefix, frame in (("success", shifted), ("lossy_success", shifted.merge(lossy_cells[CELL_KEYS], on=CELL_KEYS))):
+        off, on = ok(frame, "nogic"), ok(frame, "gic")
+        n = len(frame)
+        out.update({f"{prefix}_runs": n, f"{prefix}_rate_nogic": float(off.mean()) if n else math.nan,
+                    f"{prefix}_rate_gic": float(on.mean()) if n else math.nan,
+                    f"{prefix}_gained": int((on & ~off).sum()), f"{prefix}_lost": int((off & ~on).sum())})
+    return out
+
+
+def success_table(fig: dict) -> str:
+    def rate(v: float) -> str:
+        return "-" if v != v else f"{v * 100:.1f} %"
+
+    rows = [[what, fig[f"{p}_runs"], rate(fig[f"{p}_rate_nogic"]), rate(fig[f"{p}_rate_gic"]), fig[f"{p}_gained"],
+             fig[f"{p}_lost"]] for what, p in (("shifted sets", "success"), ("lossy cells", "lossy_success"))]
+    return ("### Purification success (ASR <= 10 % and C-Acc within 5 points of the victim), paired runs\n\n"
+            + md_table(["runs of", "runs", "success without GIC", "with GIC", "gained", "lost"], rows))
+
+
 def targets(pairs: pd.DataFrame, gaps: pd.DataFrame) -> tuple[str, dict]:
     """The targets table, the no-harm table per defense, and the verdict dict."""
     fig = recovery_figures(gaps)
@@ -80,7 +118,7 @@ def targets(pairs: pd.DataFrame, gaps: pd.DataFrame) -> tuple[str, dict]:
                           pm(ddr, standard_error(g["d_der"]), 1, 3, sign=True), "ok" if ok else "MISS"])
     verdict = {"acc_loss_cells": fig["acc_loss_cells"], "acc_recovered_mean": rec, "asr_rise_on_those": asr_rise,
                "der_gap_cells": fig["der_gap_cells"], "der_gap_closed_mean": closed, "no_harm": harm_ok,
-               "no_harm_one_sided": harm_one_sided}
+               "no_harm_one_sided": harm_one_sided, **success_figures(pairs, gaps)}
     t = [["C-Acc recovered on shifted sets losing > 2 pts", f"{len(lossy)} of {len(shifted)} cells",
           pm(rec, math.nan, digits=0) + " %", ">= 50 %", "ok" if rec >= RECOVERY_TARGET else "MISS"],
          ["mean ASR change on those cells", f"{len(lossy_pairs)} pairs", pm(asr_rise, math.nan, sign=True) + " pts",
@@ -145,5 +183,6 @@ def efficacy_report(df: pd.DataFrame) -> tuple[str, pd.DataFrame, dict]:
     pairs = paired(df)
     gaps = reference_gaps(pairs)
     target_text, verdict = targets(pairs, gaps)
-    parts = [pooled_table(pairs), target_text, gap_table(gaps), drift_table(pairs), cost_table(pairs)]
+    parts = [pooled_table(pairs), target_text, success_table(verdict), gap_table(gaps), drift_table(pairs),
+             cost_table(pairs)]
     return "\n\n".join(p for p in parts if p is not None), gaps, verdict

@@ -106,13 +106,20 @@ def select(figs: dict[str, dict], rule: Rule, calibration_free: tuple[str, ...] 
                                        ok[v]["cost"] if ok[v]["cost"] == ok[v]["cost"] else math.inf, v))[0]
 
 
-def confirm(fig: dict, asr_rise_limit: float = 0.01, min_lossy_cells: int = 3) -> dict[str, str]:
+def confirm(fig: dict, asr_rise_limit: float = 0.01, min_lossy_cells: int = 3,
+            success_margin: float | None = None) -> dict[str, str]:
     """The issue's targets on a block the variant was never chosen on: ``{target: "ok" | "MISS" | "n/a ..."}``;
     the variant is confirmed when no entry is ``MISS``. The DER gap target is ``n/a`` without a gap cell; fewer
-    lossy cells than ``min_lossy_cells`` is a MISS (nothing to confirm on)."""
+    lossy cells than ``min_lossy_cells`` is a MISS (nothing to confirm on). ``success_margin`` (issue 23) adds the
+    target that the success rate over the lossy cells' runs rises by at least that much with GIC."""
     rec, rise, closed = fig.get("acc_recovered_mean"), fig.get("asr_rise_on_those"), fig.get("der_gap_closed_mean")
     cost = fig.get("cost")
-    return {
+    extra = {}
+    if success_margin is not None:
+        on, off = fig.get("lossy_success_rate_gic"), fig.get("lossy_success_rate_nogic")
+        extra[f"success rate +{success_margin * 100:.0f} pts on lossy cells"] = (
+            "ok" if on is not None and off is not None and on >= off + success_margin - 1e-12 else "MISS")
+    return {**extra, 
         "lossy cells": "ok" if fig.get("acc_loss_cells", 0) >= min_lossy_cells else "MISS",
         "C-Acc recovered >= 50 %": "ok" if rec is not None and rec >= RECOVERY_TARGET else "MISS",
         f"mean ASR change <= +{asr_rise_limit * 100:.0f} pt": "ok" if rise is not None and rise <= asr_rise_limit

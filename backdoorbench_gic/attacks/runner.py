@@ -12,6 +12,7 @@ the batch size ``bbgic inspect --evaluate`` uses, so re-evaluating the record re
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import secrets
@@ -93,6 +94,24 @@ def load_attack(attack: str | None = None, yaml_path: str | os.PathLike | None =
     cls = ATTACKS.get(name)
     # the chosen attack wins over an 'attack' key in a lower layer (a badnet yaml reused for blended, say)
     return cls(build_config(cls.config_class, [*layers, ({"attack": cls.registry_name}, "the --attack argument")]))
+
+
+def attack_of_record(record) -> Attack:
+    """The attack that made ``record`` (one of ours: its ``info.pickle`` holds the attack's keys), with its trigger
+    state restored, so that :meth:`Attack.poison_test` poisons new images exactly as the record's bd_test was made.
+    Raises ``ConfigError`` for a record whose info.pickle does not name one of our attacks."""
+    from ..checkpoint import safe_torch_load
+
+    info_path = Path(record.record_dir) / "info.pickle"
+    if not info_path.is_file():
+        raise ConfigError(f"{record.record_dir}: no info.pickle, so the attack that made this record is unknown")
+    info = safe_torch_load(info_path)
+    if not isinstance(info, Mapping) or info.get("attack") not in ATTACKS:
+        raise ConfigError(f"{info_path}: does not name one of our attacks ({', '.join(ATTACKS.names())})")
+    cls = ATTACKS.get(str(info["attack"]))
+    keys = {f.name for f in dataclasses.fields(cls.config_class)}
+    attack = cls(build_config(cls.config_class, [({k: v for k, v in info.items() if k in keys}, str(info_path))]))
+    return attack.setup(record.bb_root).load_extras(record.record_dir)
 
 
 def default_folder_name(attack: str) -> str:

@@ -9,7 +9,8 @@ pipeline, the GIC wrapper and the matrix runner; :func:`check_aux_request` check
 built.
 
 Type names (``bbgic list aux_source``): ``train``, ``reserved``, ``reserved_<shift>`` (brightness, contrast,
-color_jitter, gaussian_blur, rotation, noise, jpeg, ``reserved_tv:<spec>``), ``external:<name or folder>``,
+color_jitter, gaussian_blur, rotation, noise (clipped), noise_wrap (BackdoorBenchER's wrapped noise), jpeg,
+``reserved_tv:<spec>``), ``external:<name or folder>``,
 ``synthetic:<folder>``, ``synthetic:inversion``, ``folder:<name or path>`` (and any other ``reserved_*`` folder
 BackdoorBenchER made), ``<type>_vp``, and ``mix:<a>+<b>[@weight]+...``.
 """

@@ -142,7 +142,8 @@ def victim_train_size(record) -> int:
 def aux_source(name: str, *, options: dict[str, tuple[Any, str]] | None = None, arg: str = "none",
                arg_help: str = "", aliases: tuple[str, ...] = (), usage: str | None = None,
                suffix: str | None = None, check: Callable[[AuxContext, str | None], None] | None = None,
-               whole_set: bool = False, accepted: Callable[[str | None], dict[str, tuple[Any, str]]] | None = None):
+               whole_set: bool = False, accepted: Callable[[str | None], dict[str, tuple[Any, str]]] | None = None,
+               builtins: dict[str, str] | None = None):
     """Register ``fn(ctx, arg) -> Pool`` under ``name``; ``arg`` is "none", "optional" or "required" (the part
     after ``name:``); ``options`` maps each accepted option to (default, help).
 
@@ -151,7 +152,8 @@ def aux_source(name: str, *, options: dict[str, tuple[Any, str]] | None = None, 
     name it too (``reserved_vp`` for ``vp:reserved``); ``check(ctx, arg)`` raises :class:`AuxDataError` for a
     request that cannot work, cheaply and before any model is built (a missing folder); ``whole_set`` sources
     return the sampled :class:`ImageSet` themselves (a mix samples each part) instead of a :class:`Pool`, and
-    ``accepted(arg)`` gives their options when they depend on the argument."""
+    ``accepted(arg)`` gives their options when they depend on the argument; ``builtins`` names the arguments the
+    package itself provides (``external:fonts``), with a line each, for listings."""
     if arg not in ("none", "optional", "required"):
         raise ValueError(f"arg must be none, optional or required, got {arg!r}")
 
@@ -164,6 +166,7 @@ def aux_source(name: str, *, options: dict[str, tuple[Any, str]] | None = None, 
         fn.aux_check = check  # type: ignore[attr-defined]
         fn.aux_whole_set = whole_set  # type: ignore[attr-defined]
         fn.aux_accepted = accepted  # type: ignore[attr-defined]
+        fn.aux_builtins = dict(builtins or {})  # type: ignore[attr-defined]
         AUX_SOURCES.add(name, fn, aliases=aliases)
         return fn
 

@@ -92,7 +92,8 @@ def options_for(reserved_types, options: dict | None) -> list[dict]:
 
 
 def check_aux_request(record, reserved_type: str, *, options: dict | None = None, n_per_class: int | None = None,
-                      index_file: str | os.PathLike | None = None) -> None:
+                      index_file: str | os.PathLike | None = None, ratio: float | None = None,
+                      replacement: bool = False) -> None:
     """Everything about an auxiliary-set request that can be checked without building a model or decoding an
     image: the type parses, its options are accepted, the counts make sense, the index file exists, and the
     source's own check passes (a folder type's folder exists, a mix's parts do). Raises :class:`AuxDataError`
@@ -106,8 +107,10 @@ def check_aux_request(record, reserved_type: str, *, options: dict | None = None
     source, arg = parse_reserved_type(reserved_type)
     check_options(dict(options or {}), accepted_options(reserved_type), reserved_type)
     check = getattr(AUX_SOURCES.get(source), "aux_check", None)
-    if check is not None:
-        check(AuxContext(record, options=dict(options or {}), reserved_type=reserved_type), arg)
+    if check is not None:  # ratio and n_per_class let a source check that it holds what the rule will ask
+        check(AuxContext(record, options=dict(options or {}), ratio=None if n_per_class else ratio,
+                         n_per_class=n_per_class, reserved_type=reserved_type, index_file=index_file,
+                         replacement=replacement), arg)
 
 
 def build_aux_set(record, reserved_type: str = "train", *, ratio: float | None = 0.05,

@@ -8,7 +8,9 @@
   to 8 bits with a warning (``float_policy="quantize"``) or refused (``"error"``). ``meta.txt`` is written last:
   a folder without it is an unfinished export.
 - Shifted reserved sets: ``data/<split>/reserved_<shift>/`` with the reserved folder's file names, as
-  BackdoorBenchER's generate_ood.py writes them (:func:`export_reserved_shift`).
+  BackdoorBenchER's generate_ood.py writes them (:func:`export_reserved_shift`). ``noise_wrap`` (their wrapped
+  noise) is written to ``reserved_noise/``, the folder their scripts read; the clipped ``noise`` goes there too when
+  asked for, and the export's parameter file tells the two apart.
 - Calibrated arrays (``<type>_vp``): ``data/<ds>/<type>_vp/<result_file>/images.npy`` (float32 N x H x W x C in
   [0,1]) and ``labels.npy`` (int64, N): :func:`read_vp_arrays` / :func:`write_vp_arrays`, the one definition the
   GIC exporter and the ``_vp`` source share.
@@ -164,7 +166,7 @@ def export_reserved_shift(split_dir: str | os.PathLike, shift: str, *, options: 
     file names, 8-bit PNGs, ``meta.txt`` last. Resumable: an unfinished export with the same parameters is
     completed; with other parameters it is an error."""
     from ..data.datasets import open_dataset
-    from .shifts import SHIFT_OPTIONS, ShiftApplier, make_shift
+    from .shifts import ER_FOLDER, SHIFT_OPTIONS, ShiftApplier, make_shift, seed_key
 
     split_dir = Path(split_dir).resolve()
     opts = {k: v[0] for k, v in SHIFT_OPTIONS.items()}
@@ -173,7 +175,8 @@ def export_reserved_shift(split_dir: str | os.PathLike, shift: str, *, options: 
         raise AuxDataError(f"unknown shift option(s) {unknown}; accepted: {', '.join(sorted(opts))}")
     opts.update(options or {})
     name = shift.lower()
-    folder_name = f"reserved_{name}" if name != "tv" else "reserved_tv_" + _safe(arg or "")
+    # noise_wrap goes where BackdoorBenchER's generate_ood.py puts that data: reserved_noise/
+    folder_name = ER_FOLDER.get(name, f"reserved_{name}" if name != "tv" else "reserved_tv_" + _safe(arg or ""))
     out = split_dir / folder_name
     reserved = split_dir / "reserved"
     if not reserved.is_dir():
@@ -202,7 +205,7 @@ def export_reserved_shift(split_dir: str | os.PathLike, shift: str, *, options: 
     _, samples = image_folder_samples(reserved)
     if len(samples) != len(base):
         raise AuxDataError(f"{reserved}: {len(samples)} files but {len(base)} images read")
-    applier = ShiftApplier(shifter, name if name != "tv" else f"tv:{arg}", int(opts["shift_seed"]), True)
+    applier = ShiftApplier(shifter, seed_key(name, arg), int(opts["shift_seed"]), True)
     positions = np.arange(len(base))
     todo = [i for i, (p, _) in enumerate(samples)
             if overwrite or not (out / p.relative_to(reserved)).with_suffix(".png").is_file()]

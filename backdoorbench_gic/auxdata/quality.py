@@ -178,6 +178,21 @@ def risk_verdict(risk: float, entropy: float, entropy_adapted: float, reference_
     return "close" if risk < CLOSE_RISK else "shifted"
 
 
+def close_bound(reference_risk: float | None = None) -> float:
+    """The risk at or below which a set is ``close`` (:func:`risk_verdict`): ``CLOSE_RATIO`` x the reference's
+    risk, else ``CLOSE_RISK`` (where the bound itself already counts as shifted)."""
+    if reference_risk is not None and reference_risk == reference_risk:
+        return CLOSE_RATIO * reference_risk
+    return CLOSE_RISK
+
+
+def verdict_rule(reference: str | None = None, reference_risk: float | None = None) -> str:
+    """The verdict rule in words, e.g. ``close: risk at most 2 x the reference reserved's 0.0016``."""
+    if reference_risk is not None and reference_risk == reference_risk:
+        return f"close: risk at most {CLOSE_RATIO:g} x the reference {reference}'s {reference_risk:.3g}"
+    return f"close: risk below {CLOSE_RISK:g}"
+
+
 def _entropy(logits: torch.Tensor, num_classes: int) -> float:
     """Mean prediction entropy over samples, divided by log K (0 for one class)."""
     if num_classes <= 1:
@@ -265,8 +280,9 @@ def frechet_distance(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.nd
 def measure_quality(model: torch.nn.Module, data: ImageSet, num_classes: int, *, reference: ImageSet | None = None,
                     reference_moments: tuple[np.ndarray, np.ndarray] | None = None, device: torch.device | str = "cpu",
                     batch_size: int = 256, flag_margin: float = 0.25, flag_ratio: float = 2.0,
-                    progress: bool | None = None) -> QualityReport:
-    """The signals, the headline ``risk`` and its verdict for one set (see the module docstring)."""
+                    progress: bool | None = None, reference_risk: float | None = None) -> QualityReport:
+    """The signals, the headline ``risk`` and its verdict for one set (see the module docstring); the verdict is
+    judged against ``reference_risk`` (the risk of a reference set of the same victim) when given."""
     if len(data) == 0:
         raise ValueError(f"{data.name or 'the set'} is empty")
     device = torch.device(device)
@@ -302,7 +318,7 @@ def measure_quality(model: torch.nn.Module, data: ImageSet, num_classes: int, *,
         confidence=float(probs.max(1).values.mean()), accuracy=float((pred == labels).double().mean()),
         hist_tvd=tvd, top_class=top, top_share=float(pred_hist[top]), top_attraction=float(attraction[top]),
         flagged=flagged, fd=fd, alignment=float(alignment), entropy_adapted=entropy_adapted, risk=risk,
-        verdict=risk_verdict(risk, entropy, entropy_adapted), bn_layers=layers,
+        verdict=risk_verdict(risk, entropy, entropy_adapted, reference_risk), bn_layers=layers,
         pred_hist=pred_hist.tolist(), label_hist=label_hist.tolist())
 
 
@@ -346,33 +362,43 @@ def quality_table(record, reserved_types: Sequence[str], *, reference: str | Non
                                 disable=not progress_enabled(progress)):
         aux = build_aux_set(record, t, options=opts, **kw)
         rep = measure_quality(victim, aux, record.num_classes, reference_moments=ref_moments, device=device,
-                              batch_size=batch_size, flag_margin=flag_margin, flag_ratio=flag_ratio, progress=progress)
-        log.info("%s: n %d, risk %.4g (%s), D_BN %.4f, entropy %.3f (adapted %.3f), TVD %.3f%s", t, rep.n, rep.risk,
-                 rep.verdict, rep.bn_div, rep.entropy, rep.entropy_adapted, rep.hist_tvd,
-                 f", flagged classes {rep.flagged}" if rep.flagged else "")
+                              batch_size=batch_size, flag_margin=flag_margin, flag_ratio=flag_ratio, progress=progress,
+                              reference_risk=ref_risk)
+        log.info("%s: n %d, risk %.4g, verdict %s (%s), D_BN %.4f, entropy %.3f (adapted %.3f), TVD %.3f%s", t, rep.n,
+                 rep.risk, rep.verdict, verdict_rule(reference, ref_risk), rep.bn_div, rep.entropy,
+                 rep.entropy_adapted, rep.hist_tvd, f", flagged classes {rep.flagged}" if rep.flagged else "")
         reports.append(rep)
     df = pd.DataFrame([r.row() for r in reports])
     df.insert(0, "reserved_type", types)
     df = df.drop(columns=["name"])
     if not reference:
         df = df.drop(columns=["fd"])
-    if ref_risk is not None:  # verdicts relative to the reference set's risk
-        for rep in reports:
-            rep.verdict = risk_verdict(rep.risk, rep.entropy, rep.entropy_adapted, ref_risk)
-        df["verdict"] = [r.verdict for r in reports]
     df.attrs["reference"] = reference
     df.attrs["reference_risk"] = ref_risk
     df.attrs["record"] = str(record.record_dir)
     return df, reports
 
 
+VERDICT_COLORS = {"close": "tab:green", "shifted": "tab:orange", "fitted": "tab:red", "unknown": "tab:gray"}
+LOG_PANELS = ("risk", "bn_div", "fd")  # values that span decades: log axes, so 2e-05 and 5e-05 look different
+
+
+def _log_floor(values: Sequence[float]) -> float:
+    """Where a zero (or NaN) bar ends on a log axis: a third of the smallest positive value."""
+    positive = [v for v in values if v == v and v > 0]
+    return min(positive) / 3.0 if positive else 1e-6
+
+
 def plot_quality(df, path: str | os.PathLike, title: str | None = None) -> Path:
-    """Bar plots of the headline risk, D_BN, the adapted entropy and (with a reference) FD per source; sources
-    with a flagged class in red; risk, D_BN and FD on symmetric-log axes."""
+    """Bar plots of the headline risk, D_BN, the adapted entropy and (with a reference) FD per source. Bars are
+    coloured by the table's verdict and carry their value (the risk panel also the verdict, and the class a set
+    flags; flagged sets are hatched); risk, D_BN and FD on log axes, with the verdict's bound on the risk panel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
     from ..utils.io import atomic_write_with
 
@@ -381,21 +407,43 @@ def plot_quality(df, path: str | os.PathLike, title: str | None = None) -> Path:
     if "fd" in df.columns and df["fd"].notna().any():
         cols.append(("fd", f"Frechet distance to {df.attrs.get('reference', 'reference')}"))
     names = df["reserved_type"].tolist()
-    colors = ["tab:red" if isinstance(f, str) and f.strip() else "tab:blue" for f in df["flagged"]]  # NaN from CSV
-    fig, axes = plt.subplots(1, len(cols), figsize=(3.6 * len(cols) + 1.5, 0.45 * len(names) + 1.8), squeeze=False,
+    verdicts = [v if isinstance(v, str) else "unknown" for v in df.get("verdict", ["unknown"] * len(df))]
+    colors = [VERDICT_COLORS.get(v, "tab:gray") for v in verdicts]
+    flags = [f.strip() if isinstance(f, str) else "" for f in df.get("flagged", [""] * len(df))]  # NaN from a CSV
+    fig, axes = plt.subplots(1, len(cols), figsize=(4.2 * len(cols) + 1.5, 0.5 * len(names) + 2.0), squeeze=False,
                              sharey=True)
+    ref_risk = df.attrs.get("reference_risk")
     for ax, (col, label) in zip(axes[0], cols):
-        ax.barh(names, df[col].astype(float).tolist(), color=colors)
-        ax.set_title(label, fontsize=10)
-        if col in ("risk", "bn_div", "fd"):
-            ax.set_xscale("symlog", linthresh={"risk": CLOSE_RISK, "bn_div": 0.01}.get(col, 1.0))  # values span decades
+        values = df[col].astype(float).tolist()
+        log_axis = col in LOG_PANELS
+        floor = _log_floor(values) if log_axis else 0.0
+        shown = [max(v, floor) if v == v else floor for v in values]
+        ax.barh(names, shown, color=colors, hatch=["//" if f else "" for f in flags], edgecolor="black", linewidth=0.4)
+        if log_axis:
+            ax.set_xscale("log")
+            ax.set_xlim(floor / 1.5, max(shown) * (60 if col == "risk" else 12))  # room for the labels
+        else:
+            ax.set_xlim(0, max([v for v in shown if v == v] + [1e-9]) * 1.6)
+        for i, (v, x) in enumerate(zip(values, shown)):
+            text = "nan" if v != v else f"{v:.2g}"
+            if col == "risk":
+                text += f" {verdicts[i]}" + (f", flags class {flags[i]}" if flags[i] else "")
+            ax.text(x * (1.15 if log_axis else 1.0) + (0 if log_axis else ax.get_xlim()[1] * 0.02), i, text,
+                    va="center", fontsize=7)
+        if col == "risk":
+            bound = close_bound(ref_risk)
+            ax.axvline(bound, color="tab:green", linestyle="--", linewidth=0.8)
+        ax.set_title(label, fontsize=9)
         ax.tick_params(labelsize=8)
     axes[0][0].invert_yaxis()
-    if any(c == "tab:red" for c in colors):
-        title = (title + "; " if title else "") + "red: a class pulls in predictions (possible backdoor target)"
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    handles = [Patch(color=VERDICT_COLORS[v], label=v) for v in VERDICT_COLORS if v in verdicts]
+    handles.append(Line2D([0], [0], color="tab:green", linestyle="--", linewidth=0.8, label="bound of close (risk)"))
+    if any(flags):
+        handles.append(Patch(facecolor="white", edgecolor="black", hatch="//", label="a class pulls in predictions"))
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    rule = verdict_rule(df.attrs.get("reference"), ref_risk)
+    fig.suptitle(((title + "; ") if title else "") + f"verdict {rule}", fontsize=9)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     path = Path(path)
     atomic_write_with(path, lambda p: fig.savefig(p, format=path.suffix.lstrip(".") or "png", dpi=120))
     plt.close(fig)

@@ -16,7 +16,8 @@ Parameters (BackdoorBenchER's, gic-method.md section 2):
                    (torchvision's ColorJitter); saturation and hue do nothing on grey-scale images
 ``gaussian_blur``  kernel 3, sigma ~ U[0.1, 2.0] (same sigma on both axes, reflect padding)
 ``rotation``       angle ~ U[-30, 30] degrees, nearest-neighbour, black fill
-``noise``          ``x + std * N(0, 1)`` per pixel, std 0.1
+``noise``          ``x + std * N(0, 1)`` per pixel, std 0.1, clipped to [0, 1]
+``noise_wrap``     the same noise draws, pixels wrapped around as BackdoorBenchER's generator leaves them
 ``jpeg``           JPEG re-encoding at ``jpeg_quality`` (default 50; PIL, 4:2:0 chroma sub-sampling)
 ``tv``             any torchvision ``transforms.v2`` classes by name: ``Name(kw=literal, ...)|Name2(...)``
 =================  ==========================================================================================
@@ -24,7 +25,12 @@ Parameters (BackdoorBenchER's, gic-method.md section 2):
 Results are quantised back to 8 bits as the PNGs BackdoorBenchER saves: by default pixels are clipped to
 [0, 1] and rounded. BackdoorBenchER does not clip its noisy images, and its float-to-PNG conversion
 (``ToPILImage``: ``x.mul(255).byte()``) truncates toward zero and keeps the low 8 bits, so out-of-range values
-wrap around (-0.01 -> 254, 1.05 -> 11); the option ``noise_wrap=True`` reproduces exactly that for ``noise``.
+wrap around (-0.01 -> 254, 1.05 -> 11): about a third of the pixels of a dark or bright image jump to the other
+end of the range, salt-and-pepper noise rather than Gaussian noise. The two are distinct named sets, never chosen
+by what is on disk: ``reserved_noise`` is the clipped one; ``reserved_noise_wrap`` reproduces BackdoorBenchER's
+exactly (and reads their ``reserved_noise/`` folder, which holds that data). Both draw the same noise per image
+(seed key ``noise``), so they differ in what happens outside [0, 1] and, inside it, by one level at most (their
+conversion truncates, ours rounds); :data:`WRAP_WARNING` is the line every summary prints for the wrapped set.
 """
 from __future__ import annotations
 
@@ -40,8 +46,26 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SHIFT_NAMES = ("brightness", "contrast", "color_jitter", "gaussian_blur", "rotation", "noise", "jpeg", "tv")
+SHIFT_NAMES = ("brightness", "contrast", "color_jitter", "gaussian_blur", "rotation", "noise", "noise_wrap", "jpeg",
+               "tv")
 ER_SHIFTS = ("brightness", "contrast", "color_jitter", "gaussian_blur", "rotation", "noise")
+# the folder BackdoorBenchER's generate_ood.py writes for a shift (their only noise is the wrapped one)
+ER_FOLDER = {"noise_wrap": "reserved_noise"}
+WRAP_WARNING = ("reserved_noise_wrap: BackdoorBenchER's noisy images, pixels wrapped around instead of clipped "
+                "(x.mul(255).byte() keeps the low 8 bits): salt-and-pepper extremes, not Gaussian noise; "
+                "reserved_noise is the clipped set")
+
+
+def seed_key(name: str, arg: str | None = None) -> str:
+    """The name a shift's per-image parameters are seeded by: ``noise_wrap`` shares ``noise``'s draws."""
+    if name == "tv":
+        return f"tv:{arg}"
+    return "noise" if name == "noise_wrap" else name
+
+
+def shift_warning(reserved_type: str) -> str | None:
+    """:data:`WRAP_WARNING` when ``reserved_type`` (or a part of a ``mix:``) is the wrapped noise set."""
+    return WRAP_WARNING if "reserved_noise_wrap" in str(reserved_type) else None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -320,8 +344,6 @@ SHIFT_OPTIONS: dict[str, tuple[Any, str]] = {
     "rotation_degrees": ((-30.0, 30.0), "rotation angle range"),
     "rotation_interpolation": ("nearest", "rotation resampling: nearest (torchvision's default) or bilinear"),
     "noise_std": (0.1, "noise standard deviation on [0,1] pixels"),
-    "noise_wrap": (False, "BackdoorBenchER parity: do not clip noisy pixels, wrap them around as uint8 overflow "
-                          "(8-bit output only; with quantize=False pixels are clipped)"),
     "jpeg_quality": (50, "JPEG quality 1..100"),
 }
 
@@ -341,8 +363,8 @@ def make_shift(name: str, options: dict[str, Any] | None = None, arg: str | None
         return GaussianBlur(o["blur_kernel"], o["blur_sigma_range"])
     if n == "rotation":
         return Rotation(o["rotation_degrees"], o["rotation_interpolation"])
-    if n == "noise":
-        return Noise(o["noise_std"], o["noise_wrap"])
+    if n in ("noise", "noise_wrap"):
+        return Noise(o["noise_std"], wrap=n == "noise_wrap")
     if n == "jpeg":
         return JPEG(int(arg) if arg else o["jpeg_quality"])
     if n == "tv":
@@ -389,6 +411,5 @@ def shift_images(images: torch.Tensor, name: str, *, positions: np.ndarray | Non
     """Shift a batch (uint8 or float N x C x H x W); ``positions`` (default 0..N-1) key each image's parameters."""
     shift = make_shift(name, options, arg)
     pos = np.arange(images.shape[0]) if positions is None else np.asarray(positions)
-    key = name if name != "tv" else f"tv:{arg}"
-    return ShiftApplier(shift, key, shift_seed, quantize)(images, pos)
+    return ShiftApplier(shift, seed_key(name, arg), shift_seed, quantize)(images, pos)
 

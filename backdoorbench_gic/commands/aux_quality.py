@@ -45,6 +45,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--flag_margin", type=float, default=0.25,
                    help="flag a class predicted at least this much above its label share ...")
     p.add_argument("--flag_ratio", type=float, default=2.0, help="... and at least this many times its share")
+    p.add_argument("--wide", action="store_true",
+                   help="print every signal (about 190 columns); default: the headline columns, within 120")
     _add_set_args(p)
     add_debug_arg(p)
     p.set_defaults(func=run)
@@ -71,8 +73,6 @@ def _record(args):
 
 
 def run(args: argparse.Namespace) -> int:
-    import pandas as pd
-
     from ..auxdata.quality import plot_quality, quality_table
     from ..utils.io import atomic_write_with
     from ..utils.runtime import resolve_device
@@ -82,42 +82,56 @@ def run(args: argparse.Namespace) -> int:
                           ratio=None if args.n_per_class else args.ratio, n_per_class=args.n_per_class,
                           seed=args.random_seed, options=dict(args.option), device=resolve_device(args.device),
                           batch_size=args.batch_size, flag_margin=args.flag_margin, flag_ratio=args.flag_ratio)
-    print(report_text(df))
+    print(report_text(df, wide=args.wide))
     if args.csv:
         atomic_write_with(args.csv, lambda p: df.to_csv(p, index=False))
-        print(f"csv: {args.csv}")
+        print(f"wrote the table (every signal) to {args.csv}")
     if args.plot:
         plot_quality(df, args.plot, title=f"{record.name}: auxiliary-data alignment")
-        print(f"plot: {args.plot}")
+        print(f"wrote the plot to {args.plot}")
     return 0
 
 
-def report_text(df) -> str:
-    """The table (best risk first), which direction is better per column, each set's verdict with what to do,
-    and the target-class warnings."""
+# the default table's columns (within 120 characters); --wide prints them all
+NARROW_COLUMNS = ("reserved_type", "n", "risk", "verdict", "bn_div", "entropy_adapted", "accuracy", "hist_tvd",
+                  "flagged", "fd")
+
+
+def report_text(df, wide: bool = False) -> str:
+    """The table (best risk first; the headline columns, or every signal with ``wide``), which direction is
+    better per shown column, each set's verdict with what to do, and the target-class warnings; the prose is
+    wrapped at 120 characters."""
+    import textwrap
+
     import pandas as pd
 
-    from ..auxdata.quality import CLOSE_RATIO, CLOSE_RISK, SIGNAL_DIRECTIONS, VERDICTS
+    from ..auxdata.quality import SIGNAL_DIRECTIONS, VERDICTS, verdict_rule
+
+    def wrap(text: str, indent: str = "") -> list[str]:
+        return textwrap.wrap(text, 120, initial_indent=indent, subsequent_indent=indent + "    ")
 
     table = df.sort_values("risk", na_position="last", kind="stable")
-    with pd.option_context("display.width", 200, "display.max_columns", 40, "display.float_format", "{:.4g}".format):
-        lines = [table.to_string(index=False), "",
-                 "risk ranks the sets by the clean accuracy (C-Acc) purification loses with them: purify with the "
-                 "lowest. It is a rank score measured on this victim, not a forecast in points."]
-    lines += ["", "columns:"] + [f"  {c}: {d}" for c, d in SIGNAL_DIRECTIONS.items() if c in df.columns]
+    shown = table if wide else table[[c for c in NARROW_COLUMNS if c in table.columns]]
+    with pd.option_context("display.width", 250, "display.max_columns", 40, "display.float_format", "{:.4g}".format):
+        lines = [shown.to_string(index=False), ""]
+    lines += wrap("risk ranks the sets by the clean accuracy (C-Acc) purification loses with them: purify with the "
+                  "lowest. It is a rank score measured on this victim, not a forecast in points."
+                  + ("" if wide else " --wide (or --csv) shows every signal."))
+    lines += ["", "columns:"] + [ln for c, d in SIGNAL_DIRECTIONS.items() if c in shown.columns
+                                 for ln in wrap(f"{c}: {d}", "  ")]
     ref, ref_risk = df.attrs.get("reference"), df.attrs.get("reference_risk")
-    lines += ["", f"verdicts (close: risk at most {CLOSE_RATIO:g} x the reference {ref}'s {ref_risk:.3g}):"
-              if ref_risk is not None and ref_risk == ref_risk else
-              f"verdicts (close: risk below {CLOSE_RISK:g}; with --reference reserved, judged against your own "
-              "in-distribution set instead):"]
+    with_ref = ref_risk is not None and ref_risk == ref_risk
+    lines += [""] + wrap(f"verdicts ({verdict_rule(ref, ref_risk)}"
+                         + ("" if with_ref else "; with --reference reserved, judged against your own in-distribution "
+                                                "set instead") + "):")
     for _, row in table.iterrows():
-        lines.append(f"  {row['reserved_type']}: {row['verdict']} - {VERDICTS[row['verdict']]}")
+        lines += wrap(f"{row['reserved_type']}: {row['verdict']} - {VERDICTS[row['verdict']]}", "  ")
     flagged = table[table["flagged"].astype(str).str.strip().replace("nan", "") != ""]
     for _, row in flagged.iterrows():
-        lines.append(f"warning: {row['reserved_type']}: class(es) {row['flagged']} attract far more predictions than "
-                     f"their label share (top class {row['top_class']}: {row['top_share']:.1%}); on a backdoored victim "
-                     "this can point at the target class: a set that pulls predictions there looks trigger-like to the "
-                     "victim; check whether the same class is flagged across unrelated sets")
+        lines += wrap(f"warning: {row['reserved_type']}: class(es) {row['flagged']} attract far more predictions than "
+                      f"their label share (top class {row['top_class']}: {row['top_share']:.1%}); on a backdoored "
+                      "victim this can point at the target class: a set that pulls predictions there looks "
+                      "trigger-like to the victim; check whether the same class is flagged across unrelated sets")
     return "\n".join(lines)
 
 

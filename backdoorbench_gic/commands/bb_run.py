@@ -7,8 +7,10 @@ optionally with Guided Input Calibration in front of the clean data it draws.
 Every argument the runner does not own goes to their script as given. The runner owns --bb_root, --gic,
 --gic_yaml, --gic_device, --no_numpy_compat and, with --gic, GIC's keys (delta, family, norm, gic_steps, ...,
 see defense_configs/gic/). It reads, without removing them, --result_file, --yaml_path, --dataset, --ratio,
---random_seed, --index, --device and (BackdoorBenchER) --reserved_type, to fit g on the same auxiliary data:
---reserved_type's set for BackdoorBenchER, ratio x |train| clean training images (or the --index file's) upstream.
+--random_seed, --index, --device and (BackdoorBenchER) --reserved_type. g is fitted on the images their script
+trains on: their draw is intercepted before training (upstream's choose_index: the --index file or their seeded
+draw; BackdoorBenchER's get_reserved_data: the subset it returns), and the fit line says which images it used. A
+script that reads clean training images before any draw gets g fitted on our own draw with its ratio and seed.
 
 Their torch.load goes through our allow-list loader (weights_only=True plus the numpy types of a record; a pickle
 needing anything else is refused, naming it, and none of it runs). Test and poisoned data are never calibrated.
@@ -92,14 +94,23 @@ def their_settings(argv: list[str], root: Path, script: Path) -> dict[str, objec
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from .. import bbrun
     from ..auxdata import build_aux_set
+    from ..auxdata.shifts import shift_warning
     from ..checkpoint import UntrustedCheckpointError
     from ..config import config_keys
     from ..gic.fit import GICConfig
     from ..records import load_attack_record
 
     root = Path(args.bb_root or ".").resolve()
+    try:
+        bbrun.detect_checkout(root)
+    except ValueError as exc:
+        where = "--bb_root names" if args.bb_root else "the current directory is"
+        raise bbrun.BBRunError(f"{exc}. bb-run runs their scripts from their checkout, and {where} not one: cd into "
+                               "your checkout or pass --bb_root") from None
     gic_cli, theirs = split_gic_flags(list(getattr(args, "extra", [])), set(config_keys(GICConfig)))
     if gic_cli and not args.gic:
         raise ValueError(f"GIC setting(s) {', '.join('--' + k for k in gic_cli)} given without --gic")
@@ -128,14 +139,26 @@ def run(args: argparse.Namespace) -> int:
         seed = int(s.get("random_seed") or 0)
         index = s.get("index") or None
         device = args.gic_device or s.get("device") or "auto"
-        aux = build_aux_set(record, str(reserved_type or "train"), ratio=None if index else ratio, seed=seed,
-                            index_file=Path(root, str(index)) if index else None, device="cpu")
-        calibrator, described, _ = bbrun.fit_gic(record, aux, dataset=s.get("dataset") or None,
-                                                 yaml_path=args.gic_yaml, settings=gic_cli, seed=seed, device=device)
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            device = "cpu"  # their yaml's default; their script meets it with its own message
+
+        def fit(images):
+            g, described, _ = bbrun.fit_gic(record, images, dataset=s.get("dataset") or None,
+                                            yaml_path=args.gic_yaml, settings=gic_cli, seed=seed, device=device)
+            note = shift_warning(str(reserved_type or ""))
+            return g, described + (f". WARNING: {note}" if note else "")
+
+        def fallback():
+            return build_aux_set(record, str(reserved_type or "train"), ratio=None if index else ratio, seed=seed,
+                                 index_file=Path(root, str(index)) if index else None, device="cpu")
+
+        from ..gic.calibration import GIC
+
+        GIC.from_sources(s.get("dataset") or record.clean_data, args.gic_yaml, gic_cli)  # bad settings fail now
+        calibrator = bbrun.DrawnFit(record, fit, Path(args.script).name, fallback,
+                                    announce=lambda line: print(line, flush=True))
         h, w, c = record.img_size
         shape = (c, h, w)
-        print(f"GIC: g fitted through the victim of {record.name} on {aux.name} ({len(aux)} images). {described}. "
-              f"The clean images {Path(args.script).name} draws pass through it; its test data does not.", flush=True)
     try:
         report = bbrun.run_script(args.script, theirs, root, calibrator=calibrator, image_shape=shape,
                                   reserved_type=reserved_type, numpy_aliases=not args.no_numpy_compat)
@@ -149,6 +172,8 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print(f"bb-run: {report.script.name} ({report.flavour}) exited with {report.exit_code}; "
           f"{len(report.loads)} torch.load call(s) through the allow-list")
+    for line in report.fits:
+        print(f"  {line}")
     for where, n in report.calibrated:
         print(f"  GIC calibrated {where} ({n} images)")
     if report.numpy_aliases:

@@ -36,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..auxdata import build_aux_set, check_aux_request, vp_dir, write_vp_arrays
+    from ..auxdata.shifts import shift_warning
     from ..gic.calibration import GIC
     from ..records import load_attack_record
     from ..utils.runtime import resolve_device, seed_everything
@@ -63,5 +64,7 @@ def run(args: argparse.Namespace) -> int:
     write_vp_arrays(out, calibrated.images, calibrated.labels, num_classes=record.num_classes)
     print(f"wrote {len(calibrated)} calibrated images of {args.reserved_type} to {out}")
     print(f"  {gic.describe()}")
+    if shift_warning(args.reserved_type):
+        print(f"  WARNING: {shift_warning(args.reserved_type)}")
     print(f"  use it with --reserved_type {args.reserved_type}_vp (ours or BackdoorBenchER's defenses)")
     return 0

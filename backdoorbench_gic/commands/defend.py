@@ -7,7 +7,6 @@ unknown key is an error that names it. ``--defense sau --help`` lists sau's keys
 from __future__ import annotations
 
 import argparse
-import sys
 
 from .common import add_config_help, add_debug_arg, add_device_arg
 
@@ -23,8 +22,9 @@ def add_defense_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n_per_class", type=int, default=None, help="auxiliary images per class (instead of --ratio)")
     p.add_argument("--output_dir", default=None, help="write results here instead of <record>/defense/<name>/<variant>")
     p.add_argument("--variant", default=None, help="output sub-folder name (default: yaml basename or <dataset>_<type>)")
-    p.add_argument("--monitor_every", type=int, default=1,
-                   help="evaluate on the test sets every N epochs for the CSV (0: only at the end)")
+    p.add_argument("--monitor_every", type=int, default=0,
+                   help="opt-in: evaluate on the test sets every N epochs for the CSV (default 0: only the final "
+                        "row has test metrics; each monitored epoch costs one test evaluation)")
     p.add_argument("--aux_option", action="append", default=[], metavar="KEY=VALUE",
                    help="option for the auxiliary source (repeatable), e.g. noise_wrap=true")
     p.add_argument("--trust_checkpoint", action="store_true",
@@ -113,10 +113,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..pipeline import run_defense
+    from ..pipeline import output_dir, run_defense
+    from ..records import resolve_record_dir
 
-    row = run_defense(request_from_args(args, getattr(args, "extra", [])))
+    req = request_from_args(args, getattr(args, "extra", []))
+    row = run_defense(req)
     print(format_row(row))
+    if row.get("aux_warning"):
+        print(f"  WARNING: {row['aux_warning']}")
     summary = format_gic_summary(row)
     if summary:
         print(f"  {summary}")
@@ -125,6 +129,9 @@ def run(args: argparse.Namespace) -> int:
     probes = probe_line(row)
     if probes:
         print(f"  {probes}")
+    out = output_dir(req, resolve_record_dir(req.result_file, req.bb_root), row["defense"], row["dataset"],
+                     row["aux_type"])
+    print(f"wrote the purified model (defense_result.pt), its CSVs, plots, result.json and log/ to {out}")
     return 0
 
 
@@ -135,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     add_config_help(p)
     add_defense_args(p)
     add_debug_arg(p)
-    args, extra = p.parse_known_args(argv)
+    from ..cli import plain_help, report_error
+
+    args, extra = plain_help(p).parse_known_args(argv)
     args.extra = extra
     from ..utils.logs import console_logging
 
@@ -145,5 +154,4 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:
         if args.debug:
             raise
-        print(f"run_defense.py: error: {exc}", file=sys.stderr)
-        return 2
+        return report_error("run_defense.py", exc)

@@ -187,6 +187,9 @@ def describe(name: str, kinds: Iterable[str] | None = None, dataset: str | None 
         if doc:
             out += ["  " + line.strip() for line in doc.split("\n\n")[0].splitlines()]
         cls = getattr(obj, "config_class", None)
+        if reg.kind == "aux_source":
+            out += _aux_source_lines(canonical, obj)
+            continue
         if cls is None or not dataclasses.is_dataclass(cls):
             out.append("  (no config keys)")
             continue
@@ -218,3 +221,18 @@ def describe(name: str, kinds: Iterable[str] | None = None, dataset: str | None 
             out += ["", f"  {yaml_note}"]
         out.append("")
     return "\n".join(out).rstrip()
+
+
+def _aux_source_lines(name: str, fn: Any) -> list[str]:
+    """An auxiliary source's built-in arguments (``external:fonts``) and the options it accepts."""
+    from ..auxdata.base import source_options
+
+    out = []
+    builtins = getattr(fn, "aux_builtins", {})
+    if builtins:
+        out += ["", "  built in:"] + [f"    {name}:{arg}: {line}" for arg, line in builtins.items()]
+    options = source_options(fn)
+    if options:
+        out += ["", "  options (--aux_option KEY=VALUE; aux_options in a matrix spec):"]
+        out += _table(["option", "default", "what it does"], [[k, _show(d), h] for k, (d, h) in sorted(options.items())])
+    return out

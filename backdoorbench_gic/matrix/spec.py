@@ -23,20 +23,48 @@ aux_options_for: {}                   # per auxiliary type, over aux_options: {r
 eval_limit: null                      # CPU-scale runs: a fixed subset of N clean and N poisoned test images
 monitor_every: 0                      # per-epoch test evaluation for the CSVs (0: final only)
 executor: {kind: local, workers: 1}   # or {kind: ray, address: auto, num_cpus: 1, num_gpus: 0}
+role: development                     # optional: development, held-out or confirmation (what a study may read it for)
 ```
+
+**GIC variants.** ``gic`` is an axis of named variants, each ``null`` (uncalibrated) or GIC's config keys over
+``gic_overrides``; ``gic: [false, true]`` is shorthand for ``{off: null, default: {}}``::
+
+    gic: {off: null, default: {}, bn-after: {placement: bn-after}, before+generator: {family: generator}}
+
+``off`` and ``default`` live in ``output_root`` as they always have; every other variant V is a matrix of its own,
+``<name>-V`` in ``<output_root>-V`` (:meth:`MatrixSpec.parts`). A variant's cell therefore has the id of its
+``default`` twin, and its uncalibrated partner is the ``off`` cell of the same coordinates in ``output_root``
+(:meth:`Cell.uncalibrated`): pairs differ in GIC alone by construction, and adding a variant never touches a
+finished cell.
+
+**Inheritance.** ``_base_: other.yaml`` (or a list; relative to the file) starts from another spec and overrides
+its keys, as mmengine does: mappings merge key by key, anything else (lists included) is replaced, and
+``_delete_: true`` inside a mapping replaces the base's mapping instead of merging into it. A path a file writes
+(``output_root``, ``bb_root``) stays relative to that file. Cycles are refused.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import itertools
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import yaml
 
 from ..config import ConfigError
+
+if TYPE_CHECKING:
+    from ..pipeline import DefenseRequest
+
+ROLES = ("development", "held-out", "confirmation")  # what a study may read a spec's cells for
+OFF, DEFAULT = "off", "default"  # the shorthand's variants: gic false and true, stored in the spec's own folder
+_VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+_PATH_KEYS = ("output_root", "bb_root")
 
 
 @dataclass(frozen=True)
@@ -81,7 +109,12 @@ class AuxSize:
 
 @dataclass(frozen=True)
 class Cell:
-    """One purification run of the matrix."""
+    """One purification run of the matrix.
+
+    ``gic_settings`` are GIC's config keys for a calibrated cell (the spec's ``gic_overrides`` under its variant's);
+    ``variant`` names the variant. Neither is part of the identity: a variant other than the spec's ``default``
+    is stored in a folder of its own (:meth:`MatrixSpec.parts`), so cell ids written before variants existed stay
+    valid and a variant's cell shares its ``default`` twin's id."""
 
     attack: str
     defense: DefenseEntry
@@ -89,6 +122,8 @@ class Cell:
     size: AuxSize
     seed: int
     gic: bool
+    gic_settings: Mapping[str, Any] = field(default_factory=dict)
+    variant: str = ""
 
     @property
     def identity(self) -> dict[str, Any]:
@@ -107,7 +142,53 @@ class Cell:
         return Path("cells") / self.attack / defense / f"{aux}@{self.size.label}" / f"seed{self.seed}"
 
     def describe(self) -> str:
-        return f"{self.attack} | {self.defense.label}{'+gic' if self.gic else ''} | {self.aux}@{self.size.label} | seed {self.seed}"
+        gic = f"+gic[{self.variant}]" if self.gic and self.variant not in ("", DEFAULT) else "+gic" if self.gic else ""
+        return f"{self.attack} | {self.defense.label}{gic} | {self.aux}@{self.size.label} | seed {self.seed}"
+
+    def uncalibrated(self) -> "Cell":
+        """The cell this one pairs with: the same coordinates without GIC (stored in the spec's own folder)."""
+        return dataclasses.replace(self, gic=False, gic_settings={}, variant=OFF)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (a worker's payload); :meth:`from_dict` inverts it."""
+        return {"attack": self.attack, "defense": self.defense.name, "overrides": self.defense.overrides,
+                "display": self.defense.display, "aux": self.aux, "ratio": self.size.ratio,
+                "n_per_class": self.size.n_per_class, "seed": self.seed, "gic": self.gic,
+                "gic_settings": dict(self.gic_settings), "variant": self.variant}
+
+    @classmethod
+    def from_dict(cls, c: Mapping[str, Any]) -> "Cell":
+        return cls(c["attack"], DefenseEntry(c["defense"], dict(c["overrides"]), c.get("display")), c["aux"],
+                   AuxSize(c["ratio"], c["n_per_class"]), int(c["seed"]), bool(c["gic"]),
+                   dict(c.get("gic_settings") or {}), str(c.get("variant", "")))
+
+    def request(self, spec: "MatrixSpec | Mapping[str, Any]", output_dir: str | Path | None = None) -> "DefenseRequest":
+        """The defense run this cell is, under ``spec`` (the part that stores it, or its :meth:`MatrixSpec.to_dict`):
+        what a worker runs, and what a benchmark replays to rebuild a finished cell's defense or auxiliary draw.
+        The defense's overrides are the spec's ``defaults`` under the entry's own, with the seed, the auxiliary
+        type and the ratio; a calibrated cell runs ``gic`` with its settings under those and ``base`` set."""
+        from ..pipeline import DefenseRequest
+        from ..registry import DEFENSES
+
+        sd = spec.to_dict() if isinstance(spec, MatrixSpec) else spec
+        overrides: dict[str, Any] = {**(sd.get("defaults") or {}), **self.defense.overrides,
+                                     "random_seed": self.seed, "reserved_type": self.aux}
+        if self.size.ratio is not None:
+            overrides["ratio"] = self.size.ratio
+        base = DEFENSES.resolve(self.defense.name)
+        defense = self.defense.name
+        if self.gic:
+            overrides = {**self.gic_settings, **overrides, "base": base}
+            defense = "gic"
+        return DefenseRequest(
+            result_file=self.attack, defense=defense, bb_root=str(sd["bb_root"]), overrides=overrides,
+            output_dir=None if output_dir is None else str(output_dir), n_per_class=self.size.n_per_class,
+            monitor_every=int(sd.get("monitor_every", 0)),
+            aux_options={**(sd.get("aux_options") or {}), **((sd.get("aux_options_for") or {}).get(self.aux) or {})},
+            eval_limit=sd.get("eval_limit"), trust_checkpoint=bool(sd.get("trust_checkpoint", False)), progress=False,
+            extra_row={"cell_id": self.cell_id, "gic": self.gic, "defense_label": self.defense.shown,
+                       "base_defense": base, "aux_size_label": self.size.label, "matrix": sd.get("name", "")},
+        )
 
 
 @dataclass
@@ -121,7 +202,7 @@ class MatrixSpec:
     aux: list[str]
     aux_sizes: list[AuxSize]
     seeds: list[int]
-    gic: list[bool]
+    variants: dict[str, dict[str, Any] | None]  # the GIC axis: name -> None (uncalibrated) or GIC keys
     defaults: dict[str, Any] = field(default_factory=dict)
     gic_overrides: dict[str, Any] = field(default_factory=dict)
     aux_options: dict[str, Any] = field(default_factory=dict)
@@ -130,28 +211,107 @@ class MatrixSpec:
     monitor_every: int = 0
     executor: dict[str, Any] = field(default_factory=lambda: {"kind": "local", "workers": 1})
     trust_checkpoint: bool = False
+    role: str | None = None
+    bases: list[Path] = field(default_factory=list)  # the spec files it inherits from (``_base_``), nearest first
+    variant: str | None = None  # set on a part (:meth:`parts`): the variant of the spec it was split from
+
+    @property
+    def gic(self) -> list[bool]:
+        """With or without GIC, per variant (the shorthand's view of the axis)."""
+        return [s is not None for s in self.variants.values()]
 
     def cells(self) -> list[Cell]:
         """Seed-major order: a run cut short (or still going) holds whole seeds of the full design, so its
         paired with/without-GIC comparisons are usable at any point."""
-        return [Cell(a.record, d, x, s, seed, g) for seed, a, d, x, s, g in
-                itertools.product(self.seeds, self.attacks, self.defenses, self.aux, self.aux_sizes, self.gic)]
+        return [Cell(a.record, d, x, s, seed, g is not None, {} if g is None else {**self.gic_overrides, **g},
+                     self.variant or v)
+                for seed, a, d, x, s, (v, g) in
+                itertools.product(self.seeds, self.attacks, self.defenses, self.aux, self.aux_sizes,
+                                  self.variants.items())]
+
+    def parts(self) -> list["MatrixSpec"]:
+        """The matrices the spec stores, each in one folder: ``off`` and ``default`` in ``output_root``; every other
+        variant V as ``<name>-V`` in ``<output_root>-V``, running V's settings as that matrix's GIC default (so
+        its ``spec.yaml`` reads as the shorthand). A spec without other variants is its own only part."""
+        own = {v: g for v, g in self.variants.items() if v in (OFF, DEFAULT) or self.variant}
+        if len(own) == len(self.variants):
+            return [self]
+        out = [dataclasses.replace(self, variants=own)] if own else []
+        for v, g in self.variants.items():
+            if v not in own:
+                out.append(dataclasses.replace(
+                    self, name=f"{self.name}-{v}", output_root=self.output_root.with_name(f"{self.output_root.name}-{v}"),
+                    variants={DEFAULT: {}}, gic_overrides={**self.gic_overrides, **(g or {})}, variant=v))
+        return out
+
+    def part(self, variant: str) -> "MatrixSpec":
+        """The part that stores ``variant``'s cells."""
+        variant = variant or DEFAULT
+        for p in self.parts():
+            if variant in p.variants or p.variant == variant:
+                return p
+        raise KeyError(f"matrix spec {self.name!r} has no GIC variant {variant!r}; it has {', '.join(self.variants)}")
+
+    def cell_of(self, row: Mapping[str, Any]) -> Cell:
+        """The cell a finished row (``result.json``) came from, found by its matrix name and cell id."""
+        for p in self.parts():
+            if row.get("matrix", p.name) == p.name:
+                for c in p.cells():
+                    if c.cell_id == row["cell_id"]:
+                        return c
+        raise KeyError(f"no cell {row.get('cell_id')!r} of matrix {row.get('matrix')!r} in spec {self.name!r}: the row "
+                       "comes from another spec, or the spec changed since it ran")
 
     def to_dict(self) -> dict[str, Any]:
+        shorthand = all((v, g) in ((OFF, None), (DEFAULT, {})) for v, g in self.variants.items())
         return {
             "name": self.name, "output_root": str(self.output_root), "bb_root": str(self.bb_root),
             "attacks": [{"record": a.record, **({"generate": a.generate} if a.generate else {})} for a in self.attacks],
             "defenses": [{"name": d.name, "overrides": d.overrides, **({"label": d.display} if d.display else {})}
                          for d in self.defenses],
             "aux": self.aux, "aux_sizes": [{"ratio": s.ratio, "n_per_class": s.n_per_class} for s in self.aux_sizes],
-            "seeds": self.seeds, "gic": self.gic, "defaults": self.defaults, "gic_overrides": self.gic_overrides,
-            "aux_options": self.aux_options, "aux_options_for": self.aux_options_for, "eval_limit": self.eval_limit,
+            "seeds": self.seeds, "gic": self.gic if shorthand else dict(self.variants), "defaults": self.defaults,
+            "gic_overrides": self.gic_overrides, "aux_options": self.aux_options,
+            "aux_options_for": self.aux_options_for, "eval_limit": self.eval_limit,
             "monitor_every": self.monitor_every, "executor": self.executor, "trust_checkpoint": self.trust_checkpoint,
+            **({"role": self.role} if self.role else {}),
         }
 
 
 _TOP_KEYS = {"name", "output_root", "bb_root", "attacks", "defenses", "aux", "aux_sizes", "seeds", "gic", "defaults",
-             "gic_overrides", "aux_options", "aux_options_for", "eval_limit", "monitor_every", "executor", "trust_checkpoint"}
+             "gic_overrides", "aux_options", "aux_options_for", "eval_limit", "monitor_every", "executor",
+             "trust_checkpoint", "role"}
+
+
+def _variants(value: Any, where: str) -> dict[str, dict[str, Any] | None]:
+    """The GIC axis from ``gic``: the shorthand (``true``, ``false`` or a list of them) or a mapping of named
+    variants, each ``null`` (only ``off``) or a mapping of GIC keys."""
+    if isinstance(value, bool):
+        value = [value]
+    if isinstance(value, list):
+        if not value or not all(isinstance(g, bool) for g in value):
+            raise ConfigError(f"{where}: gic must be true, false, a list of them, or a mapping of named variants "
+                              f"({{off: null, default: {{}}, bn-after: {{placement: bn-after}}}}), got {value!r}")
+        if len(set(value)) != len(value):
+            raise ConfigError(f"{where}: the spec lists the same cell twice (gic lists {value!r})")
+        return {DEFAULT if g else OFF: {} if g else None for g in value}
+    if not isinstance(value, dict) or not value:
+        raise ConfigError(f"{where}: gic must be true, false, a list of them, or a mapping of named variants, "
+                          f"got {value!r}")
+    out: dict[str, dict[str, Any] | None] = {}
+    for name, settings in value.items():
+        name = OFF if name is False else name  # YAML 1.1 (PyYAML) reads a bare `off:` key as false
+        if not isinstance(name, str) or not _VARIANT_NAME.match(name):
+            raise ConfigError(f"{where}: GIC variant name {name!r} must be letters, digits and -_.+ (it names a folder)")
+        if (settings is None) != (name == OFF):
+            raise ConfigError(f"{where}: gic.{name}: " + ("'off' is the uncalibrated variant; write off: null"
+                                                           if name == OFF else "null is only for the uncalibrated "
+                                                           "variant, named off; give a mapping of GIC keys ({} for GIC's "
+                                                           "defaults)"))
+        if settings is not None and not isinstance(settings, dict):
+            raise ConfigError(f"{where}: gic.{name} must be a mapping of GIC config keys, got {settings!r}")
+        out[name] = None if settings is None else dict(settings)
+    return out
 
 
 def _as_list(value: Any, key: str, where: str) -> list:
@@ -166,6 +326,9 @@ def parse_spec(data: dict[str, Any], base_dir: Path | None = None, where: str = 
     """Structure and types only; :func:`validate_spec` checks names against registries and records on disk."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping at the top level")
+    if "_base_" in data:
+        raise ConfigError(f"{where}: _base_ names a spec file relative to the file that writes it; load the spec "
+                          "with load_spec(path)")
     unknown = sorted(set(data) - _TOP_KEYS)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(_TOP_KEYS))}")
@@ -221,10 +384,10 @@ def parse_spec(data: dict[str, Any], base_dir: Path | None = None, where: str = 
         seeds = [int(s) for s in _as_list(data.get("seeds", [0]), "seeds", where)]
     except (TypeError, ValueError):
         raise ConfigError(f"{where}: seeds must be integers, got {data.get('seeds')!r}") from None
-    gic = data.get("gic", [False])
-    gic = [gic] if isinstance(gic, bool) else gic
-    if not isinstance(gic, list) or not all(isinstance(g, bool) for g in gic):
-        raise ConfigError(f"{where}: gic must be true, false or a list of them, got {gic!r}")
+    variants = _variants(data.get("gic", [False]), where)
+    role = data.get("role")
+    if role is not None and role not in ROLES:
+        raise ConfigError(f"{where}: role must be one of {', '.join(ROLES)} (or left out), got {role!r}")
     executor = data.get("executor") or {"kind": "local", "workers": 1}
     if not isinstance(executor, dict) or executor.get("kind", "local") not in ("local", "ray"):
         raise ConfigError(f"{where}: executor.kind must be 'local' or 'ray', got {executor!r}")
@@ -243,27 +406,73 @@ def parse_spec(data: dict[str, Any], base_dir: Path | None = None, where: str = 
     spec = MatrixSpec(
         name=str(data.get("name", "matrix")), path=None, output_root=path_of("output_root", "runs/matrix"),
         bb_root=path_of("bb_root", "."), attacks=attacks, defenses=defenses, aux=aux, aux_sizes=sizes, seeds=seeds,
-        gic=list(gic), defaults=dict(data.get("defaults") or {}), gic_overrides=dict(data.get("gic_overrides") or {}),
+        variants=variants, defaults=dict(data.get("defaults") or {}),
+        gic_overrides=dict(data.get("gic_overrides") or {}),
         aux_options=dict(data.get("aux_options") or {}), aux_options_for=per_type, eval_limit=eval_limit,
         monitor_every=int(data.get("monitor_every", 0)), executor=dict(executor),
-        trust_checkpoint=bool(data.get("trust_checkpoint", False)),
+        trust_checkpoint=bool(data.get("trust_checkpoint", False)), role=role,
     )
-    ids = [c.cell_id for c in spec.cells()]
-    if len(set(ids)) != len(ids):
-        raise ConfigError(f"{where}: the spec lists the same cell twice (duplicate attacks, defenses, aux types or seeds)")
+    for part in spec.parts():
+        ids = [c.cell_id for c in part.cells()]
+        if len(set(ids)) != len(ids):
+            raise ConfigError(f"{where}: the spec lists the same cell twice (duplicate attacks, defenses, aux types "
+                              "or seeds)")
     return spec
 
 
-def load_spec(path: str | Path) -> MatrixSpec:
-    path = Path(path)
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """mmengine's merge: ``over``'s mappings merge into ``base``'s key by key, anything else replaces;
+    ``_delete_: true`` in a mapping replaces the base's mapping instead."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict):
+            fresh = v.get("_delete_", False) or not isinstance(out.get(k), dict)
+            out[k] = _merge({} if fresh else out[k], {kk: vv for kk, vv in v.items() if kk != "_delete_"})
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def read_spec_file(path: str | Path, _chain: tuple[Path, ...] = ()) -> tuple[dict[str, Any], list[Path]]:
+    """A spec file's settings with its ``_base_`` files merged under them (see the module's notes) and the files
+    it inherited from, nearest first. Paths a file writes are made absolute against that file's folder."""
+    path = Path(path).resolve()
+    if path in _chain:
+        loop = " -> ".join(p.name for p in (*_chain[_chain.index(path):], path))
+        raise ConfigError(f"{_chain[-1]}: _base_ inheritance loops ({loop}); a spec may not inherit from itself")
     if not path.is_file():
-        raise FileNotFoundError(f"matrix spec {path} does not exist")
+        raise FileNotFoundError(f"matrix spec {path} does not exist" + (f" (named by _base_ in {_chain[-1]})"
+                                                                           if _chain else ""))
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    for key in _PATH_KEYS:
+        if key in data and not Path(str(data[key])).is_absolute():
+            data[key] = str((path.parent / str(data[key])).resolve())
+    base = data.pop("_base_", None)
+    if base is None:
+        return data, []
+    names = [base] if isinstance(base, str) else base
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"{path}: _base_ must name a spec file (or a list of them) relative to this one, got {base!r}")
+    merged: dict[str, Any] = {}
+    chain: list[Path] = []
+    for name in names:
+        got, inherited = read_spec_file(path.parent / name, (*_chain, path))
+        merged = _merge(merged, got)
+        chain += [(path.parent / name).resolve(), *inherited]
+    return _merge(merged, data), chain
+
+
+def load_spec(path: str | Path) -> MatrixSpec:
+    path = Path(path)
+    data, bases = read_spec_file(path)
     spec = parse_spec(data, base_dir=path.parent.resolve(), where=str(path))
     spec.path = path.resolve()
+    spec.bases = bases
     return spec
 
 
@@ -306,19 +515,20 @@ def validate_spec(spec: MatrixSpec) -> list[str]:
             problems.append(f"defense {d.name!r}: {exc}")
             continue
         for ds in sorted(set(datasets.values())) or [None]:
-            for gic in spec.gic:
+            for v, g in spec.variants.items():
                 try:
                     # built exactly as a cell builds it, so GIC's key routing (its own keys to GIC, the base's to
                     # the base) and both configs' validation apply here too
                     overrides = {**spec.defaults, **d.overrides}
-                    if gic:
+                    if g is not None:
                         DEFENSES.get("gic").from_sources(
-                            ds or None, None, {**spec.gic_overrides, **overrides, "base": DEFENSES.resolve(d.name)},
-                            name="gic")
+                            ds or None, None, {**spec.gic_overrides, **g, **overrides,
+                                               "base": DEFENSES.resolve(d.name)}, name="gic")
                     else:
                         cls.from_sources(ds or None, None, overrides, name=DEFENSES.resolve(d.name))
                 except Exception as exc:
-                    problems.append(f"defense {d.label}{' with GIC' if gic else ''} on {ds}: {exc}")
+                    with_gic = "" if g is None else " with GIC" + ("" if v == DEFAULT else f" ({v})")
+                    problems.append(f"defense {d.label}{with_gic} on {ds}: {exc}")
     from ..auxdata import check_aux_request, parse_reserved_type
 
     for x in spec.aux:
@@ -331,4 +541,36 @@ def validate_spec(spec: MatrixSpec) -> list[str]:
                     problems.append(f"aux {x!r} for record {name}: {exc}")
         except Exception as exc:
             problems.append(f"aux {x!r}: {exc}")
+    return problems
+
+
+def uncalibrated_source(spec: MatrixSpec) -> MatrixSpec:
+    """The spec whose ``off`` cells pair with ``spec``'s calibrated ones: ``spec`` itself when it runs them, else the
+    nearest file it inherits from that does (a file of variants only, ``_base_: block.yaml``)."""
+    if OFF in spec.variants:
+        return spec
+    for path in spec.bases:
+        base = load_spec(path)
+        if OFF in base.variants:
+            return base
+    raise ConfigError(f"{spec.path or spec.name}: no uncalibrated (off) variant here or in the files it inherits "
+                      "from, so its calibrated cells pair with nothing")
+
+
+def pairing_problems(spec: MatrixSpec, base: MatrixSpec) -> list[str]:
+    """Why ``spec``'s calibrated cells would not pair with ``base``'s uncalibrated ones (empty: each has a twin in
+    ``base``, the cell of the same id, whose request differs from its own in GIC alone)."""
+    off = {c.cell_id: c.request(base) for c in base.cells() if not c.gic}
+    problems = []
+    for part in spec.parts():
+        for cell in (c for c in part.cells() if c.gic):
+            twin = cell.uncalibrated()
+            got, want = off.get(twin.cell_id), twin.request(part)
+            if got is None:
+                problems.append(f"{cell.describe()}: {base.name} runs no uncalibrated twin of it (cell {twin.cell_id})")
+                continue
+            differ = [k for k in ("result_file", "bb_root", "overrides", "n_per_class", "aux_options", "eval_limit",
+                                  "monitor_every", "trust_checkpoint") if getattr(got, k) != getattr(want, k)]
+            if differ:
+                problems.append(f"{cell.describe()}: its uncalibrated twin in {base.name} differs in {', '.join(differ)}")
     return problems

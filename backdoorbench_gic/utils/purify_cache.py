@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import os
-from typing import Any
 
 import torch
 

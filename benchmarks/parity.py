@@ -1,0 +1,662 @@
+"""Parity of ``bbgic defend`` with BackdoorBench's own defense scripts (issue 25): the same genuine record (made by
+their attack scripts), the same auxiliary images (one ``--index`` file given to both sides), the same schedule, a
+few seeds; C-Acc, ASR, RA, DER and wall time per defense, side by side.
+
+CI cannot fetch their code, so the script takes a checkout: a scratch *copy* of BackdoorBenchER (its defense
+scripts are upstream BackdoorBench's with ``get_reserved_data``; ``--reserved_type train --index F`` draws exactly
+the listed clean training images). Everything it writes goes inside that copy: ``data/<dataset>/`` (their 10-class
+split layout filled with Fashion-MNIST), ``record/`` (their scripts' and ours), ``config/defense/<d>/parity_*.yaml``
+(their settings for one run) and ``parity/`` (index files, logs, one JSON per finished run, our cache). A finished
+run is never repeated, so the steps can be interrupted and rerun, each as its own command:
+
+    python benchmarks/parity.py prepare --checkout /tmp/bb/er           # data layout, index files
+    python benchmarks/parity.py attack --checkout /tmp/bb/er            # their attack scripts -> the records
+    python benchmarks/parity.py pending --checkout /tmp/bb/er           # the runs still to do, one id a line
+    python benchmarks/parity.py run --checkout /tmp/bb/er --id parity_badnet/ft/0/theirs
+    python benchmarks/parity.py metric --checkout /tmp/bb/er            # their analysis/visual_metric.py on ours
+    python benchmarks/parity.py report --checkout /tmp/bb/er            # -> benchmarks/results/parity.{md,csv,json}
+
+Both sides run as subprocesses (``bbgic bb-run <their script>`` and ``bbgic defend``) under the caller's
+environment (run them with ``OMP_NUM_THREADS=1``); wall time is the subprocess's, start-up included. Their
+final model (``defense_result.pt``) is evaluated by the same code as ours (:func:`backdoorbench_gic.evaluation.
+evaluate`) on the record's test sets; their own logged last row is kept beside it as a check.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+SIDES = ("theirs", "ours")
+SPEC_KEYS = {"name", "flavour", "dataset", "attack", "seeds", "ratio", "runtime", "defenses", "notes",
+             "compat_timeout"}
+DEFENSE_KEYS = {"script", "schedule", "theirs", "ours", "inert"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the spec
+# ---------------------------------------------------------------------------------------------------------
+def load_spec(path: Path) -> dict[str, Any]:
+    spec = yaml.safe_load(path.read_text())
+    unknown = set(spec) - SPEC_KEYS
+    if unknown:
+        raise SystemExit(f"{path}: unknown key(s) {sorted(unknown)}; known: {sorted(SPEC_KEYS)}")
+    for name, d in spec["defenses"].items():
+        bad = set(d) - DEFENSE_KEYS
+        if bad:
+            raise SystemExit(f"{path}: defense {name}: unknown key(s) {sorted(bad)}; known: {sorted(DEFENSE_KEYS)}")
+    spec.setdefault("notes", {})
+    return spec
+
+
+@dataclasses.dataclass(frozen=True)
+class RunId:
+    record: str
+    defense: str
+    seed: int
+    side: str
+
+    @classmethod
+    def parse(cls, text: str) -> "RunId":
+        try:
+            record, defense, seed, side = text.split("/")
+            rid = cls(record, defense, int(seed), side)
+        except ValueError:
+            raise SystemExit(f"run id {text!r}: expected <record>/<defense>/<seed>/<theirs|ours>") from None
+        if side not in SIDES:
+            raise SystemExit(f"run id {text!r}: side must be theirs or ours")
+        return rid
+
+    def __str__(self) -> str:
+        return f"{self.record}/{self.defense}/{self.seed}/{self.side}"
+
+    @property
+    def slug(self) -> str:
+        return str(self).replace("/", "__")
+
+
+def all_runs(spec: dict[str, Any], records: list[str] | None = None, defenses: list[str] | None = None,
+             seeds: list[int] | None = None) -> list[RunId]:
+    out = []
+    for seed in seeds or spec["seeds"]:
+        for record in records or list(spec["attack"]["records"]):
+            for defense in defenses or list(spec["defenses"]):
+                for side in SIDES:
+                    out.append(RunId(record, defense, int(seed), side))
+    return out
+
+
+def work_dir(checkout: Path) -> Path:
+    return checkout / "parity"
+
+
+def index_file(checkout: Path, seed: int) -> Path:
+    return work_dir(checkout) / f"index_seed{seed}.txt"
+
+
+def run_json(checkout: Path, rid: RunId) -> Path:
+    return work_dir(checkout) / "runs" / f"{rid.slug}.json"
+
+
+def env_for(checkout: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["BBGIC_CACHE_DIR"] = str(work_dir(checkout) / "cache")  # our content caches, inside the scratch copy
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("MKL_NUM_THREADS", "1")
+    return env
+
+
+def bbgic(*args: str) -> list[str]:
+    return [sys.executable, "-m", "backdoorbench_gic.cli", *args]
+
+
+def flags(values: dict[str, Any]) -> list[str]:
+    out = []
+    for k, v in values.items():
+        out += [f"--{k}", str(v)]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# prepare: their split layout filled with Fashion-MNIST, and one index file per seed
+# ---------------------------------------------------------------------------------------------------------
+def cmd_prepare(spec: dict[str, Any], checkout: Path) -> None:
+    from backdoorbench_gic.auxdata.layout import META_FILE, export_image_folder
+    from backdoorbench_gic.data.datasets import open_dataset
+    from backdoorbench_gic.patching import detect_checkout
+
+    flavour = detect_checkout(checkout)
+    if flavour != spec["flavour"]:
+        raise SystemExit(f"{checkout} is a {flavour} checkout; the spec needs {spec['flavour']}")
+    ds = spec["dataset"]
+    root = checkout / "data" / ds["name"]
+    src = open_dataset(ds["source"])
+    rng = np.random.RandomState(int(ds["seed"]))
+    k = src.spec.num_classes
+    picks: dict[str, list[np.ndarray]] = {"train": [], "reserved": [], "test": []}
+    for c in range(k):
+        pos = rng.permutation(np.flatnonzero(src.train.labels.numpy() == c))
+        n_tr, n_rs = int(ds["train_per_class"]), int(ds["reserved_per_class"])
+        picks["train"].append(np.sort(pos[:n_tr]))
+        picks["reserved"].append(np.sort(pos[n_tr:n_tr + n_rs]))
+        picks["test"].append(np.sort(rng.permutation(np.flatnonzero(src.test.labels.numpy() == c))
+                                     [:int(ds["test_per_class"])]))
+    for split, parts in picks.items():  # class-major: file i is ImageFolder position i
+        folder = root / split
+        if (folder / META_FILE).is_file():
+            continue
+        base = src.test if split == "test" else src.train
+        subset = base.subset(np.concatenate(parts), name=f"{ds['name']}/{split}")
+        export_image_folder(subset, folder, overwrite=False,
+                            meta={"filled_with": ds["source"], "seed": ds["seed"], "split": split})
+        print(f"wrote {folder}: {len(subset)} images of {ds['source']}")
+    n_train = k * int(ds["train_per_class"])
+    work_dir(checkout).mkdir(parents=True, exist_ok=True)
+    warm_victims(spec, checkout)
+    for seed in spec["seeds"]:
+        target = index_file(checkout, seed)
+        if not target.is_file():
+            write_index(spec, checkout, seed, n_train, target)
+
+
+def warm_victims(spec, checkout: Path) -> None:
+    """Each record's victim metrics into our content cache, once: our runs then skip that evaluation (their scripts
+    never evaluate the victim), and both sides' DER use these numbers."""
+    from backdoorbench_gic.pipeline import victim_metrics
+    from backdoorbench_gic.records import load_attack_record
+
+    for r in spec["attack"]["records"]:
+        if (checkout / "record" / r / "attack_result.pt").is_file():
+            record = load_attack_record(r, checkout)
+            m = victim_metrics(record, record.build_model(), torch_device())
+            print(f"victim of {r}: C-Acc {m.acc:.3f} ASR {m.asr:.3f} RA {m.ra:.3f} (cached for our runs)")
+
+
+def write_index(spec, checkout: Path, seed: int, n_train: int, target: Path) -> None:
+    """BackdoorBenchER's ratio rule on the clean training set (clean originals of poisoned positions included, as
+    theirs), seeded: the auxiliary images both sides train on. Every record shares that set, so one file serves
+    all; it needs one record to read the set from."""
+    from backdoorbench_gic.auxdata import build_aux_set
+    from backdoorbench_gic.auxdata.sampling import write_index_file
+    from backdoorbench_gic.records import load_attack_record
+
+    records = [r for r in spec["attack"]["records"] if (checkout / "record" / r / "attack_result.pt").is_file()]
+    if not records:
+        print(f"index for seed {seed}: waiting for a record (run the attack step, then prepare again)")
+        return
+    record = load_attack_record(records[0], checkout)
+    if len(record.clean_train) != n_train:
+        raise SystemExit(f"{records[0]} has {len(record.clean_train)} training images, the spec {n_train}")
+    aux = build_aux_set(record, "train", ratio=float(spec["ratio"]), seed=int(seed))
+    write_index_file(target, aux.indices.tolist())
+    print(f"wrote {target}: {len(aux)} training positions (seed {seed})")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# attack: their attack scripts through bb-run (unmodified; torch.load through the allow-list)
+# ---------------------------------------------------------------------------------------------------------
+def cmd_attack(spec: dict[str, Any], checkout: Path, only: list[str] | None) -> None:
+    common = dict(spec["attack"]["common"])
+    (checkout / "record").mkdir(exist_ok=True)  # their sh/init_folders.sh makes it; their prepare() needs it
+    for name, cfg in spec["attack"]["records"].items():
+        if only and name not in only:
+            continue
+        folder = checkout / "record" / name
+        if (folder / "attack_result.pt").is_file():
+            print(f"{name}: done")
+            continue
+        if folder.exists():  # an interrupted attack (their prepare() refuses an existing folder)
+            shutil.rmtree(folder)
+        argv = flags({**common, "dataset": spec["dataset"]["name"], "dataset_path": "./data",
+                      "save_folder_name": name, "bd_yaml_path": cfg["bd_yaml_path"]})
+        log = work_dir(checkout) / "logs" / f"attack_{name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        with open(log, "w") as fh:
+            rc = subprocess.call(bbgic("bb-run", cfg["script"], "--bb_root", str(checkout), *argv), cwd=checkout,
+                                 stdout=fh, stderr=subprocess.STDOUT, env=env_for(checkout))
+        print(f"{name}: exit {rc} after {time.perf_counter() - t0:.0f} s (log {log})")
+        if rc != 0:
+            raise SystemExit(rc)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one run: their script through bb-run, or bbgic defend, on the same record, index file and schedule
+# ---------------------------------------------------------------------------------------------------------
+def their_yaml(spec: dict[str, Any], checkout: Path, rid: RunId) -> tuple[Path, dict[str, Any]]:
+    """config/defense/<d>/parity_<d>_seed<s>.yaml in the checkout: their cifar10.yaml with the runtime, the
+    schedule, their-only keys, the seed, the dataset and the index file (BackdoorBenchER names the output folder
+    after the yaml: record/<r>/defense/<d>/parity_<d>_seed<s>/)."""
+    d = spec["defenses"][rid.defense]
+    folder = checkout / "config" / "defense" / Path(d["script"]).stem
+    base = yaml.safe_load((folder / "cifar10.yaml").read_text()) or {}
+    values = {**base, **spec["runtime"], **d.get("schedule", {}), **d.get("theirs", {}),
+              "random_seed": rid.seed, "dataset": spec["dataset"]["name"], "ratio": spec["ratio"],
+              "index": str(index_file(checkout, rid.seed)), "reserved_type": "train"}
+    path = folder / f"parity_{rid.defense}_seed{rid.seed}.yaml"
+    path.write_text(yaml.safe_dump(values, sort_keys=False))
+    return path, values
+
+
+def our_overrides(spec: dict[str, Any], checkout: Path, rid: RunId) -> dict[str, Any]:
+    d = spec["defenses"][rid.defense]
+    return {**spec["runtime"], **d.get("schedule", {}), **d.get("ours", {}), "random_seed": rid.seed,
+            "ratio": spec["ratio"], "index": str(index_file(checkout, rid.seed)), "reserved_type": "train"}
+
+
+def our_output(checkout: Path, rid: RunId) -> Path:
+    return checkout / "record" / rid.record / "defense" / rid.defense / f"ours_seed{rid.seed}"
+
+
+def find_their_output(checkout: Path, rid: RunId) -> Path | None:
+    hits = sorted((checkout / "record" / rid.record / "defense").glob(f"*/parity_{rid.defense}_seed{rid.seed}"))
+    return hits[0] if hits else None
+
+
+def their_logged_last(folder: Path) -> dict[str, float] | None:
+    """Their own final numbers, where their script logs them: the ``last`` row of a ``*_df_summary.csv``
+    (BackdoorBench's trainers), else the last row of a ``*_df.csv``."""
+    import pandas as pd
+
+    from backdoorbench_gic.results import read_summary_last
+
+    for path in sorted(folder.glob("*_df_summary.csv")):
+        got = read_summary_last(path)
+        if "test_acc" in got:
+            return {k: got[k] for k in ("test_acc", "test_asr", "test_ra") if k in got} | {"file": path.name}
+    for path in sorted(folder.glob("*_df.csv")):
+        df = pd.read_csv(path, index_col=0)
+        if "test_acc" in df and len(df):
+            last = df.iloc[-1]
+            return {k: float(last[k]) for k in ("test_acc", "test_asr", "test_ra") if k in df} | {"file": path.name}
+    return None
+
+
+def cmd_run(spec: dict[str, Any], checkout: Path, rid: RunId) -> dict[str, Any]:
+    from backdoorbench_gic.evaluation import compare, evaluate
+    from backdoorbench_gic.pipeline import victim_metrics
+    from backdoorbench_gic.records import load_attack_record
+    from backdoorbench_gic.results import load_defense_model
+    from backdoorbench_gic.utils.io import atomic_write_json
+
+    target = run_json(checkout, rid)
+    if target.is_file():
+        print(f"{rid}: done")
+        return json.loads(target.read_text())
+    if not index_file(checkout, rid.seed).is_file():
+        raise SystemExit(f"{rid}: no index file; run the prepare step after the attacks")
+    d = spec["defenses"][rid.defense]
+    log = work_dir(checkout) / "logs" / f"{rid.slug}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    if rid.side == "theirs":
+        yaml_path, _ = their_yaml(spec, checkout, rid)
+        stale = find_their_output(checkout, rid)
+        if stale is not None:
+            shutil.rmtree(stale)  # an interrupted run of theirs (the JSON is written last)
+        cmd = bbgic("bb-run", d["script"], "--bb_root", str(checkout), "--result_file", rid.record,
+                    "--yaml_path", os.path.relpath(yaml_path, checkout))
+    else:
+        out = our_output(checkout, rid)
+        if out.exists():
+            shutil.rmtree(out)
+        cmd = bbgic("defend", "--result_file", rid.record, "--bb_root", str(checkout), "--defense", rid.defense,
+                    "--output_dir", str(out), "--no_progress", *flags(our_overrides(spec, checkout, rid)))
+    t0 = time.perf_counter()
+    with open(log, "w") as fh:
+        rc = subprocess.call(cmd, cwd=checkout, stdout=fh, stderr=subprocess.STDOUT, env=env_for(checkout))
+    wall = time.perf_counter() - t0
+    row: dict[str, Any] = {"id": str(rid), "record": rid.record, "defense": rid.defense, "seed": rid.seed,
+                           "side": rid.side, "exit_code": rc, "wall_seconds": round(wall, 2), "command": " ".join(cmd),
+                           "log": os.path.relpath(log, checkout)}
+    if rc != 0:
+        tail = log.read_text().strip().splitlines()[-3:]
+        row["error"] = " | ".join(tail)
+        print(f"{rid}: exit {rc} after {wall:.0f} s: {row['error']}")
+    else:
+        record = load_attack_record(rid.record, checkout)
+        victim = record.build_model()
+        before = victim_metrics(record, victim, torch_device())
+        if rid.side == "theirs":
+            folder = find_their_output(checkout, rid)
+            row["output"] = os.path.relpath(folder, checkout)
+            row["logged"] = their_logged_last(folder)
+            try:
+                model = load_defense_model(folder / "defense_result.pt", record)
+                after = evaluate(model, record.clean_test, record.bd_test)
+                row["metric_source"] = "defense_result.pt, evaluated here"
+                row.update(compare(before, after))
+            except Exception as exc:  # e.g. their NPD saves a network with an extra layer
+                logged = row["logged"]
+                row["load_error"] = str(exc).splitlines()[0][:300]
+                if logged is None:
+                    raise SystemExit(f"{rid}: their model does not load ({row['load_error']}) and they log no "
+                                     "final test numbers") from None
+                from backdoorbench_gic.evaluation import Metrics
+
+                after = Metrics(logged["test_acc"], logged["test_asr"], logged["test_ra"])
+                row["metric_source"] = f"their {logged['file']} (last row): the model does not load here"
+                row.update(compare(before, after))
+        else:
+            tidy = json.loads((our_output(checkout, rid) / "result.json").read_text())
+            row.update({k: tidy[k] for k in ("acc_before", "asr_before", "ra_before", "acc_after", "asr_after",
+                                             "ra_after", "der", "rir", "success", "aux_size")})
+            row["metric_source"] = "result.json"
+            row["output"] = os.path.relpath(our_output(checkout, rid), checkout)
+        print(f"{rid}: {wall:.0f} s, C-Acc {row['acc_after']:.3f} ASR {row['asr_after']:.3f} RA {row['ra_after']:.3f}")
+    atomic_write_json(target, row)
+    return row
+
+
+def torch_device():
+    import torch
+
+    return torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# their analysis/visual_metric.py on our defense_result.pt
+# ---------------------------------------------------------------------------------------------------------
+def cmd_metric(spec: dict[str, Any], checkout: Path) -> list[dict[str, Any]]:
+    """For every record, our first finished run of each defense: their analysis/visual_metric.py (through bb-run:
+    it loads our defense_result.pt into their network) recomputes C-Acc, ASR, RA, DER and RIR, compared with what
+    our run logged. Results in parity/metric.json."""
+    import pandas as pd
+
+    from backdoorbench_gic.utils.io import atomic_write_json
+
+    script = checkout / "analysis" / "visual_metric.py"
+    if not script.is_file():
+        raise SystemExit(f"{script} does not exist: this checkout has no analysis/ folder")
+    checks = []
+    for record in spec["attack"]["records"]:
+        for defense in spec["defenses"]:
+            rids = [RunId(record, defense, int(seed), "ours") for seed in spec["seeds"]]
+            done = [r for r in rids if run_json(checkout, r).is_file()
+                    and json.loads(run_json(checkout, r).read_text()).get("exit_code") == 0]
+            if not done:
+                continue
+            rid = done[0]
+            ours = json.loads(run_json(checkout, rid).read_text())
+            rel = f"{rid.record}/defense/{rid.defense}/ours_seed{rid.seed}"
+            visual = checkout / "record" / rel / "visual"
+            cmd = bbgic("bb-run", "analysis/visual_metric.py", "--bb_root", str(checkout), "--result_file_attack",
+                        rid.record, "--result_file_defense", rel, "--yaml_path",
+                        "./config/visualization/default.yaml", "--dataset", "cifar10", "--device", "cpu",
+                        "--num_workers", "0")
+            log = work_dir(checkout) / "logs" / f"metric__{rid.slug}.log"
+            with open(log, "w") as fh:
+                rc = subprocess.call(cmd, cwd=checkout, stdout=fh, stderr=subprocess.STDOUT, env=env_for(checkout))
+            row: dict[str, Any] = {"id": str(rid), "exit_code": rc, "log": os.path.relpath(log, checkout)}
+            if rc == 0 and (visual / "metric_summary.csv").is_file():
+                theirs = pd.read_csv(visual / "metric_summary.csv").iloc[0].to_dict()
+                pairs = {"clean_accuracy_attack": "acc_before", "asr_attack": "asr_before", "ra_attack": "ra_before",
+                         "clean_accuracy_defense": "acc_after", "asr_defense": "asr_after",
+                         "ra_defense": "ra_after", "der": "der", "rir": "rir"}
+                row["theirs"] = {k: float(theirs[k]) for k in pairs if k in theirs}
+                row["ours"] = {k: float(ours[v]) for k, v in pairs.items() if k in theirs}
+                row["max_abs_diff"] = max(abs(row["theirs"][k] - row["ours"][k]) for k in row["theirs"])
+                row["agree"] = row["max_abs_diff"] < 1e-6
+            else:
+                row["error"] = " | ".join(log.read_text().strip().splitlines()[-3:])
+            print(f"visual_metric on {rel}: {row.get('agree', row.get('error'))}")
+            checks.append(row)
+    atomic_write_json(work_dir(checkout) / "metric.json", checks)
+    return checks
+
+
+# ---------------------------------------------------------------------------------------------------------
+# compat: does each of their defense scripts run through bb-run (README's compatibility table)
+# ---------------------------------------------------------------------------------------------------------
+NOT_DEFENSES = {"__init__", "base", "dataset_load_mode"}
+
+
+def last_error(log: Path) -> str:
+    lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if ("Error" in ln or "Exception" in ln) and not ln.startswith(("File ", "warnings.warn")):
+            return ln[:240]
+    return lines[-1][:240] if lines else ""
+
+
+def cmd_compat(spec: dict[str, Any], checkout: Path, record: str, scripts: list[str] | None, gic: bool) -> None:
+    """Every defense script of the checkout through bb-run on ``record`` (their cifar10.yaml, else config.yaml,
+    plus the runtime, the seed-0 index file and the spec's short schedule where it has one), each cut at the
+    spec's ``compat_timeout`` seconds: exit code, wall time, the error's last line. parity/compat*.json."""
+    from backdoorbench_gic.utils.io import atomic_write_json
+
+    timeout = int(spec.get("compat_timeout", 240))
+    by_script = {Path(d["script"]).stem: d for d in spec["defenses"].values()}
+    names = scripts or sorted(p.stem for p in (checkout / "defense").glob("*.py") if p.stem not in NOT_DEFENSES)
+    target = work_dir(checkout) / f"compat{'_gic' if gic else ''}.json"
+    results = json.loads(target.read_text()) if target.is_file() else {}
+    for name in names:
+        if name in results:
+            continue
+        folder = checkout / "config" / "defense" / name
+        base_yaml = next((folder / f for f in ("cifar10.yaml", "config.yaml") if (folder / f).is_file()), None)
+        values = yaml.safe_load(base_yaml.read_text()) if base_yaml else {}
+        d = by_script.get(name, {})
+        values.update({**spec["runtime"], **d.get("schedule", {}), **d.get("theirs", {}), "random_seed": 0,
+                       "dataset": spec["dataset"]["name"], "ratio": spec["ratio"], "reserved_type": "train",
+                       "index": str(index_file(checkout, 0))})
+        yaml_path = folder / f"parity_compat{'_gic' if gic else ''}.yaml"
+        folder.mkdir(parents=True, exist_ok=True)
+        yaml_path.write_text(yaml.safe_dump(values, sort_keys=False))
+        cmd = bbgic("bb-run", f"defense/{name}.py", "--bb_root", str(checkout), "--result_file", record,
+                    "--yaml_path", os.path.relpath(yaml_path, checkout),
+                    *(["--gic", "--gic_steps", "20"] if gic else []))
+        log = work_dir(checkout) / "logs" / f"compat{'_gic' if gic else ''}__{name}.log"
+        t0 = time.perf_counter()
+        with open(log, "w") as fh:
+            try:
+                rc = subprocess.call(cmd, cwd=checkout, stdout=fh, stderr=subprocess.STDOUT, env=env_for(checkout),
+                                     timeout=timeout)
+            except subprocess.TimeoutExpired:
+                rc = None
+        row = {"script": name, "exit_code": rc, "wall_seconds": round(time.perf_counter() - t0, 1),
+               "yaml": base_yaml.name if base_yaml else None, "log": os.path.relpath(log, checkout)}
+        row["result"] = ("finished" if rc == 0 else f"still running at {timeout} s (no error)" if rc is None
+                         else last_error(log))
+        results[name] = row
+        atomic_write_json(target, results)
+        print(f"{name}: {row['result']} ({row['wall_seconds']} s)")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the report
+# ---------------------------------------------------------------------------------------------------------
+METRICS = (("acc_after", "C-Acc"), ("asr_after", "ASR"), ("ra_after", "RA"), ("der", "DER"))
+
+
+def config_differences(spec: dict[str, Any], checkout: Path, defense: str) -> list[str]:
+    """Keys both sides configure that end up with different values (their yaml for seed 0 vs our resolved
+    config for the same flags), runtime and path keys left out."""
+    from backdoorbench_gic.registry import DEFENSES
+
+    rid = RunId(next(iter(spec["attack"]["records"])), defense, int(spec["seeds"][0]), "theirs")
+    path = checkout / "config" / "defense" / Path(spec["defenses"][defense]["script"]).stem / \
+        f"parity_{defense}_seed{rid.seed}.yaml"
+    if not path.is_file():
+        return []
+    theirs = yaml.safe_load(path.read_text())
+    cfg = DEFENSES.get(defense).from_sources(spec["dataset"]["name"], None, our_overrides(spec, checkout, rid)).config
+    ours = dataclasses.asdict(cfg)
+    skip = {"device", "amp", "pin_memory", "num_workers", "prefetch", "non_blocking", "dataset_path", "index", "log",
+            "checkpoint_load", "checkpoint_save", "yaml_path", "result_file", "frequency_save", "dataset", "model"}
+    out = []
+    skip |= set(spec["defenses"][defense].get("inert", []))  # keys their script reads but never acts on
+    for k in sorted(set(theirs) & set(ours) - skip):
+        a, b = theirs[k], ours[k]
+        same = a == b or (isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b))
+        if not same and not (a in (None, "") and b in (None, "", "none")):
+            out.append(f"{k}: theirs {a!r}, ours {b!r}")
+    return out
+
+
+def cmd_report(spec: dict[str, Any], checkout: Path, out_dir: Path) -> None:
+    import pandas as pd
+
+    from backdoorbench_gic.analysis import machine_info
+    from backdoorbench_gic.utils.io import atomic_write_json, atomic_write_text
+
+    rows = [json.loads(p.read_text()) for p in sorted((work_dir(checkout) / "runs").glob("*.json"))]
+    if not rows:
+        raise SystemExit("no finished runs")
+    df = pd.DataFrame(rows)
+    ok = df[df.exit_code == 0]
+    summary = []
+    for (record, defense), g in df.groupby(["record", "defense"], sort=False):
+        entry: dict[str, Any] = {"record": record, "defense": defense}
+        for side in SIDES:
+            s = ok[(ok.record == record) & (ok.defense == defense) & (ok.side == side)]
+            failed = g[(g.side == side) & (g.exit_code != 0)]
+            entry[f"{side}_n"] = len(s)
+            entry[f"{side}_failed"] = len(failed)
+            if len(failed):
+                entry[f"{side}_error"] = str(failed.iloc[0].get("error", ""))[:300]
+            for key, _ in METRICS + (("wall_seconds", "wall"),):
+                entry[f"{side}_{key}"] = float(s[key].mean()) if len(s) else float("nan")
+                entry[f"{side}_{key}_sd"] = float(s[key].std(ddof=1)) if len(s) > 1 else float("nan")
+        for key, _ in METRICS:
+            entry[f"d_{key}"] = entry[f"ours_{key}"] - entry[f"theirs_{key}"]
+            sds = [entry[f"{side}_{key}_sd"] for side in SIDES if not math.isnan(entry[f"{side}_{key}_sd"])]
+            entry[f"spread_{key}"] = max(sds) if sds else float("nan")
+        both = entry["ours_n"] and entry["theirs_n"]
+        entry["wall_ratio"] = entry["ours_wall_seconds"] / entry["theirs_wall_seconds"] if both else float("nan")
+        beyond = []
+        for key in ("acc_after", "asr_after"):
+            spread = entry[f"spread_{key}"]
+            tol = max(0.02, 2 * spread) if not math.isnan(spread) else 0.02
+            if both and abs(entry[f"d_{key}"]) > tol:
+                beyond.append(dict(METRICS)[key])
+        entry["beyond_tolerance"] = ", ".join(beyond)
+        entry["cause"] = spec["notes"].get(defense, "") if beyond else ""
+        entry["config_differences"] = "; ".join(config_differences(spec, checkout, defense))
+        summary.append(entry)
+    sm = pd.DataFrame(summary)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "parity.csv", df.to_csv(index=False))
+    metric = work_dir(checkout) / "metric.json"
+    payload = {"name": spec["name"], "date": dt.date.today().isoformat(), "machine": machine_info(),
+               "spec": spec, "summary": summary, "runs": rows,
+               "visual_metric": json.loads(metric.read_text()) if metric.is_file() else None}
+    atomic_write_json(out_dir / "parity.json", payload)
+    atomic_write_text(out_dir / "parity.md", render(spec, sm, df, payload))
+    print(f"wrote {out_dir / 'parity.md'}, parity.csv, parity.json")
+
+
+def _pm(mean: float, sd: float, pct: bool = True) -> str:
+    if math.isnan(mean):
+        return "-"
+    f = 100 if pct else 1
+    fmt = "{:.1f}" if pct else "{:.0f}"
+    return fmt.format(mean * f) + ("" if math.isnan(sd) else " ± " + fmt.format(sd * f))
+
+
+def render(spec: dict[str, Any], sm, df, payload: dict[str, Any]) -> str:
+    m = payload["machine"]
+    ds = spec["dataset"]
+    lines = [f"# Parity with BackdoorBench's own defense scripts ({payload['date']})", "",
+             f"Machine: {m.get('cpu', '?')}, torch {m.get('torch', '?')}, one thread per run. Spec "
+             f"`benchmarks/parity.yaml`; command `python benchmarks/parity.py report --checkout <copy of "
+             f"BackdoorBenchER>` after the prepare, attack and run steps (module docstring).", "",
+             f"Records: their own attack scripts ({', '.join(v['script'] for v in spec['attack']['records'].values())}) "
+             f"on their 10-class split layout `{ds['name']}` filled with Fashion-MNIST (3 x 32 x 32; "
+             f"{10 * ds['train_per_class']} train, {10 * ds['test_per_class']} test), PreActResNet-18, "
+             f"{spec['attack']['common']['epochs']} epochs. Auxiliary set: one `--index` file per seed "
+             f"(ratio {spec['ratio']} of the clean training set, poisoned positions excluded) given to both sides. "
+             f"Seeds {spec['seeds']}. Numbers in %: mean ± standard deviation over the seeds that finished (n); "
+             f"d = ours - theirs; tolerance = max(2 points, 2 x the larger side's spread).", ""]
+    for record, g in sm.groupby("record", sort=False):
+        first = df[(df.record == record) & (df.exit_code == 0)]
+        if len(first):
+            r0 = first.iloc[0]
+            lines += [f"## {record}: victim C-Acc {100 * r0.acc_before:.1f}, ASR {100 * r0.asr_before:.1f}, "
+                      f"RA {100 * r0.ra_before:.1f}", ""]
+        lines += ["| defense | n | theirs C-Acc / ASR / RA / DER | ours C-Acc / ASR / RA / DER | d C-Acc | d ASR | "
+                  "wall theirs / ours (s) | ratio | beyond tolerance: cause |", "|---|---|---|---|---|---|---|---|---|"]
+        for _, e in g.iterrows():
+            def side(s):
+                if not e[f"{s}_n"]:
+                    return f"failed: {e.get(f'{s}_error', '')}"[:160]
+                return " / ".join(_pm(e[f"{s}_{k}"], e[f"{s}_{k}_sd"]) for k, _ in METRICS)
+            n = f"{e['theirs_n']}/{e['ours_n']}"
+            ratio = "-" if math.isnan(e["wall_ratio"]) else f"{e['wall_ratio']:.2f}"
+            cause = f"{e['beyond_tolerance']}: {e['cause'] or 'UNEXPLAINED'}" if e["beyond_tolerance"] else "within"
+            lines.append(f"| {e['defense']} | {n} | {side('theirs')} | {side('ours')} | "
+                         f"{_pm(e['d_acc_after'], e['spread_acc_after'])} | {_pm(e['d_asr_after'], e['spread_asr_after'])} | "
+                         f"{_pm(e['theirs_wall_seconds'], float('nan'), False)} / "
+                         f"{_pm(e['ours_wall_seconds'], float('nan'), False)} | "
+                         f"{ratio} | {cause} |")
+        lines.append("")
+    lines += ["## Schedules (the same flags on both sides)", "",
+              "| defense | schedule | their-only | config keys that still differ |", "|---|---|---|---|"]
+    for d, v in spec["defenses"].items():
+        diffs = sm[sm.defense == d]["config_differences"]
+        lines.append(f"| {d} | {v.get('schedule') or '-'} | {v.get('theirs') or '-'} | "
+                     f"{(diffs.iloc[0] if len(diffs) else '') or 'none'} |")
+    vm = payload.get("visual_metric")
+    if vm:
+        lines += ["", "## Their analysis/visual_metric.py on our defense_result.pt", "",
+                  "| our run | recomputed = logged | largest difference |", "|---|---|---|"]
+        for c in vm:
+            lines.append(f"| {c['id']} | {c.get('agree', 'failed: ' + str(c.get('error', ''))[:120])} | "
+                         f"{c.get('max_abs_diff', '-')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("step", choices=["prepare", "attack", "pending", "run", "metric", "compat", "report"])
+    p.add_argument("--checkout", required=True, type=Path, help="a scratch copy of a BackdoorBenchER checkout")
+    p.add_argument("--spec", type=Path, default=HERE / "parity.yaml")
+    p.add_argument("--id", action="append", default=[], help="run id(s) for `run` (<record>/<defense>/<seed>/<side>)")
+    p.add_argument("--record", action="append", default=None, help="restrict to these records")
+    p.add_argument("--defense", action="append", default=None, help="restrict to these defenses")
+    p.add_argument("--seed", action="append", type=int, default=None, help="restrict to these seeds")
+    p.add_argument("--out", type=Path, default=RESULTS, help="report folder (default benchmarks/results)")
+    p.add_argument("--script", action="append", default=None, help="compat: only these scripts (stems)")
+    p.add_argument("--gic", action="store_true", help="compat: with --gic")
+    args = p.parse_args(argv)
+    spec = load_spec(args.spec)
+    checkout = args.checkout.resolve()
+    os.environ["BBGIC_CACHE_DIR"] = str(work_dir(checkout) / "cache")  # the cache our subprocess runs use
+    if args.step == "prepare":
+        cmd_prepare(spec, checkout)
+    elif args.step == "attack":
+        cmd_attack(spec, checkout, args.record)
+    elif args.step == "pending":
+        for rid in all_runs(spec, args.record, args.defense, args.seed):
+            if not run_json(checkout, rid).is_file():
+                print(rid)
+    elif args.step == "run":
+        if not args.id:
+            raise SystemExit("run needs --id <record>/<defense>/<seed>/<side> (see the pending step)")
+        for text in args.id:
+            cmd_run(spec, checkout, RunId.parse(text))
+    elif args.step == "metric":
+        cmd_metric(spec, checkout)
+    elif args.step == "compat":
+        cmd_compat(spec, checkout, (args.record or [next(iter(spec["attack"]["records"]))])[0], args.script,
+                   args.gic)
+    else:
+        cmd_report(spec, checkout, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
