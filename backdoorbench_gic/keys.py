@@ -68,6 +68,7 @@ class Col:
     DRIFT_FLAG = extra_column(GicInfo.DRIFT_FLAG)
     # post-purification probes (probes.py): _before the victim, _after the purified model, _control the clean model
     PROBES = "probes"  # which probes ran, comma-separated
+    PROBE_FINGERPRINT = "probe_fingerprint"  # hash of the probe settings they ran with
     ASR_HALF_BEFORE, ASR_HALF_AFTER = "asr_half_before", "asr_half_after"  # plain ASR on ASR-refresh's images
     ASR_REFRESH_BEFORE, ASR_REFRESH_AFTER = "asr_refresh_before", "asr_refresh_after"
     ACC_HALF_BEFORE, ACC_HALF_AFTER = "acc_half_before", "acc_half_after"

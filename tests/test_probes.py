@@ -281,3 +281,93 @@ def test_defend_prints_the_probes(rec, capsys):
     assert bbgic(["defend", "--result_file", "r", "--bb_root", str(rec.bb_root), "--defense", "ft", "--probes",
                   "retun"]) == 2
     assert "unknown probe(s) 'retun'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the matrix: spec key, cells, leaderboard columns
+# ---------------------------------------------------------------------------------------------------------
+def _spec(rec, out, **changes) -> dict:
+    spec = {"name": "p", "output_root": str(out), "bb_root": str(rec.bb_root), "attacks": ["r"],
+            "defenses": [{"name": "ft", "overrides": {"epochs": 1, "batch_size": 30}}], "aux": ["train"],
+            "aux_sizes": [{"ratio": 0.2}], "seeds": [0], "defaults": {"device": "cpu"}, "monitor_every": 0,
+            "probes": ["retune", "refresh"], "probe_options": QUICK}
+    spec.update(changes)
+    return spec
+
+
+def test_matrix_spec_takes_probes_and_checks_them(rec, tmp_path):
+    from backdoorbench_gic.matrix.runner import validate_matrix
+    from backdoorbench_gic.matrix.spec import parse_spec
+
+    spec = parse_spec(_spec(rec, tmp_path / "o"))
+    assert spec.probes == ["refresh", "retune"] and spec.to_dict()["probe_options"] == QUICK
+    assert parse_spec(_spec(rec, tmp_path / "o", probes="refresh")).probes == ["refresh"]
+    assert validate_matrix(spec) == []
+    assert "probes" not in parse_spec(_spec(rec, tmp_path / "o", probes=[], probe_options={})).to_dict()
+    with pytest.raises(ConfigError, match="unknown probe.*'rfresh'"):
+        parse_spec(_spec(rec, tmp_path / "o", probes=["rfresh"]))
+    with pytest.raises(ConfigError, match="'epoch'"):
+        parse_spec(_spec(rec, tmp_path / "o", probe_options={"retune": {"epoch": 1}}))
+    with pytest.raises(ConfigError, match="probe_options given without probes"):
+        parse_spec(_spec(rec, tmp_path / "o", probes=[]))
+    # what the record cannot probe stops every cell before any defense runs, as a single run's check would
+    big = parse_spec(_spec(rec, tmp_path / "o", probe_options={"retune.n": 1000}))
+    assert any("probe 'retune' (P-ASR): a retuning budget of 1000 images" in p for p in validate_matrix(big))
+
+
+def test_probes_are_not_part_of_a_cells_identity(rec, tmp_path):
+    """Probes run on copies of the final purified model, so they change none of a cell's defense numbers: the
+    cells (ids, folders) and their requests' defense settings are those of the spec without probes."""
+    from backdoorbench_gic.matrix.spec import parse_spec
+
+    with_p, without = parse_spec(_spec(rec, tmp_path / "o")), parse_spec(_spec(rec, tmp_path / "o", probes=[],
+                                                                               probe_options={}))
+    assert [c.cell_id for c in with_p.cells()] == [c.cell_id for c in without.cells()]
+    assert [c.relpath for c in with_p.cells()] == [c.relpath for c in without.cells()]
+    a, b = with_p.cells()[0].request(with_p), without.cells()[0].request(without)
+    assert (a.probes, a.probe_options, b.probes) == (["refresh", "retune"], QUICK, [])
+    assert dataclasses.replace(a, probes=[], probe_options={}) == b
+
+
+def test_matrix_cells_carry_the_probes_into_the_leaderboard(rec, tmp_path):
+    from backdoorbench_gic.matrix import run_matrix, write_report
+    from backdoorbench_gic.matrix.spec import parse_spec
+
+    spec = parse_spec(_spec(rec, tmp_path / "o"))
+    assert run_matrix(spec).counts == {"done": 1}
+    cell = json.loads(next((tmp_path / "o" / "cells").rglob("result.json")).read_text())
+    assert cell[Col.PROBES] == "refresh,retune" and cell[Col.P_ASR_CONTROL] is not None
+    write_report(tmp_path / "o", plots=False)
+    md = (tmp_path / "o" / "report" / "leaderboard_train@r0.2.md").read_text()
+    for header in ("no defense ASR-refresh", "no defense P-ASR", "clean model P-ASR", "ft ASR (half)",
+                   "ft ASR-refresh", "ft P-ASR", "probes: ASR-refresh"):
+        assert header in md, header
+    csv = (tmp_path / "o" / "report" / "leaderboard_train@r0.2.csv").read_text()
+    assert "ft_P-ASR_mean" in csv and "control_clean model P-ASR_mean" in csv
+    # the same cells with a probe their rows lack: kept as they are (not re-run), and named
+    from backdoorbench_gic.matrix.runner import _done_without_probes
+    from backdoorbench_gic.matrix.store import CellStore
+
+    store = CellStore(tmp_path / "o")
+    assert _done_without_probes(spec, store) == []
+    assert _done_without_probes(parse_spec(_spec(rec, tmp_path / "o", probes=["refresh"])), store) == []
+    other = parse_spec(_spec(rec, tmp_path / "o", probe_options={**QUICK, "retune.lr": 0.001}))
+    assert _done_without_probes(other, store) == other.cells()  # probed, but under other settings
+    # probing the stored purified model again, without the defense, gives the cell's probe numbers exactly
+    from backdoorbench_gic.probes import probe_finished_cells
+
+    assert probe_finished_cells(tmp_path / "o", rec.bb_root, tmp_path / "p", "refresh,retune", QUICK,
+                                progress=False) == {"probed": 1, "skipped": 0}
+    again = json.loads(next((tmp_path / "p" / "cells").rglob("result.json")).read_text())
+    probe_cols = [k for k in cell if k.startswith(("asr_half", "asr_refresh", "acc_half", "acc_refresh", "p_asr",
+                                                   "p_acc", "retune_n", "refresh_n", "half_n"))]
+    assert len(probe_cols) == 18 and {k: again[k] for k in probe_cols} == {k: cell[k] for k in probe_cols}
+    assert again["asr_after"] == cell["asr_after"] and again["cell_id"] == cell["cell_id"]
+    assert probe_finished_cells(tmp_path / "o", rec.bb_root, tmp_path / "p", ["retune"], QUICK,
+                                progress=False) == {"probed": 0, "skipped": 1}  # resumable
+    with pytest.raises(ProbeError, match="retuning budget of 1000"):
+        probe_finished_cells(tmp_path / "o", rec.bb_root, tmp_path / "q", ["retune"], {"retune.n": 1000})
+    assert not (tmp_path / "q").exists()
+    row_file = next((tmp_path / "o" / "cells").rglob("result.json"))
+    row_file.write_text(json.dumps({**cell, Col.PROBES: "refresh"}))
+    assert _done_without_probes(spec, store) == spec.cells()
