@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -151,3 +152,19 @@ def compare(before: Metrics, after: Metrics) -> dict[str, float]:
         "rir": rir(before.acc, before.ra, after.acc, after.ra),
         "success": float(purification_success(before.acc, after.acc, after.asr)),
     }
+
+
+def eval_sets(record, limit: int | None) -> tuple[ImageSet, ImageSet | None]:
+    """(clean test, poisoned test), or fixed subsets of at most ``limit`` images each: positions drawn once with
+    seed 0, so every cell of a matrix (and the victim) is measured on the same images."""
+    clean, bd = record.clean_test, record.bd_test
+    if not limit:
+        return clean, bd
+
+    def pick(data: ImageSet) -> ImageSet:
+        if len(data) <= limit:
+            return data
+        pos = np.sort(np.random.default_rng(0).permutation(len(data))[:limit])
+        return data.subset(pos, name=f"{data.name}[{limit}]")
+
+    return pick(clean), (pick(bd) if bd is not None else None)

@@ -66,6 +66,18 @@ class Col:
     PLACEMENT_SECONDS = extra_column(GicInfo.PLACEMENT_SECONDS)
     DRIFT_RATIO = extra_column(GicInfo.DRIFT_RATIO)
     DRIFT_FLAG = extra_column(GicInfo.DRIFT_FLAG)
+    # post-purification probes (probes.py): _before the victim, _after the purified model, _control the clean model
+    PROBES = "probes"  # which probes ran, comma-separated
+    PROBE_FINGERPRINT = "probe_fingerprint"  # hash of the probe settings they ran with
+    ASR_HALF_BEFORE, ASR_HALF_AFTER = "asr_half_before", "asr_half_after"  # plain ASR on ASR-refresh's images
+    ASR_REFRESH_BEFORE, ASR_REFRESH_AFTER = "asr_refresh_before", "asr_refresh_after"
+    ACC_HALF_BEFORE, ACC_HALF_AFTER = "acc_half_before", "acc_half_after"
+    ACC_REFRESH_BEFORE, ACC_REFRESH_AFTER = "acc_refresh_before", "acc_refresh_after"
+    P_ASR_BEFORE, P_ASR_AFTER, P_ASR_CONTROL = "p_asr_before", "p_asr_after", "p_asr_control"
+    P_ACC_BEFORE, P_ACC_AFTER, P_ACC_CONTROL = "p_acc_before", "p_acc_after", "p_acc_control"
+    REFRESH_N, HALF_N_BD = "refresh_n", "half_n_bd"  # images re-estimated on / poisoned images measured on
+    RETUNE_N, RETUNE_N_POISON = "retune_n", "retune_n_poison"  # the retuning set and its poisoned part
+    PROBE_SECONDS, CONTROL_SECONDS = "probe_seconds", "control_seconds"
 
 
 def per_source_key(key: str, source: str) -> str:

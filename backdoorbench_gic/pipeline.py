@@ -18,15 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from .config import RunConfig, marked_keys
-from .data.imageset import ImageSet
 from .defenses import purify_cache
-from .evaluation import Metrics, WeightsMemo, compare, evaluate
+from .evaluation import Metrics, WeightsMemo, compare, eval_sets, evaluate
 from .records import AttackRecord, load_attack_record
 from .keys import extra_column
+from .probes import Prober, ProbeSettings, probe_request
 from .registry import DEFENSES
 from .results import MetricLog, defense_output_dir, write_defense_result, write_tidy_row
 from .utils.cache import cache_dir, content_key, load_or_compute
@@ -61,22 +60,8 @@ class DefenseRequest:
     # For CPU-scale matrices only: the subset is the same for every cell and is recorded in the row.
     eval_limit: int | None = None
     extra_row: dict[str, Any] = field(default_factory=dict)  # copied into the tidy row (matrix cell keys)
-
-
-def eval_sets(record: AttackRecord, limit: int | None) -> tuple[ImageSet, ImageSet | None]:
-    """(clean test, poisoned test), or fixed subsets of at most ``limit`` images each: positions drawn once with
-    seed 0, so every cell of a matrix (and the victim) is measured on the same images."""
-    clean, bd = record.clean_test, record.bd_test
-    if not limit:
-        return clean, bd
-
-    def pick(data: ImageSet) -> ImageSet:
-        if len(data) <= limit:
-            return data
-        pos = np.sort(np.random.default_rng(0).permutation(len(data))[:limit])
-        return data.subset(pos, name=f"{data.name}[{limit}]")
-
-    return pick(clean), (pick(bd) if bd is not None else None)
+    probes: list[str] = field(default_factory=list)  # post-purification probes (probes.py): refresh, retune
+    probe_options: dict[str, Any] = field(default_factory=dict)  # ProbeSettings keys, e.g. {"retune.epochs": 3}
 
 
 def victim_metrics(record: AttackRecord, model: torch.nn.Module, device: torch.device, batch_size: int = 512,
@@ -163,6 +148,8 @@ def check_request(req: DefenseRequest, record: AttackRecord):
         raise ValueError(f"eval_limit must be a positive number of test images, got {req.eval_limit}")
     if req.monitor_every < 0:
         raise ValueError(f"monitor_every must be >= 0 (0: evaluate only at the end), got {req.monitor_every}")
+    if req.probes or req.probe_options:  # what the record cannot probe (no bd_train, no BatchNorm, a budget too large)
+        probe_request(record, req.probes, req.probe_options)
     return defense
 
 
@@ -179,6 +166,7 @@ def run_defense(req: DefenseRequest, record: AttackRecord | None = None) -> dict
     defense = check_request(req, record)
     cfg = defense.run_config  # the auxiliary draw, seed and device (a wrapper's are its base's)
     device = resolve_device(cfg.device)
+    probe_settings = ProbeSettings.from_dict(req.probe_options) if req.probes else None  # checked above
     out_dir = output_dir(req, record.record_dir, defense.name, dataset, cfg.reserved_type)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -227,6 +215,9 @@ def run_defense(req: DefenseRequest, record: AttackRecord | None = None) -> dict
         write_defense_result(out_dir, csv_prefix=defense.prefix, model_name=record.model_name,
                              num_classes=record.num_classes, state_dict=net.state_dict(), history=history,
                              index=aux.indices.tolist())
+        probe_row = {} if probe_settings is None else Prober(
+            record, req.probes, probe_settings, clean_eval=clean_test, bd_eval=bd_test, device=device,
+            batch_size=req.eval_batch_size, trust=req.trust_checkpoint, progress=req.progress).row(victim, result.model)
         row: dict[str, Any] = {
             "attack": record.name,
             "model": record.model_name,
@@ -248,6 +239,7 @@ def run_defense(req: DefenseRequest, record: AttackRecord | None = None) -> dict
             "torch": torch.__version__,
             "log": os.path.relpath(log_path, out_dir),
             **{extra_column(k): v for k, v in result.extras.items() if isinstance(v, (int, float, str, bool))},
+            **probe_row,
             **req.extra_row,
         }
         write_tidy_row(out_dir, row)

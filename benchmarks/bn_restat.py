@@ -46,7 +46,7 @@ def collect(spec, defenses: list[str]) -> pd.DataFrame:
     from backdoorbench_gic.auxdata import build_aux_set
     from backdoorbench_gic.bnstats import recalibrate_bn
     from backdoorbench_gic.evaluation import evaluate
-    from backdoorbench_gic.pipeline import eval_sets
+    from backdoorbench_gic.evaluation import eval_sets
     from backdoorbench_gic.results import TIDY_ROW_FILE
 
     output_root, eval_limit = Path(spec.output_root), spec.eval_limit

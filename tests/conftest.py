@@ -59,3 +59,18 @@ def fresh_bb_record(tmp_path):
 
     record_dir = make_bb_record(tmp_path, "badnet_fixture", "cifar10", n_train=60, n_test=30)
     return tmp_path, record_dir
+
+
+@pytest.fixture(scope="session")
+def backdoored_record(tmp_path_factory):
+    """A loaded record of a smallcnn (width 16) on the CIFAR-10 fixture with a working 8x8-patch backdoor (target 0):
+    300 training images (30 poisoned), 100 test images. Shared by the probe and PAM tests; treat it as read-only
+    (write defense outputs elsewhere with output_dir)."""
+    from backdoorbench_gic.records import load_attack_record
+    from backdoorbench_gic.testing import make_bb_record, torch_threads
+
+    root = tmp_path_factory.mktemp("backdoored")
+    with torch_threads(1):
+        make_bb_record(root, "r", n_train=300, n_test=100, train_steps=80, model_name="smallcnn", width=16,
+                       trigger_size=8)
+    return load_attack_record(root / "record" / "r")

@@ -24,7 +24,8 @@ LAYERS: list[set[str]] = [
     {"models", "training", "evaluation", "patching"},
     {"records"},  # BackdoorBench records (models + datasets + formats)
     {"inspection", "auxdata", "defenses", "attacks"},  # what reads a record: checks, auxiliary data, algorithms
-    {"gic", "pipeline", "analysis", "testing"},  # GIC around a defense; one run end to end; reading results
+    {"gic", "pipeline", "analysis", "testing", "probes"},  # GIC around a defense; one run end to end; reading
+    # results; probing a purified model after the run
     {"matrix", "bbrun"},  # many runs; GIC inside BackdoorBench's own entry points
     {"commands", "cli", "demo"},  # the command line and the demo it (and run_defense.py) starts
 ]

@@ -151,7 +151,7 @@ def test_eval_limit_measures_every_run_on_the_same_fixed_subset(root, tmp_path):
     """CPU-scale matrices evaluate on a fixed subset: the same images for the victim and every cell, the sizes
     in the row, and a victim cache that never mixes subset and full numbers."""
     from backdoorbench_gic.evaluation import evaluate
-    from backdoorbench_gic.pipeline import eval_sets
+    from backdoorbench_gic.evaluation import eval_sets
     from backdoorbench_gic.records import load_attack_record
 
     record = load_attack_record(root / "record" / "victim", root)

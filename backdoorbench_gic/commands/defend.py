@@ -31,6 +31,11 @@ def add_defense_args(p: argparse.ArgumentParser) -> None:
                    help="load .pt files with weights_only=False (only for files you made or trust)")
     p.add_argument("--dataset_dir", default=None, help="folder of the clean data, overriding the record's data_path")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    p.add_argument("--probes", default=None, metavar="refresh,retune",
+                   help="post-purification probes on the victim and the purified model: refresh (ASR-refresh), "
+                        "retune (P-ASR, with a clean control); README, 'Reading the results'")
+    p.add_argument("--probe_option", action="append", default=[], metavar="KEY=VALUE",
+                   help="probe setting (repeatable), e.g. retune.epochs=3 or control.model=clean_model.pth")
 
 
 def parse_extra_flags(extra: list[str]) -> dict[str, object]:
@@ -63,7 +68,9 @@ def parse_options(items: list[str]) -> dict[str, object]:
 
 
 def request_from_args(args: argparse.Namespace, extra: list[str]):
+    from ..config import parse_key_values
     from ..pipeline import DefenseRequest
+    from ..probes import parse_probes
 
     overrides = parse_extra_flags(extra)
     if args.reserved_type is not None:
@@ -74,6 +81,8 @@ def request_from_args(args: argparse.Namespace, extra: list[str]):
         variant=args.variant, n_per_class=args.n_per_class, aux_options=parse_options(args.aux_option),
         monitor_every=args.monitor_every, trust_checkpoint=args.trust_checkpoint, dataset_dir=args.dataset_dir,
         progress=False if args.no_progress else None,
+        probes=parse_probes(getattr(args, "probes", None)),
+        probe_options=parse_key_values(getattr(args, "probe_option", []), "--probe_option"),
     )
 
 
@@ -115,6 +124,11 @@ def run(args: argparse.Namespace) -> int:
     summary = format_gic_summary(row)
     if summary:
         print(f"  {summary}")
+    from ..probes import probe_line
+
+    probes = probe_line(row)
+    if probes:
+        print(f"  {probes}")
     out = output_dir(req, resolve_record_dir(req.result_file, req.bb_root), row["defense"], row["dataset"],
                      row["aux_type"])
     print(f"wrote the purified model (defense_result.pt), its CSVs, plots, result.json and log/ to {out}")

@@ -1,7 +1,7 @@
 """Purification defenses behind one interface (:class:`Defense`), registered by BackdoorBench name.
 
 Importing this package registers ``ft``, ``ft-sam``, ``fst``, ``sau``, ``i-bau``, ``nad``, ``fp``, ``anp``,
-``npd`` and ``clp`` in :data:`~backdoorbench_gic.registry.DEFENSES`; build one with
+``npd``, ``clp`` and ``pam`` in :data:`~backdoorbench_gic.registry.DEFENSES`; build one with
 ``DEFENSES.get(name).from_sources(dataset, yaml_path, cli)`` and call ``.purify(model, aux, device=...)``.
 A new defense is one module with a config dataclass and a :class:`Defense` subclass holding its algorithm.
 """
@@ -15,8 +15,9 @@ from .ft_sam import FTSAM, FTSAMConfig
 from .i_bau import IBAU, IBAUConfig
 from .nad import NAD, NADConfig
 from .npd import NPD, NPDConfig
+from .pam import PAM, PAMConfig
 from .sau import SAU, SAUConfig
 
 __all__ = ["Defense", "DefenseConfig", "PurifyResult", "Run", "FT", "FTConfig", "FTSAM", "FTSAMConfig", "FST",
            "FSTConfig", "SAU", "SAUConfig", "IBAU", "IBAUConfig", "NAD", "NADConfig", "FP", "FPConfig", "ANP",
-           "ANPConfig", "NPD", "NPDConfig", "CLP", "CLPConfig"]
+           "ANPConfig", "NPD", "NPDConfig", "CLP", "CLPConfig", "PAM", "PAMConfig"]

@@ -26,6 +26,11 @@ from ..utils.io import atomic_write_text, atomic_write_with
 log = logging.getLogger(__name__)
 
 METRICS = [("acc_after", "C-Acc"), ("asr_after", "ASR"), ("ra_after", "RA"), ("der", "DER")]
+# the post-purification probes' columns (probes.py), shown where a run has them: per defense, and for the victim
+# ("no defense") and the clean control; ASR (half) is plain ASR on the images ASR-refresh is measured on
+PROBE_METRICS = [("asr_half_after", "ASR (half)"), ("asr_refresh_after", "ASR-refresh"), ("p_asr_after", "P-ASR")]
+PROBE_VICTIM = [("asr_half_before", "ASR (half)"), ("asr_refresh_before", "ASR-refresh"), ("p_asr_before", "P-ASR")]
+PROBE_CONTROL = [("p_asr_control", "clean model P-ASR")]
 
 
 def collect_results(output_root: str | Path) -> pd.DataFrame:
@@ -96,20 +101,25 @@ def leaderboard(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str], list[list[st
     """Numeric frame (mean/std per defense x metric) plus header and rows for md/tex, for one aux setting."""
     defenses = sorted(df.apply(lambda r: r["defense_label"] + ("+gic" if r["gic"] else ""), axis=1).unique())
     df = df.assign(col=df.apply(lambda r: r["defense_label"] + ("+gic" if r["gic"] else ""), axis=1))
+    has = lambda cols: [(c, n) for c, n in cols if c in df and df[c].notna().any()]  # noqa: E731
+    # (numeric prefix, column, name) of the victim's ("no defense") cells and the clean control's
+    fixed = [("none", c, n) for c, n in [("acc_before", "C-Acc"), ("asr_before", "ASR"), ("ra_before", "RA")]
+             + has(PROBE_VICTIM)] + [("control", c, n) for c, n in has(PROBE_CONTROL)]
+    metrics = METRICS + has(PROBE_METRICS)
     numeric_rows, text_rows = [], []
-    header = ["model", "attack", "no defense C-Acc", "no defense ASR", "no defense RA"]
+    header = ["model", "attack"] + [f"no defense {n}" if p == "none" else n for p, _, n in fixed]
     for d in defenses:
-        header += [f"{d} {name}" for _, name in METRICS]
+        header += [f"{d} {name}" for _, name in metrics]
     for (model, attack), g in df.groupby(["model", "attack"], sort=True):
         nrow: dict[str, object] = {"model": model, "attack": attack}
         trow: list[str] = [model, attack]
-        for col, name in (("acc_before", "C-Acc"), ("asr_before", "ASR"), ("ra_before", "RA")):
+        for prefix, col, name in fixed:
             m, s = _mean_std(g[col])
-            nrow[f"none_{name}_mean"], nrow[f"none_{name}_std"] = m, s
+            nrow[f"{prefix}_{name}_mean"], nrow[f"{prefix}_{name}_std"] = m, s
             trow.append(_fmt(m, s))
         for d in defenses:
             gd = g[g["col"] == d]
-            for col, name in METRICS:
+            for col, name in metrics:
                 m, s = _mean_std(gd[col]) if not gd.empty else (math.nan, math.nan)
                 nrow[f"{d}_{name}_mean"], nrow[f"{d}_{name}_std"] = m, s
                 nrow[f"{d}_n"] = len(gd)
@@ -140,6 +150,9 @@ def write_report(output_root: str | Path, out_dir: str | Path | None = None, plo
         written.append(atomic_write_with(out / f"leaderboard_{tag}.csv", lambda p: numeric.to_csv(p, index=False)))
         caption = (f"auxiliary data {aux} ({size}); C-Acc, ASR, RA and DER in %; mean ± std over "
                    f"{g['seed'].nunique()} seed(s), the mean alone where a cell has one")
+        if any(h.endswith(("ASR-refresh", "P-ASR")) for h in header):
+            caption += ("; probes: ASR-refresh after BatchNorm re-estimation on the test split's first half, measured "
+                        "on its second half beside ASR (half) on the same images; P-ASR after the retuning attack")
         written.append(atomic_write_text(out / f"leaderboard_{tag}.md", f"**{caption}**\n\n" + markdown_table(header, rows)))
         written.append(atomic_write_text(out / f"leaderboard_{tag}.tex", latex_table(header, rows, caption)))
     comp = gic_comparison(df)

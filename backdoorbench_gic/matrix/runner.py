@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from ..keys import Col
 from ..results import TIDY_ROW_FILE
 from ..utils.io import atomic_write_json, atomic_write_text
 from .executors import RunSummary, make_executor
@@ -137,6 +138,12 @@ def _run_part(spec: MatrixSpec, executor, max_cells: int | None, summary: RunSum
                 raise MatrixSpecError(problems)
 
         todo = [c for c in spec.cells() if not store.is_done(c)]
+        unprobed = _done_without_probes(spec, store)
+        if unprobed:
+            log.warning("%d finished cell(s) hold no %s probe(s), or hold them under other probe settings (they ran "
+                        "before the spec's probes changed), and keep their rows as they are; delete them, or use a new "
+                        "output_root, to probe them as the spec says: %s", len(unprobed),
+                        ",".join(spec.probes), "; ".join(c.describe() for c in unprobed[:3]))
         if max_cells is not None:
             todo = todo[:max_cells]
         log.info("%d of %d cells to run", len(todo), len(spec.cells()))
@@ -144,6 +151,28 @@ def _run_part(spec: MatrixSpec, executor, max_cells: int | None, summary: RunSum
     finally:
         run_log.write(part_summary, finished=True)
     return None if max_cells is None else max_cells - len(todo)
+
+
+def _done_without_probes(spec: MatrixSpec, store: CellStore) -> list:
+    """The finished cells whose row lacks one of the spec's probes, or holds them under other probe settings
+    (probes are not part of a cell's identity)."""
+    if not spec.probes:
+        return []
+    from ..probes import ProbeSettings
+
+    fingerprint = ProbeSettings.from_dict(spec.probe_options).fingerprint()
+    out = []
+    for cell in spec.cells():
+        path = store.final_dir(cell) / TIDY_ROW_FILE
+        if path.is_file():
+            try:
+                row = json.loads(path.read_text())
+                have = set(str(row.get(Col.PROBES) or "").split(","))
+            except (OSError, ValueError, AttributeError):
+                continue
+            if not set(spec.probes) <= have or row.get(Col.PROBE_FINGERPRINT) != fingerprint:
+                out.append(cell)
+    return out
 
 
 class _RunLog:

@@ -24,6 +24,8 @@ eval_limit: null                      # CPU-scale runs: a fixed subset of N clea
 monitor_every: 0                      # per-epoch test evaluation for the CSVs (0: final only)
 executor: {kind: local, workers: 1}   # or {kind: ray, address: auto, num_cpus: 1, num_gpus: 0}
 role: development                     # optional: development, held-out or confirmation (what a study may read it for)
+probes: [refresh, retune]             # optional: post-purification probes on every cell (ASR-refresh, P-ASR)
+probe_options: {}                     # probe settings (probes.py), e.g. {retune: {epochs: 5}}
 ```
 
 **GIC variants.** ``gic`` is an axis of named variants, each ``null`` (uncalibrated) or GIC's config keys over
@@ -41,6 +43,13 @@ finished cell.
 its keys, as mmengine does: mappings merge key by key, anything else (lists included) is replaced, and
 ``_delete_: true`` inside a mapping replaces the base's mapping instead of merging into it. A path a file writes
 (``output_root``, ``bb_root``) stays relative to that file. Cycles are refused.
+
+**Probes.** ``probes`` runs the post-purification probes (:mod:`backdoorbench_gic.probes`: ``refresh`` for
+ASR-refresh, ``retune`` for P-ASR and its clean control) on every cell after its purification; ``probe_options`` sets
+them (``{retune: {epochs: 5}}`` or dotted ``{retune.epochs: 5}``). Probes run after the purified model is final and
+on copies of it, so they change none of a cell's defense numbers: they are not part of a cell's identity, and a
+cell with probes pairs with its uncalibrated twin as before. A cell finished before ``probes`` was added keeps its
+row without them; the runner names such cells (use a new ``output_root``, or delete those cells, to probe them).
 """
 from __future__ import annotations
 
@@ -186,6 +195,7 @@ class Cell:
             monitor_every=int(sd.get("monitor_every", 0)),
             aux_options={**(sd.get("aux_options") or {}), **((sd.get("aux_options_for") or {}).get(self.aux) or {})},
             eval_limit=sd.get("eval_limit"), trust_checkpoint=bool(sd.get("trust_checkpoint", False)), progress=False,
+            probes=list(sd.get("probes") or []), probe_options=dict(sd.get("probe_options") or {}),
             extra_row={"cell_id": self.cell_id, "gic": self.gic, "defense_label": self.defense.shown,
                        "base_defense": base, "aux_size_label": self.size.label, "matrix": sd.get("name", "")},
         )
@@ -214,6 +224,8 @@ class MatrixSpec:
     role: str | None = None
     bases: list[Path] = field(default_factory=list)  # the spec files it inherits from (``_base_``), nearest first
     variant: str | None = None  # set on a part (:meth:`parts`): the variant of the spec it was split from
+    probes: list[str] = field(default_factory=list)  # post-purification probes of every cell (probes.py)
+    probe_options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def gic(self) -> list[bool]:
@@ -275,12 +287,13 @@ class MatrixSpec:
             "aux_options_for": self.aux_options_for, "eval_limit": self.eval_limit,
             "monitor_every": self.monitor_every, "executor": self.executor, "trust_checkpoint": self.trust_checkpoint,
             **({"role": self.role} if self.role else {}),
+            **({"probes": self.probes, "probe_options": self.probe_options} if self.probes else {}),
         }
 
 
 _TOP_KEYS = {"name", "output_root", "bb_root", "attacks", "defenses", "aux", "aux_sizes", "seeds", "gic", "defaults",
              "gic_overrides", "aux_options", "aux_options_for", "eval_limit", "monitor_every", "executor",
-             "trust_checkpoint", "role"}
+             "trust_checkpoint", "role", "probes", "probe_options"}
 
 
 def _variants(value: Any, where: str) -> dict[str, dict[str, Any] | None]:
@@ -403,6 +416,17 @@ def parse_spec(data: dict[str, Any], base_dir: Path | None = None, where: str = 
             raise ConfigError(f"{where}: aux_options_for names {name!r}, which is not in aux {aux}")
         if not isinstance(opts, dict):
             raise ConfigError(f"{where}: aux_options_for.{name} must be a mapping of source options")
+    from ..probes import ProbeSettings, parse_probes
+
+    try:
+        probes = parse_probes(data.get("probes") or [])
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise ConfigError(f"{where}: probes must be a list of refresh and/or retune ({exc})") from None
+    if not isinstance(data.get("probe_options") or {}, dict):
+        raise ConfigError(f"{where}: 'probe_options' must be a mapping of probe settings")
+    ProbeSettings.from_dict(data.get("probe_options") or {}, source=f"{where}: probe_options")
+    if data.get("probe_options") and not probes:
+        raise ConfigError(f"{where}: probe_options given without probes to use them; add probes: [refresh, retune]")
     spec = MatrixSpec(
         name=str(data.get("name", "matrix")), path=None, output_root=path_of("output_root", "runs/matrix"),
         bb_root=path_of("bb_root", "."), attacks=attacks, defenses=defenses, aux=aux, aux_sizes=sizes, seeds=seeds,
@@ -410,7 +434,8 @@ def parse_spec(data: dict[str, Any], base_dir: Path | None = None, where: str = 
         gic_overrides=dict(data.get("gic_overrides") or {}),
         aux_options=dict(data.get("aux_options") or {}), aux_options_for=per_type, eval_limit=eval_limit,
         monitor_every=int(data.get("monitor_every", 0)), executor=dict(executor),
-        trust_checkpoint=bool(data.get("trust_checkpoint", False)), role=role,
+        trust_checkpoint=bool(data.get("trust_checkpoint", False)), role=role, probes=probes,
+        probe_options=dict(data.get("probe_options") or {}),
     )
     for part in spec.parts():
         ids = [c.cell_id for c in part.cells()]
