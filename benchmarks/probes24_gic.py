@@ -1,0 +1,135 @@
+"""Issue 24, part (b): is the removal that shifted or external auxiliary data makes superficial, and does GIC's
+calibrated purification leave less backdoor once the model is probed? Probes the purified models the issue-23 blocks
+stored (``benchmarks/gic23/``: development and confirmation, uncalibrated, the packaged default and the generator
+variant; the 5 % size), read-only and without running any defense again (``probes.probe_finished_cells``), with the
+MNIST probe settings fixed before any comparison (``benchmarks/probes24/all_reserved.yaml``'s ``probe_options``,
+chosen on the victims and the clean control only: ``benchmarks/probe_defaults.py``).
+
+    python benchmarks/probes24_gic.py            # probe what is not probed yet (resumable), then report
+    python benchmarks/probes24_gic.py --report_only
+
+Outputs: benchmarks/results/probes24_gic23.md and .json; the probed rows under <bb_root>/runs/probes24-<part>/.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from backdoorbench_gic.analysis import Col, command_line, describe_machine, md_table
+from backdoorbench_gic.analysis.compare import IN_DISTRIBUTION
+from backdoorbench_gic.matrix import collect_results, load_spec
+from backdoorbench_gic.matrix.study import study_blocks
+
+HERE = Path(__file__).resolve().parent
+BLOCK_FILES = ("dev.yaml", "dev_generator64.yaml", "confirm.yaml")
+SETTINGS_SPEC = HERE / "probes24" / "all_reserved.yaml"
+SIZE = "r0.05"
+PROBES = ("refresh", "retune")
+SHOWN = [Col.ASR_AFTER, Col.ASR_REFRESH_AFTER, Col.P_ASR_AFTER, Col.ACC_AFTER]
+
+
+def parts(blocks) -> dict[str, object]:
+    """Every stored part of the blocks: ``{label: spec}`` for the uncalibrated cells and each calibrated variant."""
+    out = {}
+    for name, block in blocks.items():
+        out[f"{name}/off"] = block.spec
+        for label, part in block.variants.items():
+            out[f"{name}/{'default' if part.output_root == block.spec.output_root else label}"] = part
+    return out
+
+
+def probed_root(spec) -> Path:
+    return Path(spec.bb_root) / "runs" / f"probes24-{Path(spec.output_root).name}"
+
+
+def frame(label: str, spec) -> pd.DataFrame:
+    df = collect_results(probed_root(spec))
+    if df.empty:
+        return df
+    gic = df[Col.GIC].astype(bool)
+    keep = gic if not label.endswith("/off") else ~gic
+    return df[keep & (df[Col.AUX_SIZE_LABEL] == SIZE)].assign(block=label.split("/")[0],
+                                                                variant=label.split("/")[1])
+
+
+def table(df: pd.DataFrame) -> tuple[str, list[dict]]:
+    """Mean ASR, ASR-refresh, P-ASR and C-Acc (%) per block, base defense, set and variant."""
+    g = df.groupby(["block", Col.BASE_DEFENSE, Col.AUX_TYPE, "variant"], sort=True)
+    means = g[SHOWN].mean() * 100
+    n = g.size()
+    rows, out = [], []
+    for key, r in means.iterrows():
+        rows.append(list(key) + [int(n[key])] + [f"{r[c]:.1f}" for c in SHOWN])
+        out.append(dict(zip(["block", "base_defense", "aux_type", "variant"], key), runs=int(n[key]),
+                        **{c: float(r[c]) for c in SHOWN}))
+    return md_table(["block", "defense", "aux", "variant", "runs", "ASR", "ASR-refresh", "P-ASR", "C-Acc"], rows), out
+
+
+def answers(df: pd.DataFrame) -> tuple[str, dict]:
+    """The two questions over the uncalibrated and default runs, pooled over victims, defenses and seeds: how much
+    lower each backdoor measure is on the shifted sets than on ``reserved`` (the shift's extra removal, and whether it
+    survives refresh and retuning), and the paired change GIC makes to each on the shifted sets."""
+    keys = ["block", Col.ATTACK, Col.BASE_DEFENSE, Col.AUX_TYPE, Col.SEED]
+    off = df[df.variant == "off"].set_index(keys)
+    ref = off[off.index.get_level_values(Col.AUX_TYPE).isin(IN_DISTRIBUTION)].droplevel(Col.AUX_TYPE)
+    shifted = off[~off.index.get_level_values(Col.AUX_TYPE).isin(IN_DISTRIBUTION)]
+    extra = {}
+    for c in SHOWN[:3]:
+        against = ref[c].reindex(shifted.index.droplevel(Col.AUX_TYPE)).to_numpy()
+        extra[c] = float(((against - shifted[c].to_numpy()) * 100).mean())
+    out = {"extra_removal_of_shift": extra, "gic_change_on_shifted": {}}
+    rows = [["extra removal by the shifted sets (reserved minus shifted, uncalibrated)"]
+            + [f"{extra[c]:+.1f}" for c in SHOWN[:3]]]
+    for v in sorted(set(df.variant) - {"off"}):
+        on = df[df.variant == v].set_index(keys)
+        both = shifted.join(on[SHOWN], rsuffix="_gic", how="inner")
+        change = {c: float(((both[f"{c}_gic"] - both[c]) * 100).mean()) for c in SHOWN}
+        out["gic_change_on_shifted"][v] = {**change, "pairs": int(len(both))}
+        rows.append([f"GIC {v} minus uncalibrated, shifted sets ({len(both)} pairs)"]
+                    + [f"{change[c]:+.1f}" for c in SHOWN[:3]])
+    return md_table(["difference (points)", "ASR", "ASR-refresh", "P-ASR"], rows), out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--report_only", action="store_true")
+    p.add_argument("--out", default=str(HERE / "results"))
+    args = p.parse_args(argv)
+
+    from backdoorbench_gic.probes import probe_finished_cells
+    from backdoorbench_gic.utils.io import atomic_write_text
+    from backdoorbench_gic.utils.logs import console_logging
+
+    console_logging()
+    options = load_spec(SETTINGS_SPEC).probe_options
+    stored = parts(study_blocks([HERE / "gic23" / f for f in BLOCK_FILES]))
+    if not args.report_only:
+        for label, spec in stored.items():
+            print(f"probing {label}: {spec.output_root}", flush=True)
+            probe_finished_cells(spec.output_root, spec.bb_root, probed_root(spec), PROBES, options,
+                                 select=lambda row: row.get(Col.AUX_SIZE_LABEL) == SIZE)
+    df = pd.concat([f for f in (frame(label, spec) for label, spec in stored.items()) if not f.empty],
+                   ignore_index=True)
+    per, rows = table(df)
+    ans, figures = answers(df)
+    text = (f"## Probes on the issue-23 blocks (issue 24, part b)\n\nmachine: {describe_machine()}; command "
+            f"`{command_line(__file__, argv)}`; {dt.datetime.now():%Y-%m-%d %H:%M}; probe settings "
+            f"{json.dumps(options)} (`{SETTINGS_SPEC.relative_to(HERE.parent)}`); the 5 % size; test-set numbers in %\n\n"
+            + ans + "\n\nPer block, base defense, set and variant (means over victims and seeds):\n\n" + per + "\n")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "probes24_gic23.md", text)
+    atomic_write_text(out / "probes24_gic23.json", json.dumps(
+        {"generated": dt.datetime.now().isoformat(timespec="seconds"), "probe_options": options, **figures,
+         "rows": rows}, indent=1) + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
