@@ -71,28 +71,30 @@ def table(df: pd.DataFrame) -> tuple[str, list[dict]]:
 
 
 def answers(df: pd.DataFrame) -> tuple[str, dict]:
-    """The two questions over the uncalibrated and default runs, pooled over victims, defenses and seeds: how much
-    lower each backdoor measure is on the shifted sets than on ``reserved`` (the shift's extra removal, and whether it
-    survives refresh and retuning), and the paired change GIC makes to each on the shifted sets."""
+    """The two questions over the uncalibrated and calibrated runs, pooled over defenses and seeds, for all victims
+    and per victim: how much lower each backdoor measure is on the shifted sets than on ``reserved`` (the shift's
+    extra removal, and whether it survives refresh and retuning), and the paired change each GIC variant makes to
+    each measure on the shifted sets."""
     keys = ["block", Col.ATTACK, Col.BASE_DEFENSE, Col.AUX_TYPE, Col.SEED]
-    off = df[df.variant == "off"].set_index(keys)
-    ref = off[off.index.get_level_values(Col.AUX_TYPE).isin(IN_DISTRIBUTION)].droplevel(Col.AUX_TYPE)
-    shifted = off[~off.index.get_level_values(Col.AUX_TYPE).isin(IN_DISTRIBUTION)]
-    extra = {}
-    for c in SHOWN[:3]:
-        against = ref[c].reindex(shifted.index.droplevel(Col.AUX_TYPE)).to_numpy()
-        extra[c] = float(((against - shifted[c].to_numpy()) * 100).mean())
-    out = {"extra_removal_of_shift": extra, "gic_change_on_shifted": {}}
-    rows = [["extra removal by the shifted sets (reserved minus shifted, uncalibrated)"]
-            + [f"{extra[c]:+.1f}" for c in SHOWN[:3]]]
-    for v in sorted(set(df.variant) - {"off"}):
-        on = df[df.variant == v].set_index(keys)
-        both = shifted.join(on[SHOWN], rsuffix="_gic", how="inner")
-        change = {c: float(((both[f"{c}_gic"] - both[c]) * 100).mean()) for c in SHOWN}
-        out["gic_change_on_shifted"][v] = {**change, "pairs": int(len(both))}
-        rows.append([f"GIC {v} minus uncalibrated, shifted sets ({len(both)} pairs)"]
-                    + [f"{change[c]:+.1f}" for c in SHOWN[:3]])
-    return md_table(["difference (points)", "ASR", "ASR-refresh", "P-ASR"], rows), out
+    rows, out = [], {}
+    for victim in ["all victims"] + sorted(set(df[Col.ATTACK])):
+        part = df if victim == "all victims" else df[df[Col.ATTACK] == victim]
+        off = part[part.variant == "off"].set_index(keys)
+        ref = off[off.index.get_level_values(Col.AUX_TYPE).isin(IN_DISTRIBUTION)].droplevel(Col.AUX_TYPE)
+        shifted = off[~off.index.get_level_values(Col.AUX_TYPE).isin(IN_DISTRIBUTION)]
+        against = ref[SHOWN].reindex(shifted.index.droplevel(Col.AUX_TYPE)).to_numpy()
+        extra = dict(zip(SHOWN[:3], ((against - shifted[SHOWN].to_numpy()) * 100).mean(axis=0)[:3].tolist()))
+        got = out.setdefault(victim, {"extra_removal_of_shift": extra, "gic_change_on_shifted": {}})
+        rows.append([victim, "reserved minus shifted, uncalibrated (the shift's extra removal)", len(shifted)]
+                    + [f"{extra[c]:+.1f}" for c in SHOWN[:3]])
+        for v in sorted(set(part.variant) - {"off"}):
+            on = part[part.variant == v].set_index(keys)
+            both = shifted.merge(on[SHOWN], left_index=True, right_index=True, suffixes=("", "_gic"))
+            change = {c: float(((both[f"{c}_gic"] - both[c]) * 100).mean()) for c in SHOWN}
+            got["gic_change_on_shifted"][v] = {**change, "pairs": int(len(both))}
+            rows.append([victim, f"GIC {v} minus uncalibrated, shifted sets", len(both)]
+                        + [f"{change[c]:+.1f}" for c in SHOWN[:3]])
+    return md_table(["victims", "difference (points)", "runs", "ASR", "ASR-refresh", "P-ASR"], rows), out
 
 
 def main(argv: list[str] | None = None) -> int:
