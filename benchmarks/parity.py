@@ -549,11 +549,13 @@ def cmd_report(spec: dict[str, Any], checkout: Path, out_dir: Path) -> None:
         summary.append(entry)
     sm = pd.DataFrame(summary)
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "parity.csv", df.to_csv(index=False))
+    # the published files name the checkout <checkout>, never this machine's path to it
+    atomic_write_text(out_dir / "parity.csv", df.to_csv(index=False).replace(str(Path(checkout).resolve()), "<checkout>"))
     metric = work_dir(checkout) / "metric.json"
     payload = {"name": spec["name"], "date": dt.date.today().isoformat(), "machine": machine_info(),
                "spec": spec, "summary": summary, "runs": rows,
                "visual_metric": json.loads(metric.read_text()) if metric.is_file() else None}
+    payload = json.loads(json.dumps(payload, default=str).replace(str(Path(checkout).resolve()), "<checkout>"))
     atomic_write_json(out_dir / "parity.json", payload)
     atomic_write_text(out_dir / "parity.md", render(spec, sm, df, payload))
     print(f"wrote {out_dir / 'parity.md'}, parity.csv, parity.json")
