@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import sys
 from pathlib import Path
 
 import pandas as pd
 
-from backdoorbench_gic.analysis import command_line, describe_machine, md_table
+from backdoorbench_gic.analysis import command_line, describe_machine, md_table, percent
 from backdoorbench_gic.analysis.protocols import FIRST_RULE, first_protocol, per_base_protocol, rule_figures, shifted_changes
 from backdoorbench_gic.matrix import run_spec
 from backdoorbench_gic.matrix.study import study_blocks, study_frames
@@ -42,34 +41,28 @@ def shown_role(block) -> str:
             "PreActResNet-18 confirmation" if block.role == "confirmation" else block.role)
 
 
-def pct(v, digits: int = 0, sign: bool = False) -> str:
-    if v is None or (isinstance(v, float) and v != v):
-        return "-"
-    return f"{v * 100:+.{digits}f}" if sign else f"{v * 100:.{digits}f}"
-
-
 def ok(flag) -> str:
     return "ok" if flag else "MISS"
 
 
 def row(name: str, r: str, v: str, f: dict) -> list:
-    return [name, r, v, f["pairs"], f["acc_loss_cells"], pct(f["acc_recovered_mean"]),
-            pct(f["asr_rise_on_those"], 1, True), f["der_gap_cells"], pct(f["der_gap_closed_mean"]),
-            ok(f["no_harm"]), ok(f["no_harm_one_sided"]), pct(f["cost"]), "yes" if f["eligible"] else "no"]
+    return [name, r, v, f["pairs"], f["acc_loss_cells"], percent(f["acc_recovered_mean"]),
+            percent(f["asr_rise_on_those"], 1, True), f["der_gap_cells"], percent(f["der_gap_closed_mean"]),
+            ok(f["no_harm"]), ok(f["no_harm_one_sided"]), percent(f["cost"]), "yes" if f["eligible"] else "no"]
 
 
 def per_base_text(pb: dict[str, dict]) -> str:
-    rows = [[base, v, f["pairs"], f["acc_loss_cells"], pct(f["acc_recovered_mean"]),
-             pct(f["asr_rise_on_those"], 1, True), pct(f["der_gap_closed_mean"]), ok(f["no_harm_one_sided"]),
-             pct(f["cost"]), "**selected**" if v == d["selected"] else "; ".join(f["not_eligible_because"]) or "eligible"]
+    rows = [[base, v, f["pairs"], f["acc_loss_cells"], percent(f["acc_recovered_mean"]),
+             percent(f["asr_rise_on_those"], 1, True), percent(f["der_gap_closed_mean"]), ok(f["no_harm_one_sided"]),
+             percent(f["cost"]), "**selected**" if v == d["selected"] else "; ".join(f["not_eligible_because"]) or "eligible"]
             for base, d in pb.items() for v, f in d["development"].items()]
     conf = []
     for base, d in pb.items():
         for v, f in d["fresh"].items():
             checks = d["checks"] if v == d["selected"] else None
-            conf.append([base, v, f["pairs"], f["acc_loss_cells"], pct(f["acc_recovered_mean"]),
-                         pct(f["asr_rise_on_those"], 1, True), f["der_gap_cells"], pct(f["der_gap_closed_mean"]),
-                         ok(f["no_harm_one_sided"]), pct(f["cost"]),
+            conf.append([base, v, f["pairs"], f["acc_loss_cells"], percent(f["acc_recovered_mean"]),
+                         percent(f["asr_rise_on_those"], 1, True), f["der_gap_cells"], percent(f["der_gap_closed_mean"]),
+                         ok(f["no_harm_one_sided"]), percent(f["cost"]),
                          ("CONFIRMED" if d["confirmed"] else "refuted: " + ", ".join(
                              k for k, c in checks.items() if c == "MISS")) if checks else "(not selected)"])
     return ("### Per-base-defense selection (development blocks, each base alone)\n\n"
@@ -90,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("BBGIC_PURIFY_CACHE", "1")
 
-    from backdoorbench_gic.utils.io import atomic_write_text
+    from backdoorbench_gic.utils.io import atomic_write_text, update_json
     from backdoorbench_gic.utils.logs import console_logging
 
     console_logging()
@@ -140,9 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "gic16.md", text)
-    path = out / "efficacy_summary.json"  # other studies' keys (issue23: benchmarks/gic23.py) are kept
-    kept = {k: v for k, v in (json.loads(path.read_text()) if path.is_file() else {}).items() if k not in summary}
-    atomic_write_text(path, json.dumps({**summary, **kept}, indent=1, default=float) + "\n")
+    update_json(out / "efficacy_summary.json", summary)  # other studies' keys (issue23: gic23.py) are kept
     print(text)
     return 0
 

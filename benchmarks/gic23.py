@@ -23,10 +23,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from backdoorbench_gic.analysis import Col, command_line, describe_machine, md_table
+from backdoorbench_gic.analysis import Col, command_line, describe_machine, md_table, percent
 from backdoorbench_gic.analysis.compare import IN_DISTRIBUTION
-from backdoorbench_gic.analysis.protocols import PER_BASE_RULE, first_protocol
-from backdoorbench_gic.analysis.selection import by_base, confirm, variant_figures
+from backdoorbench_gic.analysis.protocols import PER_BASE_RULE
+from backdoorbench_gic.analysis.selection import by_base, confirm, select, variant_figures
 from backdoorbench_gic.matrix import run_spec
 from backdoorbench_gic.matrix.study import study_blocks, study_frames
 
@@ -35,22 +35,17 @@ STUDY = HERE / "gic23"
 # PROTOCOL.md's stage-1 rule is the per-base protocol's rule, pooled over the base defenses
 STAGE1_RULE = PER_BASE_RULE
 PER_SOURCE = "per_source"  # stage 2's variants end with this
+CONFIRMING = ("confirm", "confirm_preact")  # the blocks the targets are checked on (the second read by no rule)
 SUCCESS_MARGIN = 0.10  # the confirmation's success-rate target: with GIC >= without + 10 points
 # the targets PROTOCOL.md names (selection.confirm also reports the cost, which this protocol does not judge)
 TARGETS = ("lossy cells", "C-Acc recovered", "mean ASR change", "success rate", "DER gap closed", "no harm")
 
 
-def pct(v, digits: int = 0, sign: bool = False) -> str:
-    if v is None or (isinstance(v, float) and v != v):
-        return "-"
-    return f"{v * 100:+.{digits}f}" if sign else f"{v * 100:.{digits}f}"
-
-
 def figure_row(what: list, f: dict) -> list:
-    return what + [f["pairs"], f["acc_loss_cells"], pct(f["acc_recovered_mean"]), pct(f["asr_rise_on_those"], 1, True),
-                   f["der_gap_cells"], pct(f["der_gap_closed_mean"]), "ok" if f["no_harm_one_sided"] else "MISS",
-                   f"{pct(f['lossy_success_rate_nogic'])} -> {pct(f['lossy_success_rate_gic'])} "
-                   f"(+{f['lossy_success_gained']} / -{f['lossy_success_lost']})", pct(f["cost"])]
+    return what + [f["pairs"], f["acc_loss_cells"], percent(f["acc_recovered_mean"]), percent(f["asr_rise_on_those"], 1, True),
+                   f["der_gap_cells"], percent(f["der_gap_closed_mean"]), "ok" if f["no_harm_one_sided"] else "MISS",
+                   f"{percent(f['lossy_success_rate_nogic'])} -> {percent(f['lossy_success_rate_gic'])} "
+                   f"(+{f['lossy_success_gained']} / -{f['lossy_success_lost']})", percent(f["cost"])]
 
 
 FIGURE_HEADER = ["pairs", "lossy cells", "C-Acc recovered (%)", "mean dASR on them (pts)", "gap cells",
@@ -110,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("BBGIC_PURIFY_CACHE", "1")
 
-    from backdoorbench_gic.utils.io import atomic_write_text
+    from backdoorbench_gic.utils.io import atomic_write_text, update_json
     from backdoorbench_gic.utils.logs import console_logging
 
     console_logging()
@@ -120,19 +115,18 @@ def main(argv: list[str] | None = None) -> int:
         for path in sorted({b.path for b in blocks.values()} | {f for b in blocks.values() for f in b.files.values()}):
             run_spec(str(path), False)
     frames = study_frames(blocks)
-    dev = {v: f for v, f in frames.get("dev", {}).items() if not v.endswith(PER_SOURCE)}
     figs = {block: {v: variant_figures(f)[0] for v, f in vs.items()} for block, vs in frames.items()}
     for vs in figs.values():
         for f in vs.values():
             f["eligible"] = STAGE1_RULE.eligible(f)
-    _, chosen = first_protocol({"dev": dev}, ["dev"] if dev else [], [], STAGE1_RULE, calibration_free=())
+    by = {block: {v: breakdown(f) for v, f in vs.items()} for block, vs in frames.items()}
+    chosen = select({v: f for v, f in figs.get("dev", {}).items() if not v.endswith(PER_SOURCE)}, STAGE1_RULE)
     s2 = stage2(frames.get("dev", {}), chosen) if chosen else None
     adopted = (s2["per_source"] if s2 and s2["adopted"] else chosen)
-    checks = {v: confirm(f, STAGE1_RULE.asr_rise_limit, success_margin=SUCCESS_MARGIN)
-              for v, f in figs.get("confirm", {}).items()}
-    preact = {v: confirm(f, STAGE1_RULE.asr_rise_limit, success_margin=SUCCESS_MARGIN)
-              for v, f in figs.get("confirm_preact", {}).items()}
-    verdicts = {v: "MISS" not in [c for k, c in ch.items() if k.startswith(TARGETS)] for v, ch in checks.items()}
+    checks = {block: {v: confirm(f, STAGE1_RULE.asr_rise_limit, success_margin=SUCCESS_MARGIN)
+                      for v, f in figs.get(block, {}).items()} for block in CONFIRMING}
+    verdicts = {v: "MISS" not in [c for k, c in ch.items() if k.startswith(TARGETS)]
+                for v, ch in checks["confirm"].items()}
 
     parts = [f"## GIC on same-class external sources (issue 23)\n\nmachine: {describe_machine()}; command "
              f"`{command_line(__file__, argv)}`; {dt.datetime.now():%Y-%m-%d %H:%M}; protocol "
@@ -145,13 +139,13 @@ def main(argv: list[str] | None = None) -> int:
             continue
         rows = [figure_row([v, "**chosen**" if block == "dev" and v == chosen else
                             ("eligible" if f["eligible"] else "; ".join(STAGE1_RULE.reasons(f)))
-                            if block == "dev" else verdict_text((checks if block == "confirm" else preact)[v])], f)
+                            if block == "dev" else verdict_text(checks[block][v])], f)
                 for v, f in figs[block].items()]
         parts.append(f"### {role[0].upper() + role[1:]}\n\n"
                      + md_table(["variant", "stage-1 rule" if block == "dev" else "targets"] + FIGURE_HEADER, rows))
         parts.append("Per shifted set and per base defense:\n\n" + md_table(
             ["variant", "by", "which"] + FIGURE_HEADER,
-            [figure_row([v, by, which], f) for v, df in frames[block].items() for by, which, f in breakdown(df)]))
+            [figure_row([v, kind, which], f) for v, rows in by[block].items() for kind, which, f in rows]))
         any_frame = next(iter(frames[block].values()))
         parts.append("What each source costs the uncalibrated purification (mean over victims, sizes, seeds):\n\n"
                      + cost_of_sources(any_frame))
@@ -161,16 +155,16 @@ def main(argv: list[str] | None = None) -> int:
                          + ("not run" if s2 is None else
                             f"{s2['per_source']} {'adopted' if s2['adopted'] else 'not adopted'} against {chosen}"))
         else:
-            got = checks if block == "confirm" else preact
+            got = checks[block]
             parts.append("Targets per variant:\n\n" + md_table(
                 ["variant"] + list(next(iter(got.values()))), [[v] + list(ch.values()) for v, ch in got.items()]))
     text = "\n\n".join(parts) + "\n"
     summary = {"generated": dt.datetime.now().isoformat(timespec="seconds"), "stage1_rule": dataclasses.asdict(STAGE1_RULE),
                "chosen": chosen, "stage2": s2, "adopted": adopted, "success_margin": SUCCESS_MARGIN,
-               "confirmation_checks": checks, "confirmed": verdicts, "preact_checks": preact,
+               "confirmation_checks": checks["confirm"], "confirmed": verdicts, "preact_checks": checks["confirm_preact"],
                "blocks": [{"block": b, "role": blocks[b].role, "variant": v,
                            "spec": str(blocks[b].files[v].relative_to(HERE.parent)), **f,
-                           "by": [{"by": by, "which": which, **g} for by, which, g in breakdown(frames[b][v])]}
+                           "by": [{"by": kind, "which": which, **g} for kind, which, g in by[b][v]]}
                           for b in figs for v, f in figs[b].items()]}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -178,10 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_text(out / "gic23.json", json.dumps(summary, indent=1, default=float) + "\n")
     # the efficacy summary of every study carries this one's blocks (per block, role and variant, success rates
     # included) under its own key; gic16.py's keys stay as they are
-    path = out / "efficacy_summary.json"
-    every = json.loads(path.read_text()) if path.is_file() else {}
-    every["issue23"] = {k: summary[k] for k in ("generated", "chosen", "adopted", "confirmed", "blocks")}
-    atomic_write_text(path, json.dumps(every, indent=1, default=float) + "\n")
+    update_json(out / "efficacy_summary.json",
+                {"issue23": {k: summary[k] for k in ("generated", "chosen", "adopted", "confirmed", "blocks")}})
     print(text)
     return 0
 

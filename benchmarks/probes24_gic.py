@@ -47,14 +47,15 @@ def probed_root(spec) -> Path:
     return Path(spec.bb_root) / "runs" / f"probes24-{Path(spec.output_root).name}"
 
 
-def frame(label: str, spec) -> pd.DataFrame:
-    df = collect_results(probed_root(spec))
-    if df.empty:
-        return df
-    gic = df[Col.GIC].astype(bool)
+def frame(label: str, probed: pd.DataFrame) -> pd.DataFrame:
+    """The part ``label``'s rows at the 5 % size from its folder's probed rows (uncalibrated and default cells
+    share a folder), tagged with their block and variant."""
+    if probed.empty:
+        return probed
+    gic = probed[Col.GIC].astype(bool)
     keep = gic if not label.endswith("/off") else ~gic
-    return df[keep & (df[Col.AUX_SIZE_LABEL] == SIZE)].assign(block=label.split("/")[0],
-                                                                variant=label.split("/")[1])
+    return probed[keep & (probed[Col.AUX_SIZE_LABEL] == SIZE)].assign(block=label.split("/")[0],
+                                                                      variant=label.split("/")[1])
 
 
 def table(df: pd.DataFrame) -> tuple[str, list[dict]]:
@@ -110,13 +111,15 @@ def main(argv: list[str] | None = None) -> int:
     console_logging()
     options = load_spec(SETTINGS_SPEC).probe_options
     stored = parts(study_blocks([HERE / "gic23" / f for f in BLOCK_FILES]))
+    folders = {spec.output_root: spec for spec in stored.values()}  # a block's off and default share one
     if not args.report_only:
-        for label, spec in stored.items():
-            print(f"probing {label}: {spec.output_root}", flush=True)
-            probe_finished_cells(spec.output_root, spec.bb_root, probed_root(spec), PROBES, options,
+        for root, spec in folders.items():
+            print(f"probing {root}", flush=True)
+            probe_finished_cells(root, spec.bb_root, probed_root(spec), PROBES, options,
                                  select=lambda row: row.get(Col.AUX_SIZE_LABEL) == SIZE)
-    df = pd.concat([f for f in (frame(label, spec) for label, spec in stored.items()) if not f.empty],
-                   ignore_index=True)
+    probed = {root: collect_results(probed_root(spec)) for root, spec in folders.items()}
+    df = pd.concat([f for f in (frame(label, probed[spec.output_root]) for label, spec in stored.items())
+                    if not f.empty], ignore_index=True)
     per, rows = table(df)
     ans, figures = answers(df)
     text = (f"## Probes on the issue-23 blocks (issue 24, part b)\n\nmachine: {describe_machine()}; command "

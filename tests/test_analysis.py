@@ -219,3 +219,26 @@ def test_command_line_names_the_script_from_the_repository_root(monkeypatch):
     monkeypatch.setattr("sys.argv", ["/abs/benchmarks/speed.py", "--reps", "3"])
     assert command_line("/abs/benchmarks/speed.py") == "python benchmarks/speed.py --reps 3"
     assert command_line("benchmarks/attacks.py", []) == "python benchmarks/attacks.py"
+
+
+def test_percent_by_hand():
+    from backdoorbench_gic.analysis import percent
+
+    assert percent(0.1234) == "12" and percent(0.1234, 1) == "12.3" and percent(-0.02, 1, sign=True) == "-2.0"
+    assert percent(0.005, 1, sign=True) == "+0.5"
+    assert percent(None) == "-" and percent(math.nan, 2) == "-"
+
+
+def test_update_json_keeps_other_writers_keys(tmp_path):
+    import json
+
+    from backdoorbench_gic.utils.io import update_json
+
+    path = tmp_path / "summary.json"
+    update_json(path, {"issue16": {"selected": None}, "generated": "a"})
+    update_json(path, {"issue23": {"chosen": None}, "generated": "b"})
+    assert json.loads(path.read_text()) == {"issue16": {"selected": None}, "issue23": {"chosen": None}, "generated": "b"}
+    path.write_text("[1, 2]\n")
+    with pytest.raises(ValueError, match="not an object"):
+        update_json(path, {"x": 1})
+    assert path.read_text() == "[1, 2]\n"  # left as it was

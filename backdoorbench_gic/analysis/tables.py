@@ -1,6 +1,7 @@
 """Markdown tables and the ``mean ± SE`` cells of the reports (no tabulate/jinja2 dependency)."""
 from __future__ import annotations
 
+import math
 from typing import Iterable, Mapping, Sequence
 
 import pandas as pd
@@ -34,6 +35,12 @@ def pm(mean: float, se: float, scale: float = 100.0, digits: int = 1, sign: bool
     return m if se != se else f"{m} ± {se * scale:.{digits}f}"
 
 
+def percent(value: float | None, digits: int = 0, sign: bool = False) -> str:
+    """A fraction in percent to ``digits`` decimals (``sign``: always signed); ``-`` for NaN or None (a figure the
+    analysis could not compute)."""
+    return "-" if value is None else pm(value, math.nan, digits=digits, sign=sign)
+
+
 def victims_table(df: pd.DataFrame) -> str:
     """The victims of a run (one row per attack): C-Acc, ASR and RA before purification, in percent."""
     v = df.groupby("attack")[["acc_before", "asr_before", "ra_before"]].first()
@@ -47,4 +54,4 @@ def nan_dash(value: float, fmt: str) -> str:
     return "-" if value != value else format(value, fmt)
 
 
-__all__ = ["markdown_table", "md_table", "frame_table", "pm", "victims_table", "nan_dash"]
+__all__ = ["markdown_table", "md_table", "frame_table", "pm", "percent", "victims_table", "nan_dash"]

@@ -11,7 +11,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 
 def _read_umask() -> int:
@@ -58,6 +58,16 @@ def atomic_write_text(target: str | os.PathLike, text: str) -> Path:
 
 def atomic_write_json(target: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(target, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def update_json(target: str | os.PathLike, values: Mapping[str, Any]) -> Path:
+    """Merge ``values`` into the JSON object stored at ``target`` (a new one if there is none) and write it
+    atomically: keys other writers put there stay as they are, the given keys are replaced."""
+    path = Path(target)
+    stored = json.loads(path.read_text()) if path.is_file() else {}
+    if not isinstance(stored, dict):
+        raise ValueError(f"{path}: holds a JSON {type(stored).__name__}, not an object, so keys cannot be merged into it")
+    return atomic_write_json(path, {**stored, **values})
 
 
 def _json_default(obj: Any) -> Any:
