@@ -45,6 +45,7 @@ SIDES = ("theirs", "ours")
 SPEC_KEYS = {"name", "flavour", "dataset", "attack", "seeds", "ratio", "runtime", "defenses", "notes",
              "compat_timeout"}
 DEFENSE_KEYS = {"script", "schedule", "theirs", "ours", "inert"}
+RECORD_KEYS = {"script", "bd_yaml_path", "flags"}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -59,6 +60,10 @@ def load_spec(path: Path) -> dict[str, Any]:
         bad = set(d) - DEFENSE_KEYS
         if bad:
             raise SystemExit(f"{path}: defense {name}: unknown key(s) {sorted(bad)}; known: {sorted(DEFENSE_KEYS)}")
+    for name, r in spec["attack"]["records"].items():
+        bad = set(r) - RECORD_KEYS
+        if bad:
+            raise SystemExit(f"{path}: record {name}: unknown key(s) {sorted(bad)}; known: {sorted(RECORD_KEYS)}")
     spec.setdefault("notes", {})
     return spec
 
@@ -221,7 +226,7 @@ def cmd_attack(spec: dict[str, Any], checkout: Path, only: list[str] | None) -> 
             continue
         if folder.exists():  # an interrupted attack (their prepare() refuses an existing folder)
             shutil.rmtree(folder)
-        argv = flags({**common, "dataset": spec["dataset"]["name"], "dataset_path": "./data",
+        argv = flags({**common, **cfg.get("flags", {}), "dataset": spec["dataset"]["name"], "dataset_path": "./data",
                       "save_folder_name": name, "bd_yaml_path": cfg["bd_yaml_path"]})
         log = work_dir(checkout) / "logs" / f"attack_{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
