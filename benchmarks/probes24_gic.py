@@ -3,7 +3,9 @@ calibrated purification leave less backdoor once the model is probed? Probes the
 stored (``benchmarks/gic23/``: development and confirmation, uncalibrated, the packaged default and the generator
 variant; the 5 % size), read-only and without running any defense again (``probes.probe_finished_cells``), with the
 MNIST probe settings fixed before any comparison (``benchmarks/probes24/all_reserved.yaml``'s ``probe_options``,
-chosen on the victims and the clean control only: ``benchmarks/probe_defaults.py``).
+chosen on the victims and the clean control only: ``benchmarks/probe_defaults.py``). SAU's cells were never run for
+issue 23; ``benchmarks/probes24/sau_gic23_blended.yaml`` runs them on Blended with the probes, and they are read
+as stored and reported apart.
 
     python benchmarks/probes24_gic.py            # probe what is not probed yet (resumable), then report
     python benchmarks/probes24_gic.py --report_only
@@ -27,6 +29,8 @@ from backdoorbench_gic.matrix.study import study_blocks
 
 HERE = Path(__file__).resolve().parent
 BLOCK_FILES = ("dev.yaml", "dev_generator64.yaml", "confirm.yaml")
+# blocks whose cells ran with the probes (benchmarks/probes24/sau_gic23_blended.yaml: SAU, Blended), read as stored
+INLINE_FILES = ("dev_sau.yaml",)
 SETTINGS_SPEC = HERE / "probes24" / "all_reserved.yaml"
 SIZE = "r0.05"
 PROBES = ("refresh", "retune")
@@ -120,18 +124,24 @@ def main(argv: list[str] | None = None) -> int:
     probed = {root: collect_results(probed_root(spec)) for root, spec in folders.items()}
     df = pd.concat([f for f in (frame(label, probed[spec.output_root]) for label, spec in stored.items())
                     if not f.empty], ignore_index=True)
-    per, rows = table(df)
+    inline = parts(study_blocks([HERE / "gic23" / f for f in INLINE_FILES]))
+    ran = {spec.output_root: collect_results(spec.output_root) for spec in inline.values()}
+    sau = pd.concat([frame(label, ran[spec.output_root]) for label, spec in inline.items()], ignore_index=True)
+    per, rows = table(pd.concat([df, sau], ignore_index=True))
     ans, figures = answers(df)
+    sau_ans, sau_figures = answers(sau) if not sau.empty else ("(no SAU cells finished)", {})
     text = (f"## Probes on the issue-23 blocks (issue 24, part b)\n\nmachine: {describe_machine()}; command "
             f"`{command_line(__file__, argv)}`; {dt.datetime.now():%Y-%m-%d %H:%M}; probe settings "
             f"{json.dumps(options)} (`{SETTINGS_SPEC.relative_to(HERE.parent)}`); the 5 % size; test-set numbers in %\n\n"
-            + ans + "\n\nPer block, base defense, set and variant (means over victims and seeds):\n\n" + per + "\n")
+            + ans + "\n\nSAU (`gic23/dev_sau.yaml`'s cells on Blended, run with the probes by "
+            "`benchmarks/probes24/sau_gic23_blended.yaml`; reported apart, not pooled above):\n\n" + sau_ans
+            + "\n\nPer block, base defense, set and variant (means over victims and seeds):\n\n" + per + "\n")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "probes24_gic23.md", text)
     atomic_write_text(out / "probes24_gic23.json", json.dumps(
         {"generated": dt.datetime.now().isoformat(timespec="seconds"), "probe_options": options, **figures,
-         "rows": rows}, indent=1) + "\n")
+         "sau": sau_figures, "rows": rows}, indent=1) + "\n")
     print(text)
     return 0
 
