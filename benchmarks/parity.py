@@ -476,6 +476,9 @@ def cmd_compat(spec: dict[str, Any], checkout: Path, record: str, scripts: list[
                "yaml": base_yaml.name if base_yaml else None, "log": os.path.relpath(log, checkout)}
         row["result"] = ("finished" if rc == 0 else f"still running at {timeout} s (no error)" if rc is None
                          else last_error(log))
+        if gic:  # bb-run's fit line: which images g was fitted on
+            fit = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if "GIC: g fitted" in ln]
+            row["fit"] = fit[0][fit[0].index("GIC:"):][:300] if fit else "no fit line (g never fitted)"
         results[name] = row
         atomic_write_json(target, results)
         print(f"{name}: {row['result']} ({row['wall_seconds']} s)")
@@ -559,7 +562,8 @@ def cmd_report(spec: dict[str, Any], checkout: Path, out_dir: Path) -> None:
     metric = work_dir(checkout) / "metric.json"
     payload = {"name": spec["name"], "date": dt.date.today().isoformat(), "machine": machine_info(),
                "spec": spec, "summary": summary, "runs": rows,
-               "visual_metric": json.loads(metric.read_text()) if metric.is_file() else None}
+               "visual_metric": json.loads(metric.read_text()) if metric.is_file() else None,
+               "compat": compat_rows(checkout)}
     payload = json.loads(json.dumps(payload, default=str).replace(str(Path(checkout).resolve()), "<checkout>"))
     atomic_write_json(out_dir / "parity.json", payload)
     atomic_write_text(out_dir / "parity.md", render(spec, sm, df, payload))
@@ -574,6 +578,24 @@ def _pm(mean: float, sd: float, pct: bool = True) -> str:
     return fmt.format(mean * f) + ("" if math.isnan(sd) else " ± " + fmt.format(sd * f))
 
 
+def attack_overrides(spec: dict[str, Any]) -> str:
+    """`` (parity_badnet: epochs 20)``: the records whose flags override the common ones, else empty."""
+    over = [f"{name}: " + ", ".join(f"{k} {v}" for k, v in cfg["flags"].items())
+            for name, cfg in spec["attack"]["records"].items() if cfg.get("flags")]
+    return f" ({'; '.join(over)})" if over else ""
+
+
+def compat_rows(checkout: Path) -> dict[str, dict[str, Any]]:
+    """``{script: {"plain": row, "gic": row}}`` from the compat step's files (parity/compat.json, compat_gic.json)."""
+    out: dict[str, dict[str, Any]] = {}
+    for mode, name in (("plain", "compat.json"), ("gic", "compat_gic.json")):
+        path = work_dir(checkout) / name
+        if path.is_file():
+            for script, row in json.loads(path.read_text()).items():
+                out.setdefault(script, {})[mode] = row
+    return dict(sorted(out.items()))
+
+
 def render(spec: dict[str, Any], sm, df, payload: dict[str, Any]) -> str:
     m = payload["machine"]
     ds = spec["dataset"]
@@ -584,7 +606,7 @@ def render(spec: dict[str, Any], sm, df, payload: dict[str, Any]) -> str:
              f"Records: their own attack scripts ({', '.join(v['script'] for v in spec['attack']['records'].values())}) "
              f"on their 10-class split layout `{ds['name']}` filled with Fashion-MNIST (3 x 32 x 32; "
              f"{10 * ds['train_per_class']} train, {10 * ds['test_per_class']} test), PreActResNet-18, "
-             f"{spec['attack']['common']['epochs']} epochs. Auxiliary set: one `--index` file per seed "
+             f"{spec['attack']['common']['epochs']} epochs{attack_overrides(spec)}. Auxiliary set: one `--index` file per seed "
              f"(ratio {spec['ratio']} of the clean training set, poisoned positions excluded) given to both sides. "
              f"Seeds {spec['seeds']}. Numbers in %: mean ± standard deviation over the seeds that finished (n); "
              f"d = ours - theirs; tolerance = max(2 points, 2 x the larger side's spread).", ""]
@@ -623,6 +645,15 @@ def render(spec: dict[str, Any], sm, df, payload: dict[str, Any]) -> str:
         for c in vm:
             lines.append(f"| {c['id']} | {c.get('agree', 'failed: ' + str(c.get('error', ''))[:120])} | "
                          f"{c.get('max_abs_diff', '-')} |")
+    compat = payload.get("compat")
+    if compat:
+        timeout = spec.get("compat_timeout", 240)
+        lines += ["", f"## Every defense script of the checkout through bb-run (compat step, cut at {timeout} s)", "",
+                  "| script | without --gic | with --gic |", "|---|---|---|"]
+        for script, modes in compat.items():
+            cells = [f"{m['result']} ({m['wall_seconds']:.0f} s)" if m else "not run"
+                     for m in (modes.get("plain"), modes.get("gic"))]
+            lines.append(f"| {script} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines) + "\n"
 
 
