@@ -14,6 +14,8 @@ run is never repeated, so the steps can be interrupted and rerun, each as its ow
     python benchmarks/parity.py pending --checkout /tmp/bb/er           # the runs still to do, one id a line
     python benchmarks/parity.py run --checkout /tmp/bb/er --id parity_badnet/ft/0/theirs
     python benchmarks/parity.py metric --checkout /tmp/bb/er            # their analysis/visual_metric.py on ours
+    python benchmarks/parity.py compat --checkout /tmp/bb/er [--gic]    # every defense script through bb-run
+    python benchmarks/parity.py noise --checkout /tmp/bb/er             # D_BN of reserved_noise vs _wrap
     python benchmarks/parity.py report --checkout /tmp/bb/er            # -> benchmarks/results/parity.{md,csv,json}
 
 Both sides run as subprocesses (``bbgic bb-run <their script>`` and ``bbgic defend``) under the caller's
@@ -485,6 +487,35 @@ def cmd_compat(spec: dict[str, Any], checkout: Path, record: str, scripts: list[
 
 
 # ---------------------------------------------------------------------------------------------------------
+# noise: BackdoorBenchER's wrapped reserved_noise against our clipped one, by the victim's D_BN
+# ---------------------------------------------------------------------------------------------------------
+NOISE_SETS = ("reserved", "reserved_noise", "reserved_noise_wrap")
+
+
+def cmd_noise(spec: dict[str, Any], checkout: Path, record: str) -> None:
+    """``bbgic aux-quality`` on ``record``'s victim for the in-distribution set, our clipped ``reserved_noise`` and
+    BackdoorBenchER's wrapped one, at the spec's ratio: D_BN and the other signals per set, in parity/noise.json."""
+    import pandas as pd
+
+    from backdoorbench_gic.utils.io import atomic_write_json
+
+    csv = work_dir(checkout) / "noise.csv"
+    log = work_dir(checkout) / "logs" / "noise.log"
+    cmd = bbgic("aux-quality", "--result_file", record, "--bb_root", str(checkout), "--reserved_type", *NOISE_SETS,
+                "--ratio", str(spec["ratio"]), "--device", "cpu", "--csv", str(csv))
+    with open(log, "w") as fh:
+        rc = subprocess.call(cmd, cwd=checkout, stdout=fh, stderr=subprocess.STDOUT, env=env_for(checkout))
+    if rc != 0:
+        raise SystemExit(f"aux-quality failed (exit {rc}); see {log}")
+    keep = ["reserved_type", "n", "bn_div", "risk", "verdict", "accuracy", "top_class", "top_share"]
+    rows = pd.read_csv(csv)[keep].to_dict("records")
+    atomic_write_json(work_dir(checkout) / "noise.json", {"record": record, "ratio": spec["ratio"], "sets": rows})
+    for r in rows:
+        print(f"{r['reserved_type']}: D_BN {r['bn_div']:.4f}, victim accuracy {r['accuracy']:.3f}, "
+              f"top class {r['top_class']} ({r['top_share']:.0%})")
+
+
+# ---------------------------------------------------------------------------------------------------------
 # the report
 # ---------------------------------------------------------------------------------------------------------
 METRICS = (("acc_after", "C-Acc"), ("asr_after", "ASR"), ("ra_after", "RA"), ("der", "DER"))
@@ -560,10 +591,12 @@ def cmd_report(spec: dict[str, Any], checkout: Path, out_dir: Path) -> None:
     # the published files name the checkout <checkout>, never this machine's path to it
     atomic_write_text(out_dir / "parity.csv", df.to_csv(index=False).replace(str(Path(checkout).resolve()), "<checkout>"))
     metric = work_dir(checkout) / "metric.json"
+    noise = work_dir(checkout) / "noise.json"
     payload = {"name": spec["name"], "date": dt.date.today().isoformat(), "machine": machine_info(),
                "spec": spec, "summary": summary, "runs": rows,
                "visual_metric": json.loads(metric.read_text()) if metric.is_file() else None,
-               "compat": compat_rows(checkout)}
+               "compat": compat_rows(checkout),
+               "noise": json.loads(noise.read_text()) if noise.is_file() else None}
     payload = json.loads(json.dumps(payload, default=str).replace(str(Path(checkout).resolve()), "<checkout>"))
     atomic_write_json(out_dir / "parity.json", payload)
     atomic_write_text(out_dir / "parity.md", render(spec, sm, df, payload))
@@ -645,6 +678,14 @@ def render(spec: dict[str, Any], sm, df, payload: dict[str, Any]) -> str:
         for c in vm:
             lines.append(f"| {c['id']} | {c.get('agree', 'failed: ' + str(c.get('error', ''))[:120])} | "
                          f"{c.get('max_abs_diff', '-')} |")
+    noise = payload.get("noise")
+    if noise:
+        lines += ["", f"## `reserved_noise` (clipped, ours) against `reserved_noise_wrap` (BackdoorBenchER's wrapped "
+                  f"pixels) on {noise['record']}'s victim, ratio {noise['ratio']}", "",
+                  "| set | images | D_BN | victim accuracy | top predicted class (share) |", "|---|---|---|---|---|"]
+        for r in noise["sets"]:
+            lines.append(f"| {r['reserved_type']} | {r['n']} | {r['bn_div']:.4f} | {100 * r['accuracy']:.1f} | "
+                         f"{r['top_class']} ({100 * r['top_share']:.0f} %) |")
     compat = payload.get("compat")
     if compat:
         timeout = spec.get("compat_timeout", 240)
@@ -659,7 +700,7 @@ def render(spec: dict[str, Any], sm, df, payload: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("step", choices=["prepare", "attack", "pending", "run", "metric", "compat", "report"])
+    p.add_argument("step", choices=["prepare", "attack", "pending", "run", "metric", "compat", "noise", "report"])
     p.add_argument("--checkout", required=True, type=Path, help="a scratch copy of a BackdoorBenchER checkout")
     p.add_argument("--spec", type=Path, default=HERE / "parity.yaml")
     p.add_argument("--id", action="append", default=[], help="run id(s) for `run` (<record>/<defense>/<seed>/<side>)")
@@ -688,6 +729,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd_run(spec, checkout, RunId.parse(text))
     elif args.step == "metric":
         cmd_metric(spec, checkout)
+    elif args.step == "noise":
+        cmd_noise(spec, checkout, (args.record or [next(iter(spec["attack"]["records"]))])[0])
     elif args.step == "compat":
         cmd_compat(spec, checkout, (args.record or [next(iter(spec["attack"]["records"]))])[0], args.script,
                    args.gic)
