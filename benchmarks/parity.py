@@ -46,7 +46,7 @@ RESULTS = HERE / "results"
 SIDES = ("theirs", "ours")
 SPEC_KEYS = {"name", "flavour", "dataset", "attack", "seeds", "ratio", "runtime", "defenses", "notes",
              "compat_timeout"}
-DEFENSE_KEYS = {"script", "schedule", "theirs", "ours", "inert"}
+DEFENSE_KEYS = {"script", "schedule", "theirs", "ours", "inert", "their_metric"}
 RECORD_KEYS = {"script", "bd_yaml_path", "flags"}
 
 
@@ -62,6 +62,9 @@ def load_spec(path: Path) -> dict[str, Any]:
         bad = set(d) - DEFENSE_KEYS
         if bad:
             raise SystemExit(f"{path}: defense {name}: unknown key(s) {sorted(bad)}; known: {sorted(DEFENSE_KEYS)}")
+        if d.get("their_metric", "logged") != "logged":
+            raise SystemExit(f"{path}: defense {name}: their_metric can only be 'logged' (read their last logged "
+                             f"row instead of evaluating their defense_result.pt), not {d['their_metric']!r}")
     for name, r in spec["attack"]["records"].items():
         bad = set(r) - RECORD_KEYS
         if bad:
@@ -281,15 +284,19 @@ def their_logged_last(folder: Path) -> dict[str, float] | None:
 
     from backdoorbench_gic.results import read_summary_last
 
+    def fractions(values: dict[str, float], name: str) -> dict[str, Any]:
+        # some of their scripts (npd.py) log percent: a C-Acc above 1 can only be one
+        scale = 100.0 if values.get("test_acc", 0.0) > 1.0 else 1.0
+        return {k: values[k] / scale for k in ("test_acc", "test_asr", "test_ra") if k in values} | {"file": name}
+
     for path in sorted(folder.glob("*_df_summary.csv")):
         got = read_summary_last(path)
         if "test_acc" in got:
-            return {k: got[k] for k in ("test_acc", "test_asr", "test_ra") if k in got} | {"file": path.name}
+            return fractions(got, path.name)
     for path in sorted(folder.glob("*_df.csv")):
         df = pd.read_csv(path, index_col=0)
         if "test_acc" in df and len(df):
-            last = df.iloc[-1]
-            return {k: float(last[k]) for k in ("test_acc", "test_asr", "test_ra") if k in df} | {"file": path.name}
+            return fractions({k: float(v) for k, v in df.iloc[-1].items() if k.startswith("test_")}, path.name)
     return None
 
 
@@ -341,22 +348,27 @@ def cmd_run(spec: dict[str, Any], checkout: Path, rid: RunId) -> dict[str, Any]:
             folder = find_their_output(checkout, rid)
             row["output"] = os.path.relpath(folder, checkout)
             row["logged"] = their_logged_last(folder)
-            try:
-                model = load_defense_model(folder / "defense_result.pt", record)
-                after = evaluate(model, record.clean_test, record.bd_test)
-                row["metric_source"] = "defense_result.pt, evaluated here"
-                row.update(compare(before, after))
-            except Exception as exc:  # e.g. their NPD saves a network with an extra layer
-                logged = row["logged"]
-                row["load_error"] = str(exc).splitlines()[0][:300]
-                if logged is None:
-                    raise SystemExit(f"{rid}: their model does not load ({row['load_error']}) and they log no "
-                                     "final test numbers") from None
-                from backdoorbench_gic.evaluation import Metrics
+            from backdoorbench_gic.evaluation import Metrics
 
+            logged = row["logged"]
+            if d.get("their_metric") == "logged":  # their defense_result.pt is not the defended model
+                if logged is None:
+                    raise SystemExit(f"{rid}: the spec reads their logged numbers, but they log none")
                 after = Metrics(logged["test_acc"], logged["test_asr"], logged["test_ra"])
-                row["metric_source"] = f"their {logged['file']} (last row): the model does not load here"
-                row.update(compare(before, after))
+                row["metric_source"] = f"their {logged['file']} (last row), as the spec says (their_metric)"
+            else:
+                try:
+                    model = load_defense_model(folder / "defense_result.pt", record)
+                    after = evaluate(model, record.clean_test, record.bd_test)
+                    row["metric_source"] = "defense_result.pt, evaluated here"
+                except Exception as exc:  # a network their code extends, which our allow-list cannot rebuild
+                    row["load_error"] = str(exc).splitlines()[0][:300]
+                    if logged is None:
+                        raise SystemExit(f"{rid}: their model does not load ({row['load_error']}) and they log no "
+                                         "final test numbers") from None
+                    after = Metrics(logged["test_acc"], logged["test_asr"], logged["test_ra"])
+                    row["metric_source"] = f"their {logged['file']} (last row): the model does not load here"
+            row.update(compare(before, after))
         else:
             tidy = json.loads((our_output(checkout, rid) / "result.json").read_text())
             row.update({k: tidy[k] for k in ("acc_before", "asr_before", "ra_before", "acc_after", "asr_after",
