@@ -111,7 +111,9 @@ PIN = {
     "ft": dict(epochs=2, batch_size=16),
     "ft-sam": dict(epochs=2, batch_size=16, alpha=0.1, rho_min=1.0),
     "fst": dict(epochs=2, batch_size=16),
-    "sau": dict(n_rounds=2, batch_size=16, adv_steps=1, outer_steps=2, lmd_2=0.5),
+    # pinned in the normalised-unit budget it was recorded with (the default is BackdoorBench's pixel budget,
+    # test_sau_budget_is_in_pixels_by_default_as_in_backdoorbench)
+    "sau": dict(n_rounds=2, batch_size=16, adv_steps=1, outer_steps=2, lmd_2=0.5, budget_space="normalized"),
     "i-bau": dict(n_rounds=2, batch_size=16, inner_steps=1, K=1),
 }
 PINNED = {
@@ -411,3 +413,17 @@ def test_epochs_is_refused_where_rounds_are_counted(name, tmp_path):
     with pytest.raises(ConfigError, match="'epochs'.*'n_rounds'.*command line"):
         DEFENSES.get(name).from_sources("fashion-mnist", cli={"epochs": 1})
     assert DEFENSES.get(name)(n_rounds=1).config.n_rounds == 1
+
+
+def test_sau_budget_is_in_pixels_by_default_as_in_backdoorbench(victim):
+    # BackdoorBench's sau.py perturbs denormalised pixels (normalize(denormalize(x) + eps)), so trigger_norm 0.2
+    # allows 0.2 in [0, 1] pixels on every channel, far above 0.2 * std (about 0.05 on CIFAR-10)
+    model = victim["model"]
+    sau = SAU(adv_steps=2)
+    assert sau.config.budget_space == "pixel" and sau.config.trigger_norm == pytest.approx(0.2)
+    g = torch.Generator().manual_seed(0)
+    x = 0.25 + 0.5 * torch.rand(6, 3, 32, 32, generator=g)  # at least 0.2 from both ends: no clamp binds
+    y = torch.randint(0, 10, (6,), generator=g)
+    moved = (sau.shared_adversarial_examples(model, model, x, y, generator=g) - x).abs()
+    assert float(moved.max()) == pytest.approx(0.2, abs=1e-6)  # the L_inf ball's radius, reached
+    assert float(model.std.max()) * 0.2 < 0.1 < float(moved.max())  # well beyond the normalised-unit budget

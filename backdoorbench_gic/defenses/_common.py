@@ -1,13 +1,14 @@
 """Pieces the purification defenses share: the classifier head, the rounds and outer optimizer of the adversarial
 defenses (SAU, i-BAU), BatchNorm-statistics freezing, and norm-bounded perturbation arithmetic.
 
-Perturbations (SAU's per-sample PGD, i-BAU's universal trigger) are measured in the same units as
-BackdoorBench's, which perturbs *normalised* tensors, while our inputs are pixels in [0,1] with the
-normalisation inside :class:`~backdoorbench_gic.models.VictimModel`. A perturbation ``d`` in normalised units
-is therefore applied to pixels as ``clamp(x + d * std, 0, 1)``: ``x_norm + d`` is exactly BackdoorBench's
-perturbed input, and the clamp keeps the image valid (it can only shrink the perturbation, so the bound still
-holds). ``budget_space: pixel`` measures the budget in pixels instead (``std`` taken as 1). All of this
-arithmetic runs in float32, outside autocast. Norms and the projection onto a ball: :mod:`..utils.norms`.
+Perturbations (SAU's per-sample PGD, i-BAU's universal trigger) are measured in the units BackdoorBench's
+script for that defense uses: i-BAU adds its trigger to *normalised* tensors (``budget_space: normalized``),
+SAU perturbs pixels (``pixel``). Our inputs are pixels in [0,1] with the normalisation inside
+:class:`~backdoorbench_gic.models.VictimModel`, so a perturbation ``d`` in normalised units is applied to pixels
+as ``clamp(x + d * std, 0, 1)`` (``x_norm + d`` is exactly the normalised perturbed input) and one in pixels as
+``clamp(x + d, 0, 1)`` (``std`` taken as 1); the clamp keeps the image valid (it can only shrink the
+perturbation, so the bound still holds). All of this arithmetic runs in float32, outside autocast. Norms and
+the projection onto a ball: :mod:`..utils.norms`.
 """
 from __future__ import annotations
 

@@ -30,11 +30,14 @@ term that is off by default. Which paper symbol each key carries is our reading 
 ``train_mode`` False (BackdoorBench's default) keeps BatchNorm in eval mode throughout (statistics frozen,
 affine parameters still trained). No augmentation (BackdoorBench feeds sau the test transform).
 
-Budget space: BackdoorBench runs the PGD on *normalised* tensors, so ``trigger_norm`` 0.2 means 0.2 of a
-normalised unit, i.e. ``0.2 * std_c`` in pixels (about 0.05 = 12.6/255 on CIFAR-10; 0.2 on GTSRB, whose std is
-1). We keep that meaning (``budget_space: normalized``): the perturbation ``eps`` lives in normalised units and
-is applied as ``clamp(x + eps * std, 0, 1)``, so the clean-image/budget geometry is BackdoorBench's and every
-perturbed image is a valid image. ``budget_space: pixel`` reads ``trigger_norm`` and ``adv_lr`` as pixels.
+Budget space: BackdoorBench's sau.py perturbs *pixels*: its perturbed input is ``normalize(denormalize(x) +
+eps)`` (upstream f02e353 ``defense/sau.py:428-431``, BackdoorBenchER the same), so ``trigger_norm`` 0.2 is 0.2
+in [0, 1] pixel units whatever the dataset's normalisation. That is our default (``budget_space: pixel``);
+``normalized`` reads ``trigger_norm`` and ``adv_lr`` in normalised units (``0.2 * std_c`` pixels: about 4x
+smaller on CIFAR-10), which is what this package did until 2026-12-07 (every SAU result in BENCHMARKS.md before
+then; issue 25's parity run found it: ASR 100 % left against their 0 % on the same record, 0 % once fixed).
+One difference stays, on purpose: we clamp the perturbed image to [0, 1] (a valid image), they do not (their
+clamp is commented out, ``sau.py:183-185``).
 The PGD arithmetic and all losses run in float32; only the forward passes use autocast.
 """
 from __future__ import annotations
@@ -70,7 +73,7 @@ class SAUConfig(RoundsConfig):
     adv_steps: int = 5
     pgd_init: Literal["max", "random", "zero"] = "max"
     train_mode: bool = False
-    budget_space: BudgetSpace = "normalized"  # ours: see the module docstring
+    budget_space: BudgetSpace = "pixel"  # BackdoorBench's: see the module docstring
 
     def validate(self) -> None:
         super().validate()
