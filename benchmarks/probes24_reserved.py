@@ -1,6 +1,7 @@
 """Issue 24, part (a): which defenses hold their removal? Reads the finished cells of
 ``benchmarks/probes24/all_reserved.yaml`` (eleven defenses on the three MNIST small-CNN victims of issue 23, the
 in-distribution ``reserved`` set at 5 %, the probes ASR-refresh and P-ASR with the clean control, seeds 0-2) and
+``sau_pixel.yaml`` (SAU again at BackdoorBench's pixel budget, label ``sau-pixel``, the same folder) and
 answers the issue's questions with means over seeds:
 
 - per victim and defense: C-Acc, ASR, ASR on the refresh's half, ASR-refresh, P-ASR (mean ± standard error);
@@ -30,6 +31,7 @@ from backdoorbench_gic.matrix import collect_results, load_spec
 
 HERE = Path(__file__).resolve().parent
 SPEC = HERE / "probes24" / "all_reserved.yaml"
+EXTRA = (HERE / "probes24" / "sau_pixel.yaml",)  # more cells in the same folder: SAU at BackdoorBench's budget
 SHOWN = {Col.ACC_AFTER: "C-Acc", Col.ASR_AFTER: "ASR", Col.ASR_HALF_AFTER: "ASR (half)",
          Col.ASR_REFRESH_AFTER: "ASR-refresh", Col.P_ASR_AFTER: "P-ASR"}
 REMOVED = 0.20   # a removal to speak of: ASR at most this
@@ -42,7 +44,7 @@ PAM_TARGET, ACC_TOLERANCE = 0.20, 0.02
 def per_defense(df: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     """One row per victim and defense: the seed count, mean and SE of each shown column, the verdicts."""
     rows, table = [], []
-    for (attack, defense), g in df.groupby([Col.ATTACK, Col.DEFENSE], sort=True):
+    for (attack, defense), g in df.groupby([Col.ATTACK, Col.DEFENSE_LABEL], sort=True):
         stats = {c: mean_se(g[c]) for c in SHOWN}
         m = {c: s[0] for c, s in stats.items()}
         control = float(g[Col.P_ASR_CONTROL].mean())
@@ -64,8 +66,8 @@ def per_defense(df: pd.DataFrame) -> tuple[pd.DataFrame, str]:
 def pam_vs_ft(df: pd.DataFrame) -> tuple[dict, str]:
     """PAM minus FT per victim, paired by seed: P-ASR, ASR and C-Acc changes (mean ± SE) and the target's verdict."""
     keys = [Col.ATTACK, Col.SEED]
-    ft = df[df[Col.DEFENSE] == "ft"].set_index(keys)
-    pam = df[df[Col.DEFENSE] == "pam"].set_index(keys)
+    ft = df[df[Col.DEFENSE_LABEL] == "ft"].set_index(keys)
+    pam = df[df[Col.DEFENSE_LABEL] == "pam"].set_index(keys)
     both = pam.merge(ft, left_index=True, right_index=True, suffixes=("_pam", "_ft"))
     out, table = {}, []
     for attack, g in both.groupby(level=Col.ATTACK):
@@ -103,12 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     df = collect_results(spec.output_root)
     if df.empty:
         raise SystemExit(f"no finished cells under {spec.output_root}: run `bbgic matrix run {SPEC}` first")
-    cells_in_spec = len(spec.cells())
+    cells_in_spec = len(spec.cells()) + sum(len(load_spec(extra).cells()) for extra in EXTRA)
     summary, per = per_defense(df)
     pam, pam_table = pam_vs_ft(df)
     text = (f"## Which defenses hold their removal (issue 24, part a)\n\nmachine: {describe_machine()}; command "
             f"`{command_line(__file__, argv)}`; {dt.datetime.now():%Y-%m-%d %H:%M}; spec "
-            f"`{SPEC.relative_to(HERE.parent)}` ({len(df)} of {cells_in_spec} cells finished); probe settings "
+            f"`{SPEC.relative_to(HERE.parent)}` and {', '.join(f'`{e.relative_to(HERE.parent)}`' for e in EXTRA)} "
+            f"({len(df)} of {cells_in_spec} cells finished); probe settings "
             f"{json.dumps(spec.probe_options)}; test-set numbers in %, mean ± standard error over seeds\n\n"
             f"Victims (no defense):\n\n{victims(df)}\n\nPer victim and defense (verdicts on the means: holds = ASR, "
             f"ASR-refresh and P-ASR <= {HELD * 100:.0f}, P-ASR left out where the clean control reaches "
@@ -118,11 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "probes24_all_reserved.md", text)
-    keep = [c for c in [Col.ATTACK, Col.DEFENSE, Col.SEED, Col.ACC_BEFORE, Col.ASR_BEFORE, Col.ASR_HALF_BEFORE,
+    keep = [c for c in [Col.ATTACK, Col.DEFENSE, Col.DEFENSE_LABEL, Col.SEED, Col.ACC_BEFORE, Col.ASR_BEFORE, Col.ASR_HALF_BEFORE,
                         Col.ASR_REFRESH_BEFORE, Col.P_ASR_BEFORE, Col.P_ASR_CONTROL, *SHOWN, Col.RA_AFTER, Col.DER,
                         Col.P_ACC_AFTER, Col.RETUNE_N, Col.RETUNE_N_POISON, Col.DEFENSE_SECONDS, Col.PROBE_SECONDS,
                         Col.WALL_SECONDS, Col.PROBE_FINGERPRINT] if c in df]
-    rows = df[keep].sort_values([Col.ATTACK, Col.DEFENSE, Col.SEED]).to_dict("records")
+    rows = df[keep].sort_values([Col.ATTACK, Col.DEFENSE_LABEL, Col.SEED]).to_dict("records")
     atomic_write_text(out / "probes24_all_reserved.json", json.dumps(
         {"spec": str(SPEC.relative_to(HERE.parent)), "command": command_line(__file__, argv),
          "date": dt.datetime.now().isoformat(timespec="seconds"), "machine": describe_machine(),
