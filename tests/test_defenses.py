@@ -427,3 +427,11 @@ def test_sau_budget_is_in_pixels_by_default_as_in_backdoorbench(victim):
     moved = (sau.shared_adversarial_examples(model, model, x, y, generator=g) - x).abs()
     assert float(moved.max()) == pytest.approx(0.2, abs=1e-6)  # the L_inf ball's radius, reached
     assert float(model.std.max()) * 0.2 < 0.1 < float(moved.max())  # well beyond the normalised-unit budget
+
+
+def test_npd_budget_is_in_pixels_by_default_as_in_backdoorbench():
+    # BackdoorBench's npd.py perturbs denormalised pixels too (normalize(clamp(denormalize(x) + eps, 0, 1)))
+    from backdoorbench_gic.defenses.npd import NPD
+
+    assert NPD().config.budget_space == "pixel"
+    assert NPD(budget_space="normalized").config.budget_space == "normalized"

@@ -14,7 +14,9 @@ architecture and its state dict loads strictly in BackdoorBench.
 
 Training (``epochs``, SGD, everything but the polarizer frozen, BatchNorm in eval mode, no augmentation). On
 each batch, after ``warm_epochs`` of clean cross-entropy only, a PGD of ``inner_steps`` steps (size
-``2 trigger_norm / inner_steps``; ``norm_type`` ball of ``trigger_norm`` in normalised units, as SAU's) finds
+``2 trigger_norm / inner_steps``; ``norm_type`` ball of ``trigger_norm`` in pixels, as BackdoorBench's npd.py,
+whose perturbed input is ``normalize(clamp(denormalize(x) + eps, 0, 1))``; ``budget_space: normalized`` measures
+it in normalised units instead, as this package did until 2026-12-07) finds
 perturbations x' that the *polarized* model misclassifies; the victim's most likely wrong class on x' is
 taken as the estimated backdoor target t (targeted adversarial examples stand in for the unknown trigger).
 Our reading of BackdoorBench's four weights:
@@ -39,7 +41,8 @@ from ..data.imageset import Batch
 from ..registry import DEFENSES
 from ..utils.runtime import autocast, to_device
 from ..utils.norms import project
-from ._common import NormType, ascent_step, bare_net, input_scale, keep_valid, perturb_pixels, trace_layers
+from ._common import (BudgetSpace, NormType, ascent_step, bare_net, input_scale, keep_valid, perturb_pixels,
+                      trace_layers)
 from .base import Defense, DefenseConfig, Run
 
 
@@ -54,8 +57,9 @@ class NPDConfig(DefenseConfig):
     lmd2: float = 0.4
     lmd3: float = 0.4
     lmd4: float = 0.4
-    norm_type: NormType = "L2"  # the perturbation ball, in normalised units
+    norm_type: NormType = "L2"  # the perturbation ball
     trigger_norm: float = 3.0
+    budget_space: BudgetSpace = "pixel"  # BackdoorBench's: trigger_norm in [0, 1] pixels (module docstring)
     target_layer_name: str | None = None  # None: the last conv that a BatchNorm reads directly
 
     def validate(self) -> None:
@@ -123,7 +127,7 @@ class NPD(Defense):
             run.polarizer.weight.copy_(torch.eye(c).view(c, c, 1, 1))
             run.polarizer.bias.zero_()
         run.hook = run.conv.register_forward_hook(lambda _m, _i, out: run.polarizer(out))
-        run.scale = input_scale(run.net, "normalized", run.device)
+        run.scale = input_scale(run.net, self.config.budget_space, run.device)
         run.layer = conv_name
 
     def parameters(self, run: Run):
