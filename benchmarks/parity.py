@@ -666,7 +666,7 @@ def render(spec: dict[str, Any], sm, df, payload: dict[str, Any]) -> str:
         for _, e in g.iterrows():
             def side(s):
                 if not e[f"{s}_n"]:
-                    return f"failed: {e.get(f'{s}_error', '')}"[:160]
+                    return f"failed: {e.get(f'{s}_error', '')}"[:160] if e[f"{s}_failed"] else "not run yet"
                 return " / ".join(_pm(e[f"{s}_{k}"], e[f"{s}_{k}_sd"]) for k, _ in METRICS)
             n = f"{e['theirs_n']}/{e['ours_n']}"
             ratio = "-" if math.isnan(e["wall_ratio"]) else f"{e['wall_ratio']:.2f}"
@@ -703,9 +703,11 @@ def render(spec: dict[str, Any], sm, df, payload: dict[str, Any]) -> str:
         timeout = spec.get("compat_timeout", 240)
         lines += ["", f"## Every defense script of the checkout through bb-run (compat step, cut at {timeout} s)", "",
                   "| script | without --gic | with --gic |", "|---|---|---|"]
+        compared = {Path(v["script"]).stem for v in spec["defenses"].values()}
         for script, modes in compat.items():
-            cells = [f"{m['result']} ({m['wall_seconds']:.0f} s)" if m else "not run"
-                     for m in (modes.get("plain"), modes.get("gic"))]
+            cells = [f"{m['result']} ({m['wall_seconds']:.0f} s)" if m else
+                     "compared above (parity runs)" if mode == "plain" and script in compared else "not run"
+                     for mode, m in (("plain", modes.get("plain")), ("gic", modes.get("gic")))]
             lines.append(f"| {script} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines) + "\n"
 
