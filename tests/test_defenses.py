@@ -435,3 +435,15 @@ def test_npd_budget_is_in_pixels_by_default_as_in_backdoorbench():
 
     assert NPD().config.budget_space == "pixel"
     assert NPD(budget_space="normalized").config.budget_space == "normalized"
+
+
+def test_sau_unclamped_images_leave_the_pixel_range_within_the_budget(victim):
+    # clamp_images false: BackdoorBench's arithmetic, x + eps with no clamp to [0, 1]
+    model = victim["model"]
+    g = torch.Generator().manual_seed(0)
+    x = torch.ones(4, 3, 32, 32)  # white images: any positive step leaves the range
+    y = torch.randint(0, 10, (4,), generator=g)
+    free = SAU(adv_steps=2, clamp_images=False).shared_adversarial_examples(model, model, x, y, generator=g)
+    assert float(free.max()) > 1.0 and float((free - x).abs().max()) <= 0.2 + 1e-6
+    kept = SAU(adv_steps=2).shared_adversarial_examples(model, model, x, y, generator=g)
+    assert float(kept.max()) <= 1.0

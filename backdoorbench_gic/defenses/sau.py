@@ -36,8 +36,8 @@ in [0, 1] pixel units whatever the dataset's normalisation. That is our default 
 ``normalized`` reads ``trigger_norm`` and ``adv_lr`` in normalised units (``0.2 * std_c`` pixels: about 4x
 smaller on CIFAR-10), which is what this package did until 2026-12-07 (every SAU result in BENCHMARKS.md before
 then; issue 25's parity run found it: ASR 100 % left against their 0 % on the same record, 0 % once fixed).
-One difference stays, on purpose: we clamp the perturbed image to [0, 1] (a valid image), they do not (their
-clamp is commented out, ``sau.py:183-185``).
+One difference stays by default: we clamp the perturbed image to [0, 1] (a valid image), they do not (their
+clamp is commented out, ``sau.py:183-185``); ``clamp_images: false`` reproduces theirs.
 The PGD arithmetic and all losses run in float32; only the forward passes use autocast.
 """
 from __future__ import annotations
@@ -74,6 +74,7 @@ class SAUConfig(RoundsConfig):
     pgd_init: Literal["max", "random", "zero"] = "max"
     train_mode: bool = False
     budget_space: BudgetSpace = "pixel"  # BackdoorBench's: see the module docstring
+    clamp_images: bool = True  # ours: perturbed images stay in [0, 1]; False leaves them unclamped, as their sau.py
 
     def validate(self) -> None:
         super().validate()
@@ -117,14 +118,22 @@ class SAU(RoundsDefense):
         generator = generator if generator is not None else make_generator(cfg.random_seed)
         x = x.float()
         scale = input_scale(model, cfg.budget_space, x.device)
+        if cfg.clamp_images:
+            valid, apply = keep_valid, perturb_pixels
+        else:  # BackdoorBench's arithmetic: x + eps, images may leave [0, 1]
+            def valid(_x, d, _s):
+                return d
+
+            def apply(x_, d, s_):
+                return x_.float() + d.float() * s_
         was_training = model.training
         model.eval()
         try:
             delta = init_delta(tuple(x.shape), cfg.pgd_init, cfg.norm_type, cfg.trigger_norm, generator, x.device)
-            delta = keep_valid(x, project(delta, cfg.norm_type, cfg.trigger_norm), scale)
+            delta = valid(x, project(delta, cfg.norm_type, cfg.trigger_norm), scale)
             for _ in range(cfg.adv_steps):
                 delta.requires_grad_(True)
-                x_adv = perturb_pixels(x, delta, scale)
+                x_adv = apply(x, delta, scale)
                 with autocast(x.device, cfg.amp):
                     logits, ref = model(x_adv), reference(x_adv)
                 objective = cfg.beta_2 * shared_loss(logits, ref, y)
@@ -134,10 +143,10 @@ class SAU(RoundsDefense):
                 (grad,) = torch.autograd.grad(objective, delta)
                 with torch.no_grad():
                     delta = ascent_step(delta.detach(), grad, cfg.norm_type, cfg.adv_lr)
-                    delta = keep_valid(x, project(delta, cfg.norm_type, cfg.trigger_norm), scale)
+                    delta = valid(x, project(delta, cfg.norm_type, cfg.trigger_norm), scale)
         finally:
             model.train(was_training)
-        return perturb_pixels(x, delta.detach(), scale).detach()
+        return apply(x, delta.detach(), scale).detach()
 
     def setup(self, run: Run) -> None:
         run.reference = self.copy_model(run.net, run.device).eval()  # the frozen backdoored model h_bd
