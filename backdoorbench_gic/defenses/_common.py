@@ -83,9 +83,11 @@ def input_scale(model: torch.nn.Module, budget_space: str, device: torch.device)
     return std.detach().to(device=device, dtype=torch.float32)
 
 
-def perturb_pixels(x: torch.Tensor, delta: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``x`` (pixels) plus ``delta`` (normalised units), clamped to valid pixels."""
-    return (x.float() + delta.float() * scale).clamp(0.0, 1.0)
+def perturb_pixels(x: torch.Tensor, delta: torch.Tensor, scale: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+    """``x`` (pixels) plus ``delta`` (in units of ``scale``), clamped to valid pixels unless ``clamp`` is False
+    (BackdoorBench's SAU leaves them unclamped)."""
+    out = x.float() + delta.float() * scale
+    return out.clamp(0.0, 1.0) if clamp else out
 
 
 def ascent_step(delta: torch.Tensor, grad: torch.Tensor, norm_type: str, step: float) -> torch.Tensor:
@@ -114,9 +116,10 @@ def init_delta(shape: tuple[int, ...], how: str, norm_type: str, radius: float, 
     return d.to(device)
 
 
-def keep_valid(x: torch.Tensor, delta: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Shrink a per-sample ``delta`` so that ``x + delta * scale`` lies in [0,1] (keeps PGD iterates honest)."""
-    return (perturb_pixels(x, delta, scale) - x.float()) / scale
+def keep_valid(x: torch.Tensor, delta: torch.Tensor, scale: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+    """Shrink a per-sample ``delta`` so that ``x + delta * scale`` lies in [0,1] (keeps PGD iterates honest);
+    ``delta`` itself when ``clamp`` is False (images may leave the range)."""
+    return (perturb_pixels(x, delta, scale) - x.float()) / scale if clamp else delta
 
 
 @torch.no_grad()

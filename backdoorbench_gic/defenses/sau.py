@@ -118,22 +118,15 @@ class SAU(RoundsDefense):
         generator = generator if generator is not None else make_generator(cfg.random_seed)
         x = x.float()
         scale = input_scale(model, cfg.budget_space, x.device)
-        if cfg.clamp_images:
-            valid, apply = keep_valid, perturb_pixels
-        else:  # BackdoorBench's arithmetic: x + eps, images may leave [0, 1]
-            def valid(_x, d, _s):
-                return d
-
-            def apply(x_, d, s_):
-                return x_.float() + d.float() * s_
+        clamp = cfg.clamp_images  # False: BackdoorBench's arithmetic, x + eps may leave [0, 1]
         was_training = model.training
         model.eval()
         try:
             delta = init_delta(tuple(x.shape), cfg.pgd_init, cfg.norm_type, cfg.trigger_norm, generator, x.device)
-            delta = valid(x, project(delta, cfg.norm_type, cfg.trigger_norm), scale)
+            delta = keep_valid(x, project(delta, cfg.norm_type, cfg.trigger_norm), scale, clamp)
             for _ in range(cfg.adv_steps):
                 delta.requires_grad_(True)
-                x_adv = apply(x, delta, scale)
+                x_adv = perturb_pixels(x, delta, scale, clamp)
                 with autocast(x.device, cfg.amp):
                     logits, ref = model(x_adv), reference(x_adv)
                 objective = cfg.beta_2 * shared_loss(logits, ref, y)
@@ -143,10 +136,10 @@ class SAU(RoundsDefense):
                 (grad,) = torch.autograd.grad(objective, delta)
                 with torch.no_grad():
                     delta = ascent_step(delta.detach(), grad, cfg.norm_type, cfg.adv_lr)
-                    delta = valid(x, project(delta, cfg.norm_type, cfg.trigger_norm), scale)
+                    delta = keep_valid(x, project(delta, cfg.norm_type, cfg.trigger_norm), scale, clamp)
         finally:
             model.train(was_training)
-        return apply(x, delta.detach(), scale).detach()
+        return perturb_pixels(x, delta.detach(), scale, clamp).detach()
 
     def setup(self, run: Run) -> None:
         run.reference = self.copy_model(run.net, run.device).eval()  # the frozen backdoored model h_bd
