@@ -350,12 +350,9 @@ def cmd_run(spec: dict[str, Any], checkout: Path, rid: RunId) -> dict[str, Any]:
             row["logged"] = their_logged_last(folder)
             from backdoorbench_gic.evaluation import Metrics
 
-            logged = row["logged"]
+            logged, after = row["logged"], None
             if d.get("their_metric") == "logged":  # their defense_result.pt is not the defended model
-                if logged is None:
-                    raise SystemExit(f"{rid}: the spec reads their logged numbers, but they log none")
-                after = Metrics(logged["test_acc"], logged["test_asr"], logged["test_ra"])
-                row["metric_source"] = f"their {logged['file']} (last row), as the spec says (their_metric)"
+                why, missing = "as the spec says (their_metric)", "the spec reads their logged numbers"
             else:
                 try:
                     model = load_defense_model(folder / "defense_result.pt", record)
@@ -363,11 +360,13 @@ def cmd_run(spec: dict[str, Any], checkout: Path, rid: RunId) -> dict[str, Any]:
                     row["metric_source"] = "defense_result.pt, evaluated here"
                 except Exception as exc:  # a network their code extends, which our allow-list cannot rebuild
                     row["load_error"] = str(exc).splitlines()[0][:300]
-                    if logged is None:
-                        raise SystemExit(f"{rid}: their model does not load ({row['load_error']}) and they log no "
-                                         "final test numbers") from None
-                    after = Metrics(logged["test_acc"], logged["test_asr"], logged["test_ra"])
-                    row["metric_source"] = f"their {logged['file']} (last row): the model does not load here"
+                    why = "the model does not load here"
+                    missing = f"their model does not load ({row['load_error']})"
+            if after is None:
+                if logged is None:
+                    raise SystemExit(f"{rid}: {missing}, and they log no final test numbers")
+                after = Metrics(logged["test_acc"], logged["test_asr"], logged["test_ra"])
+                row["metric_source"] = f"their {logged['file']} (last row): {why}"
             row.update(compare(before, after))
         else:
             tidy = json.loads((our_output(checkout, rid) / "result.json").read_text())
@@ -513,6 +512,7 @@ def cmd_noise(spec: dict[str, Any], checkout: Path, record: str) -> None:
 
     csv = work_dir(checkout) / "noise.csv"
     log = work_dir(checkout) / "logs" / "noise.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
     cmd = bbgic("aux-quality", "--result_file", record, "--bb_root", str(checkout), "--reserved_type", *NOISE_SETS,
                 "--ratio", str(spec["ratio"]), "--device", "cpu", "--csv", str(csv))
     with open(log, "w") as fh:
@@ -601,7 +601,8 @@ def cmd_report(spec: dict[str, Any], checkout: Path, out_dir: Path) -> None:
     sm = pd.DataFrame(summary)
     out_dir.mkdir(parents=True, exist_ok=True)
     # the published files name the checkout <checkout>, never this machine's path to it
-    atomic_write_text(out_dir / "parity.csv", df.to_csv(index=False).replace(str(Path(checkout).resolve()), "<checkout>"))
+    here = str(Path(checkout).resolve())
+    atomic_write_text(out_dir / "parity.csv", df.to_csv(index=False).replace(here, "<checkout>"))
     metric = work_dir(checkout) / "metric.json"
     noise = work_dir(checkout) / "noise.json"
     payload = {"name": spec["name"], "date": dt.date.today().isoformat(), "machine": machine_info(),
@@ -609,7 +610,7 @@ def cmd_report(spec: dict[str, Any], checkout: Path, out_dir: Path) -> None:
                "visual_metric": json.loads(metric.read_text()) if metric.is_file() else None,
                "compat": compat_rows(checkout),
                "noise": json.loads(noise.read_text()) if noise.is_file() else None}
-    payload = json.loads(json.dumps(payload, default=str).replace(str(Path(checkout).resolve()), "<checkout>"))
+    payload = json.loads(json.dumps(payload, default=str).replace(here, "<checkout>"))
     atomic_write_json(out_dir / "parity.json", payload)
     atomic_write_text(out_dir / "parity.md", render(spec, sm, df, payload))
     print(f"wrote {out_dir / 'parity.md'}, parity.csv, parity.json")
@@ -727,6 +728,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     spec = load_spec(args.spec)
     checkout = args.checkout.resolve()
+    if not (checkout / "defense").is_dir():
+        raise SystemExit(f"--checkout {args.checkout}: not a BackdoorBench(ER) checkout (no defense/ folder there); "
+                         "give a scratch copy of one")
+    first_record = (args.record or list(spec["attack"]["records"]))[0]  # noise and compat run on one record
     os.environ["BBGIC_CACHE_DIR"] = str(work_dir(checkout) / "cache")  # the cache our subprocess runs use
     if args.step == "prepare":
         cmd_prepare(spec, checkout)
@@ -744,10 +749,9 @@ def main(argv: list[str] | None = None) -> int:
     elif args.step == "metric":
         cmd_metric(spec, checkout)
     elif args.step == "noise":
-        cmd_noise(spec, checkout, (args.record or [next(iter(spec["attack"]["records"]))])[0])
+        cmd_noise(spec, checkout, first_record)
     elif args.step == "compat":
-        cmd_compat(spec, checkout, (args.record or [next(iter(spec["attack"]["records"]))])[0], args.script,
-                   args.gic)
+        cmd_compat(spec, checkout, first_record, args.script, args.gic)
     else:
         cmd_report(spec, checkout, args.out)
     return 0
