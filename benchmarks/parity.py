@@ -46,7 +46,7 @@ RESULTS = HERE / "results"
 SIDES = ("theirs", "ours")
 SPEC_KEYS = {"name", "flavour", "dataset", "attack", "seeds", "ratio", "runtime", "defenses", "notes",
              "compat_timeout"}
-DEFENSE_KEYS = {"script", "schedule", "theirs", "ours", "inert", "their_metric"}
+DEFENSE_KEYS = {"script", "schedule", "theirs", "ours", "inert", "their_metric", "variant_of"}
 RECORD_KEYS = {"script", "bd_yaml_path", "flags"}
 
 
@@ -65,6 +65,19 @@ def load_spec(path: Path) -> dict[str, Any]:
         if d.get("their_metric", "logged") != "logged":
             raise SystemExit(f"{path}: defense {name}: their_metric can only be 'logged' (read their last logged "
                              f"row instead of evaluating their defense_result.pt), not {d['their_metric']!r}")
+    for name, d in spec["defenses"].items():
+        # a variant: our defense `variant_of` with other settings (`ours`), against the same runs of theirs
+        base = d.get("variant_of")
+        if base is None:
+            continue
+        if base not in spec["defenses"] or "variant_of" in spec["defenses"][base]:
+            raise SystemExit(f"{path}: defense {name}: variant_of must name a defense of the spec that is not a "
+                             f"variant itself, not {base!r}")
+        if set(d) - {"variant_of", "ours"}:
+            raise SystemExit(f"{path}: defense {name}: a variant takes only variant_of and ours (its script, "
+                             f"schedule and their runs are {base}'s), not {sorted(set(d) - {'variant_of', 'ours'})}")
+        b = spec["defenses"][base]
+        spec["defenses"][name] = {**b, "ours": {**b.get("ours", {}), **d.get("ours", {})}, "variant_of": base}
     for name, r in spec["attack"]["records"].items():
         bad = set(r) - RECORD_KEYS
         if bad:
@@ -106,6 +119,8 @@ def all_runs(spec: dict[str, Any], records: list[str] | None = None, defenses: l
         for record in records or list(spec["attack"]["records"]):
             for defense in defenses or list(spec["defenses"]):
                 for side in SIDES:
+                    if side == "theirs" and "variant_of" in spec["defenses"][defense]:
+                        continue  # their side is the base defense's runs
                     out.append(RunId(record, defense, int(seed), side))
     return out
 
@@ -268,6 +283,11 @@ def our_overrides(spec: dict[str, Any], checkout: Path, rid: RunId) -> dict[str,
             "ratio": spec["ratio"], "index": str(index_file(checkout, rid.seed)), "reserved_type": "train"}
 
 
+def their_name(spec: dict[str, Any], defense: str) -> str:
+    """The defense whose runs of theirs this one compares with: itself, or the base of a variant."""
+    return spec["defenses"][defense].get("variant_of", defense)
+
+
 def our_output(checkout: Path, rid: RunId) -> Path:
     return checkout / "record" / rid.record / "defense" / rid.defense / f"ours_seed{rid.seed}"
 
@@ -314,6 +334,8 @@ def cmd_run(spec: dict[str, Any], checkout: Path, rid: RunId) -> dict[str, Any]:
     if not index_file(checkout, rid.seed).is_file():
         raise SystemExit(f"{rid}: no index file; run the prepare step after the attacks")
     d = spec["defenses"][rid.defense]
+    if rid.side == "theirs" and "variant_of" in d:
+        raise SystemExit(f"{rid}: {rid.defense} is a variant of ours; their side is {d['variant_of']}'s runs")
     log = work_dir(checkout) / "logs" / f"{rid.slug}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     if rid.side == "theirs":
@@ -327,7 +349,8 @@ def cmd_run(spec: dict[str, Any], checkout: Path, rid: RunId) -> dict[str, Any]:
         out = our_output(checkout, rid)
         if out.exists():
             shutil.rmtree(out)
-        cmd = bbgic("defend", "--result_file", rid.record, "--bb_root", str(checkout), "--defense", rid.defense,
+        cmd = bbgic("defend", "--result_file", rid.record, "--bb_root", str(checkout),
+                    "--defense", their_name(spec, rid.defense),
                     "--output_dir", str(out), "--no_progress", *flags(our_overrides(spec, checkout, rid)))
     t0 = time.perf_counter()
     with open(log, "w") as fh:
@@ -457,7 +480,7 @@ def cmd_compat(spec: dict[str, Any], checkout: Path, record: str, scripts: list[
     from backdoorbench_gic.utils.io import atomic_write_json
 
     timeout = int(spec.get("compat_timeout", 240))
-    by_script = {Path(d["script"]).stem: d for d in spec["defenses"].values()}
+    by_script = {Path(d["script"]).stem: d for d in spec["defenses"].values() if "variant_of" not in d}
     names = scripts or sorted(p.stem for p in (checkout / "defense").glob("*.py") if p.stem not in NOT_DEFENSES)
     target = work_dir(checkout) / f"compat{'_gic' if gic else ''}.json"
     results = json.loads(target.read_text()) if target.is_file() else {}
@@ -538,13 +561,15 @@ def config_differences(spec: dict[str, Any], checkout: Path, defense: str) -> li
     config for the same flags), runtime and path keys left out."""
     from backdoorbench_gic.registry import DEFENSES
 
-    rid = RunId(next(iter(spec["attack"]["records"])), defense, int(spec["seeds"][0]), "theirs")
+    seed = int(spec["seeds"][0])
+    rid = RunId(next(iter(spec["attack"]["records"])), defense, seed, "ours")
+    base = their_name(spec, defense)
     path = checkout / "config" / "defense" / Path(spec["defenses"][defense]["script"]).stem / \
-        f"parity_{defense}_seed{rid.seed}.yaml"
+        f"parity_{base}_seed{seed}.yaml"
     if not path.is_file():
         return []
     theirs = yaml.safe_load(path.read_text())
-    cfg = DEFENSES.get(defense).from_sources(spec["dataset"]["name"], None, our_overrides(spec, checkout, rid)).config
+    cfg = DEFENSES.get(base).from_sources(spec["dataset"]["name"], None, our_overrides(spec, checkout, rid)).config
     ours = dataclasses.asdict(cfg)
     skip = {"device", "amp", "pin_memory", "num_workers", "prefetch", "non_blocking", "dataset_path", "index", "log",
             "checkpoint_load", "checkpoint_save", "yaml_path", "result_file", "frequency_save", "dataset", "model"}
@@ -570,11 +595,12 @@ def cmd_report(spec: dict[str, Any], checkout: Path, out_dir: Path) -> None:
     df = pd.DataFrame(rows)
     ok = df[df.exit_code == 0]
     summary = []
-    for (record, defense), g in df.groupby(["record", "defense"], sort=False):
+    for record, defense in df[["record", "defense"]].drop_duplicates().itertuples(index=False):
         entry: dict[str, Any] = {"record": record, "defense": defense}
         for side in SIDES:
-            s = ok[(ok.record == record) & (ok.defense == defense) & (ok.side == side)]
-            failed = g[(g.side == side) & (g.exit_code != 0)]
+            name = their_name(spec, defense) if side == "theirs" else defense
+            s = ok[(ok.record == record) & (ok.defense == name) & (ok.side == side)]
+            failed = df[(df.record == record) & (df.defense == name) & (df.side == side) & (df.exit_code != 0)]
             entry[f"{side}_n"] = len(s)
             entry[f"{side}_failed"] = len(failed)
             if len(failed):
@@ -679,10 +705,10 @@ def render(spec: dict[str, Any], sm, df, payload: dict[str, Any]) -> str:
                          f"{ratio} | {cause} |")
         lines.append("")
     lines += ["## Schedules (the same flags on both sides)", "",
-              "| defense | schedule | their-only | config keys that still differ |", "|---|---|---|---|"]
+              "| defense | schedule | their-only | ours-only | config keys that still differ |", "|---|---|---|---|---|"]
     for d, v in spec["defenses"].items():
         diffs = sm[sm.defense == d]["config_differences"]
-        lines.append(f"| {d} | {v.get('schedule') or '-'} | {v.get('theirs') or '-'} | "
+        lines.append(f"| {d} | {v.get('schedule') or '-'} | {v.get('theirs') or '-'} | {v.get('ours') or '-'} | "
                      f"{(diffs.iloc[0] if len(diffs) else '') or 'none'} |")
     vm = payload.get("visual_metric")
     if vm:

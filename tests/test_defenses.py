@@ -447,3 +447,72 @@ def test_sau_unclamped_images_leave_the_pixel_range_within_the_budget(victim):
     assert float(free.max()) > 1.0 and float((free - x).abs().max()) <= 0.2 + 1e-6
     kept = SAU(adv_steps=2).shared_adversarial_examples(model, model, x, y, generator=g)
     assert float(kept.max()) <= 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SAU's backdoorbench formulation (the objective of the authors' code), against hand-computed values
+# ---------------------------------------------------------------------------------------------------------
+def _logits(*rows):
+    return torch.tensor(rows, dtype=torch.float64).log().float()  # log-probabilities: softmax gives the rows back
+
+
+def test_js_divergence_matches_the_hand_computed_value():
+    from backdoorbench_gic.defenses.sau import js_divergence
+
+    # p = (1/2, 1/2), q = (3/4, 1/4), m = (5/8, 3/8): JS = (KL(p||m) + KL(q||m)) / 2
+    import math
+    kl_p = 0.5 * math.log(0.5 / 0.625) + 0.5 * math.log(0.5 / 0.375)
+    kl_q = 0.75 * math.log(0.75 / 0.625) + 0.25 * math.log(0.25 / 0.375)
+    got = js_divergence(_logits([0.5, 0.5], [0.75, 0.25]), _logits([0.75, 0.25], [0.75, 0.25]))
+    assert float(got[0]) == pytest.approx((kl_p + kl_q) / 2, abs=1e-6) and float(got[1]) == pytest.approx(0, abs=1e-6)
+
+
+def test_backdoorbench_unlearning_loss_by_hand():
+    from backdoorbench_gic.defenses.sau import backdoorbench_unlearning_loss
+
+    import math
+    y = torch.tensor([0, 0, 1])
+    ref_clean_pred = torch.tensor([0, 2, 1])
+    ref_adv = _logits([0.1, 0.1, 0.8], [0.1, 0.1, 0.8], [0.8, 0.1, 0.1])  # t = 2, 2, 0
+    # sample 0: t=2 wrong and moved: counted; sample 1: t=2 is the frozen model's clean prediction: not counted;
+    # sample 2: t=0 wrong and moved, but the purified model gives it 0.0005 < 0.001: clamped (no gradient)
+    logits = _logits([0.25, 0.25, 0.5], [0.1, 0.1, 0.8], [0.0005, 0.9990, 0.0005]).requires_grad_(True)
+    loss = backdoorbench_unlearning_loss(logits, ref_adv, ref_clean_pred, y)
+    s0 = -math.log(1e-6 + 0.5) - math.log(1 + 1e-6 - 0.5)
+    s2 = -math.log(1e-6 + 0.999) - math.log(1 + 1e-6 - 0.001)
+    assert float(loss) == pytest.approx((s0 + s2) / 2 / 3, rel=1e-5)
+    (grad,) = torch.autograd.grad(loss, logits)
+    assert float(grad[1].abs().sum()) == 0 and float(grad[2].abs().sum()) == 0 and float(grad[0, 2]) > 0
+    nothing = backdoorbench_unlearning_loss(logits, ref_adv, torch.tensor([2, 2, 0]), y)  # no prediction moved
+    assert float(nothing) == 0
+
+
+def test_backdoorbench_pgd_loss_by_hand():
+    from backdoorbench_gic.defenses.sau import backdoorbench_pgd_loss, js_divergence
+
+    import math
+    y = torch.tensor([0, 0])
+    clean, ref_clean = torch.tensor([0, 0]), torch.tensor([0, 0])
+    # sample 0: both models moved to class 1: shared (no term); sample 1: neither moved: both CE terms and JS
+    model = _logits([0.2, 0.8], [0.6, 0.4])
+    ref = _logits([0.3, 0.7], [0.9, 0.1])
+    loss, n_shared = backdoorbench_pgd_loss(model, ref, y, clean, ref_clean, beta_1=0.01, beta_2=1.0)
+    adv = -(-math.log(0.6) - math.log(0.9)) / 2 / 2
+    js = float(js_divergence(model[1:], ref[1:])[0]) / 2
+    assert n_shared == 1 and float(loss) == pytest.approx(0.01 * adv + js, rel=1e-5)
+
+
+def test_sau_backdoorbench_formulation_starts_at_the_positive_vertex_and_purifies(victim):
+    model = victim["model"]
+    x = 0.25 + 0.5 * torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    y = torch.zeros(4, dtype=torch.long)
+    start = SAU(adv_steps=0, formulation="backdoorbench").shared_adversarial_examples(model, model, x, y)
+    assert torch.allclose(start - x, torch.full_like(x, 0.2), atol=1e-6)  # their 'max': +trigger_norm everywhere
+    paper = SAU(adv_steps=0).shared_adversarial_examples(model, model, x, y, generator=torch.Generator().manual_seed(0))
+    assert float((paper - x).min()) < 0  # ours: a random vertex
+    sau = SAU(n_rounds=2, batch_size=16, adv_steps=5, formulation="backdoorbench", random_seed=0)
+    result = sau.purify(model, victim["aux"], device=CPU, progress=False)
+    after = evaluate(result.model, victim["clean_test"], victim["bd_test"])
+    assert len(result.history) == 2 and after.asr < victim["before"].asr
+    with pytest.raises(ConfigError, match="formulation"):
+        SAU(formulation="authors")

@@ -38,6 +38,23 @@ smaller on CIFAR-10), which is what this package did until 2026-12-07 (every SAU
 then; issue 25's parity run found it: ASR 100 % left against their 0 % on the same record, 0 % once fixed).
 One difference stays by default: we clamp the perturbed image to [0, 1] (a valid image), they do not (their
 clamp is commented out, ``sau.py:183-185``); ``clamp_images: false`` reproduces theirs.
+
+Formulation. ``formulation: paper`` (the default) is the relaxation above. ``formulation: backdoorbench`` is the
+objective of the authors' own code in BackdoorBench (BackdoorBenchER ``defense/sau.py``, class ``Shared_PGD`` and
+the outer loop), which differs from the paper's relaxation in both levels:
+
+- inner (PGD, a sign step *down* ``beta_1 * L_adv + beta_2 * L_js``, stopping early once every sample is shared):
+  ``L_adv = -[sum_{i: h(x~_i) = h(x_i)} CE(h(x~_i), y_i) + sum_{i: h_bd(x~_i) = h_bd(x_i)} CE(h_bd(x~_i), y_i)] / 2B``
+  (raise the loss of each model on the samples whose prediction the perturbation has not moved yet) and
+  ``L_js = sum_{i not shared} JS(p(x~_i), q(x~_i)) / B`` (pull the two models' outputs together), with "shared"
+  meaning both predictions moved off the clean ones and agree; the start ``max`` is ``+trigger_norm`` everywhere
+  (a random vertex in the paper formulation);
+- outer: ``L_share`` unlearns the frozen model's adversarial class ``t_i = h_bd(x~_i)`` on every sample where
+  ``t_i != y_i`` and ``t_i != h_bd(x_i)``, whatever the purified model predicts:
+  ``sum_i [-log(1e-6 + min(1 - p_t, 0.999)) - log(1 + 1e-6 - max(p_t, 0.001))] / 2B`` (``p_t`` the purified
+  model's probability of ``t_i`` on ``x~_i``); the paper's ``min(p_k, q_k)`` passes no gradient where the
+  purified model is already more confident than ``h_bd``.
+
 The PGD arithmetic and all losses run in float32; only the forward passes use autocast.
 """
 from __future__ import annotations
@@ -75,6 +92,7 @@ class SAUConfig(RoundsConfig):
     train_mode: bool = False
     budget_space: BudgetSpace = "pixel"  # BackdoorBench's: see the module docstring
     clamp_images: bool = True  # ours: perturbed images stay in [0, 1]; False leaves them unclamped, as their sau.py
+    formulation: Literal["paper", "backdoorbench"] = "paper"  # which objective: see the module docstring
 
     def validate(self) -> None:
         super().validate()
@@ -100,6 +118,43 @@ def shared_loss(logits: torch.Tensor, ref_logits: torch.Tensor, y: torch.Tensor)
     return -torch.log((1.0 - s).clamp_min(1e-6)).mean()
 
 
+def js_divergence(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
+    """Per-sample Jensen-Shannon divergence of the two models' softmax outputs (probabilities floored at 1e-8)."""
+    p = logits.float().softmax(1).clamp_min(1e-8)
+    q = ref_logits.float().softmax(1).clamp_min(1e-8)
+    m = 0.5 * (p + q)
+    return (0.5 * (p * p.log() + q * q.log()) - 0.5 * (p * m.log() + q * m.log())).sum(1)
+
+
+def backdoorbench_pgd_loss(logits: torch.Tensor, ref_logits: torch.Tensor, y: torch.Tensor, clean_pred: torch.Tensor,
+                           ref_clean_pred: torch.Tensor, beta_1: float, beta_2: float) -> tuple[torch.Tensor, int]:
+    """The inner objective of the ``backdoorbench`` formulation, to be *descended*, and how many samples are
+    shared already (both predictions moved off the clean ones, to the same class)."""
+    pred, ref_pred = logits.argmax(1), ref_logits.argmax(1)
+    moved, ref_moved = pred != clean_pred, ref_pred != ref_clean_pred
+    shared = moved & ref_moved & (pred == ref_pred)
+    n = y.shape[0]
+    ce = F.cross_entropy(logits.float(), y, reduction="none")[~moved].sum()
+    ce_ref = F.cross_entropy(ref_logits.float(), y, reduction="none")[~ref_moved].sum()
+    adv = -(ce + ce_ref) / 2 / n
+    js = js_divergence(logits, ref_logits)[~shared].sum() / n
+    return beta_1 * adv + beta_2 * js, int(shared.sum())
+
+
+def backdoorbench_unlearning_loss(logits_adv: torch.Tensor, ref_adv: torch.Tensor, ref_clean_pred: torch.Tensor,
+                                  y: torch.Tensor) -> torch.Tensor:
+    """The outer shared loss of the ``backdoorbench`` formulation: on every sample whose frozen-model prediction
+    the perturbation moved to a wrong class ``t``, ``-log(1 - p_t)`` of the purified model (both of their clamped
+    spellings averaged), summed and divided by the batch size."""
+    target = ref_adv.argmax(1)
+    poison = (target != y) & (target != ref_clean_pred)
+    if not bool(poison.any()):
+        return torch.zeros((), device=logits_adv.device)
+    p_t = logits_adv.float().softmax(1).gather(1, target.view(-1, 1)).squeeze(1)[poison]
+    terms = -torch.log(1e-6 + (1.0 - p_t).clamp(max=0.999)) - torch.log(1.0 + 1e-6 - p_t.clamp(min=0.001))
+    return terms.sum() / 2 / y.shape[0]
+
+
 @DEFENSES.register("sau", aliases=["shared-adversarial-unlearning"])
 class SAU(RoundsDefense):
     """Shared adversarial unlearning (Wei et al., NeurIPS 2023)."""
@@ -119,16 +174,34 @@ class SAU(RoundsDefense):
         x = x.float()
         scale = input_scale(model, cfg.budget_space, x.device)
         clamp = cfg.clamp_images  # False: BackdoorBench's arithmetic, x + eps may leave [0, 1]
+        theirs = cfg.formulation == "backdoorbench"
         was_training = model.training
         model.eval()
         try:
-            delta = init_delta(tuple(x.shape), cfg.pgd_init, cfg.norm_type, cfg.trigger_norm, generator, x.device)
+            if theirs and cfg.pgd_init == "max":  # their start: +trigger_norm on every pixel
+                delta = torch.full(tuple(x.shape), float(cfg.trigger_norm), device=x.device)
+            else:
+                delta = init_delta(tuple(x.shape), cfg.pgd_init, cfg.norm_type, cfg.trigger_norm, generator,
+                                   x.device)
             delta = keep_valid(x, project(delta, cfg.norm_type, cfg.trigger_norm), scale, clamp)
+            if theirs:
+                with torch.no_grad(), autocast(x.device, cfg.amp):
+                    clean_pred, ref_clean_pred = model(x).argmax(1), reference(x).argmax(1)
             for _ in range(cfg.adv_steps):
                 delta.requires_grad_(True)
                 x_adv = perturb_pixels(x, delta, scale, clamp)
                 with autocast(x.device, cfg.amp):
                     logits, ref = model(x_adv), reference(x_adv)
+                if theirs:  # descend their objective with a sign step, whatever the norm (their Shared_PGD)
+                    objective, n_shared = backdoorbench_pgd_loss(logits, ref, y, clean_pred, ref_clean_pred,
+                                                                 cfg.beta_1, cfg.beta_2)
+                    (grad,) = torch.autograd.grad(objective, delta)
+                    with torch.no_grad():
+                        delta = delta.detach() - cfg.adv_lr * grad.sign()
+                        delta = keep_valid(x, project(delta, cfg.norm_type, cfg.trigger_norm), scale, clamp)
+                    if n_shared == y.shape[0]:
+                        break
+                    continue
                 objective = cfg.beta_2 * shared_loss(logits, ref, y)
                 if cfg.beta_1:
                     objective = objective + cfg.beta_1 * (F.cross_entropy(logits.float(), y)
@@ -156,8 +229,10 @@ class SAU(RoundsDefense):
         cfg, device = self.config, run.device
         x, y = to_device(batch.x, device), batch.y
         x_adv = self.shared_adversarial_examples(net, run.reference, x, y, run.generator)
+        theirs = cfg.formulation == "backdoorbench"
         with torch.no_grad(), autocast(device, cfg.amp):
             ref_adv = run.reference(x_adv).float()
+            ref_clean_pred = run.reference(x).argmax(1) if theirs and cfg.lmd_3 else None
         for step in range(cfg.outer_steps):
             with autocast(device, cfg.amp):
                 logits = net(x) if cfg.lmd_1 or step == 0 else None
@@ -168,7 +243,9 @@ class SAU(RoundsDefense):
             if cfg.lmd_2:
                 loss = loss + cfg.lmd_2 * F.cross_entropy(logits_adv.float(), y)
             if cfg.lmd_3:
-                loss = loss + cfg.lmd_3 * shared_loss(logits_adv, ref_adv, y)
+                unlearn = (backdoorbench_unlearning_loss(logits_adv, ref_adv, ref_clean_pred, y) if theirs
+                           else shared_loss(logits_adv, ref_adv, y))
+                loss = loss + cfg.lmd_3 * unlearn
             if step == 0:
                 first = loss.detach(), logits.detach()
                 if logits_adv is not None:
