@@ -20,6 +20,11 @@ requires, with a few targeted patches that are all undone when it returns (or fa
   ``general_plot_for_epoch``, which abl, anp, bnp, clp, d-br, dbd, ep, fp, fst, i-bau, mcr, nab, nad, rnp and sau
   call; ``np.float``, ``np.int``, ``np.round_`` in some attacks and triggers): they are defined for the run when
   missing (``numpy_compat=False`` to skip).
+- opt-in (``cuda_on_cpu=True``, ``bb-run --cuda_on_cpu``), on a machine without CUDA: tensors their code asks for
+  on a CUDA device are made on the CPU (the ``device=`` argument of torch's tensor factories, :data:`CUDA_FACTORIES`;
+  ``.cuda()`` on tensors and modules). For scripts that hard-code CUDA whatever ``--device`` says: i-bau.py:496
+  (``torch.zeros_like(images, device='cuda')``). ``.to('cuda')`` and ``torch.device('cuda')`` handed elsewhere
+  are not rewritten. Does nothing where CUDA is available.
 
 Their modules are imported from the checkout and dropped from ``sys.modules`` afterwards, as are the log handlers
 their ``set_logger`` adds to the root logger; ``sys.argv``, ``sys.path`` and the working directory are restored.
@@ -51,6 +56,10 @@ log = logging.getLogger(__name__)
 NUMPY_ALIASES: dict[str, Any] = {"infty": np.inf, "Inf": np.inf, "NaN": np.nan, "float": float, "int": int,
                                  "round_": np.round}
 TRAIN_TYPES = (None, "", "train")
+# torch's tensor factories whose device= argument cuda_on_cpu rewrites
+CUDA_FACTORIES = ("zeros", "ones", "empty", "full", "rand", "randn", "randint", "randperm", "arange", "linspace",
+                  "eye", "tensor", "as_tensor", "zeros_like", "ones_like", "empty_like", "full_like", "rand_like",
+                  "randn_like", "randint_like")
 
 
 class BBRunError(RuntimeError):
@@ -68,6 +77,7 @@ class RunReport:
     calibrated: list[tuple[str, int]] = field(default_factory=list)
     numpy_aliases: list[str] = field(default_factory=list)
     fits: list[str] = field(default_factory=list)  # one line per g fitted: on which images
+    cuda_on_cpu: int | None = None  # CUDA requests made on the CPU instead (None: the shim was not installed)
     exit_code: int = 0
 
     def note_calibrated(self, where: str, n: int) -> None:
@@ -281,6 +291,45 @@ def numpy_compat(report: RunReport, enabled: bool = True) -> Iterator[None]:
                 delattr(np, name)
 
 
+def _is_cuda(device: Any) -> bool:
+    if device is None or isinstance(device, bool):
+        return False
+    if isinstance(device, int):  # a bare ordinal names a CUDA device
+        return True
+    try:
+        return torch.device(device).type == "cuda"
+    except (RuntimeError, TypeError):
+        return False
+
+
+@contextlib.contextmanager
+def cuda_on_cpu(report: RunReport, enabled: bool = False) -> Iterator[None]:
+    """See the module docstring; counts each rewritten request in ``report.cuda_on_cpu``."""
+    if not enabled or torch.cuda.is_available():
+        yield
+        return
+    report.cuda_on_cpu = 0
+
+    def factory(original):
+        def made_on_cpu(*args, **kwargs):
+            if _is_cuda(kwargs.get("device")):
+                kwargs["device"] = "cpu"
+                report.cuda_on_cpu += 1
+            return original(*args, **kwargs)
+        return made_on_cpu
+
+    def stay(obj, *args, **kwargs):
+        report.cuda_on_cpu += 1
+        return obj
+
+    with contextlib.ExitStack() as stack:
+        for name in CUDA_FACTORIES:
+            stack.enter_context(_attribute(torch, name, factory(getattr(torch, name))))
+        stack.enter_context(_attribute(torch.Tensor, "cuda", stay))
+        stack.enter_context(_attribute(torch.nn.Module, "cuda", stay))
+        yield
+
+
 @contextlib.contextmanager
 def _attribute(obj: Any, name: str, value: Any) -> Iterator[None]:
     had = name in vars(obj)
@@ -406,10 +455,11 @@ def resolve_script(script: str | os.PathLike, root: Path) -> Path:
 def run_script(script: str | os.PathLike, argv: list[str], bb_root: str | os.PathLike, *,
                calibrator: Callable[[torch.Tensor], torch.Tensor] | None = None,
                image_shape: tuple[int, int, int] | None = None, reserved_type: str | None = None,
-               numpy_aliases: bool = True) -> RunReport:
+               numpy_aliases: bool = True, cuda_to_cpu: bool = False) -> RunReport:
     """Run ``script`` (a path in the checkout ``bb_root``) as ``python script argv...`` from the checkout root,
     with the allow-list loader and, given a ``calibrator`` (N x C x H x W -> same, on the CPU) and the (C, H, W)
-    ``image_shape`` it was fitted at, GIC in front of the clean images it draws."""
+    ``image_shape`` it was fitted at, GIC in front of the clean images it draws; ``cuda_to_cpu``: the CUDA-on-CPU
+    shim (module docstring)."""
     root = Path(bb_root).resolve()
     try:
         flavour = detect_checkout(root)
@@ -421,6 +471,7 @@ def run_script(script: str | os.PathLike, argv: list[str], bb_root: str | os.Pat
         stack.enter_context(_their_process_state(root, path, argv))
         stack.enter_context(allowlisted_torch_load(report))
         stack.enter_context(numpy_compat(report, numpy_aliases))
+        stack.enter_context(cuda_on_cpu(report, cuda_to_cpu))
         if calibrator is not None:
             if image_shape is None:
                 raise BBRunError("image_shape is needed with a calibrator")

@@ -46,7 +46,7 @@ RESULTS = HERE / "results"
 SIDES = ("theirs", "ours")
 SPEC_KEYS = {"name", "flavour", "dataset", "attack", "seeds", "ratio", "runtime", "defenses", "notes",
              "compat_timeout"}
-DEFENSE_KEYS = {"script", "schedule", "theirs", "ours", "inert", "their_metric", "variant_of"}
+DEFENSE_KEYS = {"script", "schedule", "theirs", "ours", "inert", "their_metric", "variant_of", "bb_run"}
 RECORD_KEYS = {"script", "bd_yaml_path", "flags"}
 
 
@@ -343,8 +343,8 @@ def cmd_run(spec: dict[str, Any], checkout: Path, rid: RunId) -> dict[str, Any]:
         stale = find_their_output(checkout, rid)
         if stale is not None:
             shutil.rmtree(stale)  # an interrupted run of theirs (the JSON is written last)
-        cmd = bbgic("bb-run", d["script"], "--bb_root", str(checkout), "--result_file", rid.record,
-                    "--yaml_path", os.path.relpath(yaml_path, checkout))
+        cmd = bbgic("bb-run", d["script"], *d.get("bb_run", []), "--bb_root", str(checkout), "--result_file",
+                    rid.record, "--yaml_path", os.path.relpath(yaml_path, checkout))
     else:
         out = our_output(checkout, rid)
         if out.exists():
@@ -497,7 +497,7 @@ def cmd_compat(spec: dict[str, Any], checkout: Path, record: str, scripts: list[
         yaml_path = folder / f"parity_compat{'_gic' if gic else ''}.yaml"
         folder.mkdir(parents=True, exist_ok=True)
         yaml_path.write_text(yaml.safe_dump(values, sort_keys=False))
-        cmd = bbgic("bb-run", f"defense/{name}.py", "--bb_root", str(checkout), "--result_file", record,
+        cmd = bbgic("bb-run", f"defense/{name}.py", *d.get("bb_run", []), "--bb_root", str(checkout), "--result_file", record,
                     "--yaml_path", os.path.relpath(yaml_path, checkout),
                     *(["--gic", "--gic_steps", "20"] if gic else []))
         log = work_dir(checkout) / "logs" / f"compat{'_gic' if gic else ''}__{name}.log"

@@ -398,3 +398,29 @@ def test_calibrated_images_keep_type_and_size():
     assert out[1:] == (1, 7) and out[0].dtype == np.uint8 and int(out[0].max()) == 255  # clipped to [0,1]
     t = torch.full((3, 32, 32), 0.5)
     assert torch.allclose(bbrun.CalibratedImages([(t, 0)], shift, (3, 32, 32))[0][0], t + 10 / 255)
+
+
+CUDA_ONLY = '''
+import torch
+
+x = torch.zeros_like(torch.ones(2, 3), device="cuda")  # as i-bau.py:496 does, whatever --device says
+y = torch.ones(4, device=torch.device("cuda:0")).cuda()
+net = torch.nn.Linear(3, 1).cuda()
+assert x.device.type == y.device.type == next(net.parameters()).device.type == "cpu"
+'''
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the shim serves machines without CUDA")
+def test_cuda_on_cpu_serves_hard_coded_cuda_requests_on_the_cpu_and_is_undone(tmp_path, capsys):
+    root = make_checkout(tmp_path / "BackdoorBench")
+    (root / "defense" / "cudaonly.py").write_text(CUDA_ONLY)
+    originals = {name: getattr(torch, name) for name in bbrun.CUDA_FACTORIES}
+    tensor_cuda, module_cuda = torch.Tensor.cuda, torch.nn.Module.cuda
+    code, out = bbgic(capsys, "bb-run", "defense/cudaonly.py", "--bb_root", root)
+    assert code == 1 and "failed (traceback above, from their code)" in out  # CUDA is not there
+    code, out = bbgic(capsys, "bb-run", "defense/cudaonly.py", "--bb_root", root, "--cuda_on_cpu")
+    assert code == 0, out
+    assert "CUDA on the CPU: 4 CUDA request(s) of their code served on the CPU" in out
+    assert all(getattr(torch, name) is f for name, f in originals.items())
+    assert torch.Tensor.cuda is tensor_cuda and torch.nn.Module.cuda is module_cuda
+    assert "cuda" not in vars(torch.Tensor)  # the shim's override is removed, not left as an attribute

@@ -247,6 +247,13 @@ def test_fst_reinitialises_the_head_at_the_original_norm(victim):
     assert not torch.allclose(new, old)
     cos = float((new * old).sum() / (new.norm() * old.norm()))
     assert abs(cos) < 0.5  # a fresh direction, not a rescaled copy
+    assert not torch.allclose(head.bias, victim["model"].head.bias)  # a fresh head: the bias redrawn too
+    head.load_state_dict(victim["model"].head.state_dict())
+    reinit_head(head, torch.Generator().manual_seed(0), keep_bias=True)  # BackdoorBenchER's fst.py
+    assert torch.equal(head.bias, victim["model"].head.bias) and torch.equal(head.weight, new)
+    assert FST(head_bias="keep").config.head_bias == "keep"
+    with pytest.raises(ConfigError, match="head_bias"):
+        FST(head_bias="zero")
 
 
 class _CustomNet(nn.Module):

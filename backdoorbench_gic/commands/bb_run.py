@@ -5,7 +5,7 @@ optionally with Guided Input Calibration in front of the clean data it draws.
       --dataset cifar10 --device cuda:0 --gic [--delta 0.0314 --gic_steps 100 --gic_yaml my_gic.yaml]
 
 Every argument the runner does not own goes to their script as given. The runner owns --bb_root, --gic,
---gic_yaml, --gic_device, --no_numpy_compat and, with --gic, GIC's keys (delta, family, norm, gic_steps, ...,
+--gic_yaml, --gic_device, --no_numpy_compat, --cuda_on_cpu and, with --gic, GIC's keys (delta, family, norm, gic_steps, ...,
 see defense_configs/gic/). It reads, without removing them, --result_file, --yaml_path, --dataset, --ratio,
 --random_seed, --index, --device and (BackdoorBenchER) --reserved_type. g is fitted on the images their script
 trains on: their draw is intercepted before training (upstream's choose_index: the --index file or their seeded
@@ -34,6 +34,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--gic_device", default=None, help="device for fitting g (default: their --device / yaml device)")
     p.add_argument("--no_numpy_compat", action="store_true",
                    help="do not define the numpy aliases numpy 2 removed (np.infty, np.float, ...) for the run")
+    p.add_argument("--cuda_on_cpu", action="store_true",
+                   help="on a machine without CUDA, make the tensors their code asks for on CUDA on the CPU "
+                        "(device= of torch's tensor factories, .cuda()): for scripts that hard-code CUDA (i-bau.py)")
     p.set_defaults(func=run, accepts_extra=True)
     return p
 
@@ -163,7 +166,8 @@ def run(args: argparse.Namespace) -> int:
         shape = (c, h, w)
     try:
         report = bbrun.run_script(args.script, theirs, root, calibrator=calibrator, image_shape=shape,
-                                  reserved_type=reserved_type, numpy_aliases=not args.no_numpy_compat)
+                                  reserved_type=reserved_type, numpy_aliases=not args.no_numpy_compat,
+                                  cuda_to_cpu=args.cuda_on_cpu)
     except bbrun.BBRunError:
         raise
     except Exception:  # their script failed: its own traceback is what the user needs
@@ -180,4 +184,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"  GIC calibrated {where} ({n} images)")
     if report.numpy_aliases:
         print(f"  numpy 2 compatibility: defined {', '.join(report.numpy_aliases)} for the run")
+    if report.cuda_on_cpu is not None:
+        print(f"  CUDA on the CPU: {report.cuda_on_cpu} CUDA request(s) of their code served on the CPU")
     return report.exit_code

@@ -12,13 +12,16 @@ new head is drawn like a fresh ``nn.Linear`` (uniform in +-1/sqrt(fan_in), from 
 rescaled to the original head's norm; the norm constraint is kept by projecting the head weight back onto the
 sphere before every step (``head_norm_constraint``; without it the penalty alone rewards growing ``w`` along
 ``-w_ori``). BackdoorBenchER's defaults: SGD lr 0.01 momentum 0.9 wd 5e-4, cosine, 100 epochs, batch 256,
-``alpha`` 0.2 (gtsrb 0.1, cifar100 and tiny 0.001), no augmentation. Works with any model whose head
+``alpha`` 0.2 (gtsrb 0.1, cifar100 and tiny 0.001), no augmentation. The head's bias is redrawn with the weight
+(a fresh head, ``head_bias: redraw``); BackdoorBenchER's fst.py redraws only the weight and keeps the backdoored
+bias (``defense/fst.py:233-235``): ``head_bias: keep``. Works with any model whose head
 :func:`~backdoorbench_gic.models.head_of` finds (``linear`` or a declared ``head_name``).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +39,7 @@ class FSTConfig(DefenseConfig):
     epochs: int = 100
     alpha: float = 0.2
     head_norm_constraint: bool = True  # ours: keep ||w|| = ||w_ori|| (the paper's constraint)
+    head_bias: Literal["redraw", "keep"] = "redraw"  # keep: the backdoored bias stays, as BackdoorBenchER's fst.py
 
     def validate(self) -> None:
         super().validate()
@@ -43,16 +47,16 @@ class FSTConfig(DefenseConfig):
 
 
 @torch.no_grad()
-def reinit_head(head: torch.nn.Linear, generator: torch.Generator) -> torch.Tensor:
-    """Redraw ``head`` in place like a fresh ``nn.Linear`` and rescale its weight to the old weight's norm;
-    returns a copy of the old weight (``w_ori``)."""
+def reinit_head(head: torch.nn.Linear, generator: torch.Generator, keep_bias: bool = False) -> torch.Tensor:
+    """Redraw ``head`` in place like a fresh ``nn.Linear`` (its bias too unless ``keep_bias``) and rescale its
+    weight to the old weight's norm; returns a copy of the old weight (``w_ori``)."""
     w_ori = head.weight.detach().clone()
     fan_in = head.weight.shape[1]
     bound = 1.0 / math.sqrt(fan_in)
     w = (torch.rand(head.weight.shape, generator=generator) * 2 - 1) * bound
     w = w * (w_ori.float().norm().cpu() / w.norm().clamp_min(1e-12))
     head.weight.copy_(w.to(head.weight.device, head.weight.dtype))
-    if head.bias is not None:
+    if head.bias is not None and not keep_bias:
         b = (torch.rand(head.bias.shape, generator=generator) * 2 - 1) * bound
         head.bias.copy_(b.to(head.bias.device, head.bias.dtype))
     return w_ori
@@ -67,7 +71,7 @@ class FST(Defense):
 
     def setup(self, run: Run) -> None:
         run.head = classifier_head(run.net)
-        run.w_ori = reinit_head(run.head, run.generator).float()
+        run.w_ori = reinit_head(run.head, run.generator, keep_bias=self.config.head_bias == "keep").float()
         run.radius = float(run.w_ori.norm())
 
     @torch.no_grad()
