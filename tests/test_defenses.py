@@ -114,7 +114,9 @@ PIN = {
     # pinned in the normalised-unit budget it was recorded with (the default is BackdoorBench's pixel budget,
     # test_sau_budget_is_in_pixels_by_default_as_in_backdoorbench)
     "sau": dict(n_rounds=2, batch_size=16, adv_steps=1, outer_steps=2, lmd_2=0.5, budget_space="normalized"),
-    "i-bau": dict(n_rounds=2, batch_size=16, inner_steps=1, K=1),
+    # pinned in the BatchNorm train mode it was recorded with (the default is BackdoorBench's eval mode,
+    # test_ibau_keeps_batchnorm_statistics_frozen_by_default_as_in_backdoorbench)
+    "i-bau": dict(n_rounds=2, batch_size=16, inner_steps=1, K=1, train_mode=True),
 }
 PINNED = {
     "ft": {"history": [(2.3058785, 0.05), (1.9571044, 0.45)], "weights": (292.97438, 1654.3697, 13896.599)},
@@ -523,3 +525,21 @@ def test_sau_backdoorbench_formulation_starts_at_the_positive_vertex_and_purifie
     assert len(result.history) == 2 and after.asr < victim["before"].asr
     with pytest.raises(ConfigError, match="formulation"):
         SAU(formulation="authors")
+
+
+def test_ibau_keeps_batchnorm_statistics_frozen_by_default_as_in_backdoorbench(victim):
+    # BackdoorBench's i-bau.py calls model.eval() before its rounds and never train(): running statistics stay
+    # the victim's while the affine parameters learn; train_mode true lets them move
+    def stats(model):
+        return {k: v.clone() for k, v in model.net.state_dict().items() if "running_" in k}
+
+    quick = dict(n_rounds=1, batch_size=16, inner_steps=1, K=1, random_seed=0)
+    assert IBAU().config.train_mode is False
+    before = stats(victim["model"])
+    assert before, "the fixture victim has BatchNorm layers"
+    frozen = IBAU(**quick).purify(victim["model"], victim["aux"].subset(range(32)), device=CPU, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in stats(frozen.model).items())
+    assert any(not torch.equal(a, b) for a, b in zip(frozen.model.parameters(), victim["model"].parameters()))
+    moving = IBAU(**quick, train_mode=True).purify(victim["model"], victim["aux"].subset(range(32)), device=CPU,
+                                                   progress=False)
+    assert any(not torch.equal(v, before[k]) for k, v in stats(moving.model).items())

@@ -20,8 +20,12 @@ mixed second derivative, taken with double backward; nothing here is CUDA-specif
 Each round (``n_rounds``, BackdoorBench 5): (1) the inner step: ``inner_steps`` projected steepest-ascent steps
 of length ``inner_lr`` on ``G`` over the whole auxiliary set (full-set gradients, BatchNorm in eval mode),
 warm-started from the previous round's perturbation; (2) the outer step: one pass over the auxiliary set,
-each batch updating ``theta`` (``optim`` Adam, lr 1e-4, wd 0; BatchNorm in train mode, train augmentation as
-BackdoorBench) with the hypergradient at the current ``delta``.
+each batch updating ``theta`` (``optim`` Adam, lr 1e-4, wd 0; train augmentation as upstream BackdoorBench) with
+the hypergradient at the current ``delta``. BatchNorm stays in eval mode throughout (``train_mode`` False, its
+statistics frozen, its affine parameters trained), as in BackdoorBench's i-bau.py (``model.eval()`` before the
+rounds and never ``train()``: upstream ``defense/i-bau.py:522``, BackdoorBenchER 528). Until 2026-12-08 ours ran
+the outer step in train mode (``train_mode: true``), which also made each hypergradient step about twice as
+costly (second derivatives through batch statistics).
 
 Budget: BackdoorBench perturbs normalised tensors, so ``pert_norm`` is an L2 radius in normalised units over
 the whole C x H x W perturbation (default 10; for 32 x 32 x 3 inputs an RMS of 0.18 normalised units, about
@@ -59,6 +63,7 @@ class IBAUConfig(RoundsConfig):
     fp_lr: float = 0.1
     pert_reg: float = 0.001
     budget_space: BudgetSpace = "normalized"
+    train_mode: bool = False  # BackdoorBench's: BatchNorm in eval mode throughout (module docstring)
 
     def validate(self) -> None:
         super().validate()
@@ -129,6 +134,10 @@ class IBAU(RoundsDefense):
         d.grad = None
         optimizer.step()
         return float(loss.detach()), logits.detach()
+
+    @property
+    def train_mode(self) -> bool:
+        return self.config.train_mode
 
     def setup(self, run: Run) -> None:
         run.scale = input_scale(run.net, self.config.budget_space, run.device)
