@@ -12,9 +12,11 @@ new head is drawn like a fresh ``nn.Linear`` (uniform in +-1/sqrt(fan_in), from 
 rescaled to the original head's norm; the norm constraint is kept by projecting the head weight back onto the
 sphere before every step (``head_norm_constraint``; without it the penalty alone rewards growing ``w`` along
 ``-w_ori``). BackdoorBenchER's defaults: SGD lr 0.01 momentum 0.9 wd 5e-4, cosine, 100 epochs, batch 256,
-``alpha`` 0.2 (gtsrb 0.1, cifar100 and tiny 0.001), no augmentation. The head's bias is redrawn with the weight
-(a fresh head, ``head_bias: redraw``); BackdoorBenchER's fst.py redraws only the weight and keeps the backdoored
-bias (``defense/fst.py:233-235``): ``head_bias: keep``. Works with any model whose head
+``alpha`` 0.2 (gtsrb 0.1, cifar100 and tiny 0.001), no augmentation. Only the head's weight is redrawn and the
+backdoored bias stays (``head_bias: keep``), as BackdoorBenchER's fst.py does (``defense/fst.py:233-235``); the
+paper re-initialises "the linear head" without saying more. ``head_bias: redraw`` draws the bias too, like a fresh
+``nn.Linear``: what this package did until 2026-12-08 (every FST result in BENCHMARKS.md before then; the tuned
+domain yamls keep it). Works with any model whose head
 :func:`~backdoorbench_gic.models.head_of` finds (``linear`` or a declared ``head_name``).
 """
 from __future__ import annotations
@@ -39,7 +41,7 @@ class FSTConfig(DefenseConfig):
     epochs: int = 100
     alpha: float = 0.2
     head_norm_constraint: bool = True  # ours: keep ||w|| = ||w_ori|| (the paper's constraint)
-    head_bias: Literal["redraw", "keep"] = "redraw"  # keep: the backdoored bias stays, as BackdoorBenchER's fst.py
+    head_bias: Literal["keep", "redraw"] = "keep"  # BackdoorBenchER's fst.py: the backdoored bias stays
 
     def validate(self) -> None:
         super().validate()
