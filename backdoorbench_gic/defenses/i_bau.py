@@ -24,8 +24,7 @@ each batch updating ``theta`` (``optim`` Adam, lr 1e-4, wd 0; train augmentation
 the hypergradient at the current ``delta``. BatchNorm stays in eval mode throughout (``train_mode`` False, its
 statistics frozen, its affine parameters trained), as in BackdoorBench's i-bau.py (``model.eval()`` before the
 rounds and never ``train()``: upstream ``defense/i-bau.py:522``, BackdoorBenchER 528). Until 2026-12-08 ours ran
-the outer step in train mode (``train_mode: true``), which also made each hypergradient step about twice as
-costly (second derivatives through batch statistics).
+the outer step in train mode (``train_mode: true``).
 
 Budget: BackdoorBench perturbs normalised tensors, so ``pert_norm`` is an L2 radius in normalised units over
 the whole C x H x W perturbation (default 10; for 32 x 32 x 3 inputs an RMS of 0.18 normalised units, about
