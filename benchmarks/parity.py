@@ -620,8 +620,10 @@ def cmd_report(spec: dict[str, Any], checkout: Path, out_dir: Path) -> None:
             tol = max(0.02, 2 * spread) if not math.isnan(spread) else 0.02
             if both and abs(entry[f"d_{key}"]) > tol:
                 beyond.append(dict(METRICS)[key])
+        if both and entry["wall_ratio"] > 1.0:
+            beyond.append("wall")  # the speed target (ours no slower than theirs) missed
         entry["beyond_tolerance"] = ", ".join(beyond)
-        entry["cause"] = spec["notes"].get(defense, "") if beyond else ""
+        entry["cause"] = spec["notes"].get(defense, spec["notes"].get(their_name(spec, defense), "")) if beyond else ""
         entry["config_differences"] = "; ".join(config_differences(spec, checkout, defense))
         summary.append(entry)
     sm = pd.DataFrame(summary)
@@ -689,7 +691,7 @@ def render(spec: dict[str, Any], sm, df, payload: dict[str, Any]) -> str:
             lines += [f"## {record}: victim C-Acc {100 * r0.acc_before:.1f}, ASR {100 * r0.asr_before:.1f}, "
                       f"RA {100 * r0.ra_before:.1f}", ""]
         lines += ["| defense | n | theirs C-Acc / ASR / RA / DER | ours C-Acc / ASR / RA / DER | d C-Acc | d ASR | "
-                  "wall theirs / ours (s) | ratio | beyond tolerance: cause |", "|---|---|---|---|---|---|---|---|---|"]
+                  "wall theirs / ours (s) | ratio | beyond tolerance (C-Acc, ASR) or slower (wall): cause |", "|---|---|---|---|---|---|---|---|---|"]
         for _, e in g.iterrows():
             def side(s):
                 if not e[f"{s}_n"]:
