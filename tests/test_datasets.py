@@ -177,3 +177,20 @@ def test_missing_data_names_every_path_searched(tmp_path):
 def test_unknown_dataset_lists_known_names():
     with pytest.raises(KeyError, match="Known datasets: cifar10"):
         open_dataset("imagenet21k")
+
+
+def test_gtsrb_writer_round_trips_exactly_and_lists_empty_classes(tmp_path):
+    from backdoorbench_gic.data.datasets import GTSRB
+
+    rng = np.random.RandomState(0)
+    x, y = rng.randint(0, 256, (6, 32, 32, 3), dtype=np.uint8), np.array([0, 0, 1, 1, 2, 2])
+    xt, yt = rng.randint(0, 256, (4, 32, 32, 3), dtype=np.uint8), np.array([2, 0, 1, 2])
+    GTSRB.write(tmp_path / "gtsrb", (x, y), (xt, yt))
+    ds = open_dataset("gtsrb", directory=tmp_path / "gtsrb")
+    assert torch.equal(ds.train.images, torch.from_numpy(x).permute(0, 3, 1, 2))  # 32 x 32: no resize, lossless
+    assert ds.train.labels.tolist() == y.tolist() and ds.test.labels.tolist() == yt.tolist()
+    assert torch.equal(ds.test.images, torch.from_numpy(xt).permute(0, 3, 1, 2))
+    empty = (tmp_path / "gtsrb" / "Train" / "00042" / "GT-00042.csv").read_text()
+    assert empty == "Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId\n"  # a class without images
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 43\)"):
+        GTSRB.write(tmp_path / "bad", (x, np.array([0, 0, 1, 1, 2, 43])), (xt, yt))

@@ -434,6 +434,42 @@ class GTSRB(Dataset):
             next(reader, None)  # header: Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId
             return [(row[0], int(row[7])) for row in reader if row]
 
+    @staticmethod
+    def write(d: str | os.PathLike, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
+              num_classes: int = 43, ext: str = "ppm") -> Path:
+        """Write uint8 N x H x W x 3 images with labels in this layout (the one :meth:`read_split` and
+        BackdoorBench's loader read): ``Train/<cls:05d>/`` with ``GT-<cls:05d>.csv`` for every class (a class
+        without images gets a CSV with its header only), ``Test/`` with ``GT-final_test.csv``; the ROI is the
+        whole image. Each CSV is written last, so a folder without its CSV was not finished."""
+        from PIL import Image
+
+        from ..utils.io import atomic_write_text
+
+        d = Path(d)
+        header = "Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId\n"
+
+        def rows(images: np.ndarray, labels: np.ndarray, folder: Path, names: list[str]) -> str:
+            folder.mkdir(parents=True, exist_ok=True)
+            out = []
+            for img, lab, name in zip(images, labels, names):
+                Image.fromarray(np.ascontiguousarray(img)).save(folder / name)
+                h, w = img.shape[:2]
+                out.append(f"{name};{w};{h};1;1;{w - 1};{h - 1};{int(lab)}\n")
+            return header + "".join(out)
+
+        x, y = np.asarray(train[0]), np.asarray(train[1])
+        if len(y) and (y.min() < 0 or y.max() >= num_classes):
+            raise ValueError(f"GTSRB layout: labels must lie in [0, {num_classes}), got {y.min()}..{y.max()}")
+        for cls in range(num_classes):
+            idx = np.flatnonzero(y == cls)
+            folder = d / "Train" / f"{cls:05d}"
+            text = rows(x[idx], y[idx], folder, [f"{cls:05d}_{j:05d}.{ext}" for j in range(len(idx))])
+            atomic_write_text(folder / f"GT-{cls:05d}.csv", text)
+        xt, yt = np.asarray(test[0]), np.asarray(test[1])
+        text = rows(xt, yt, d / "Test", [f"{i:05d}.{ext}" for i in range(len(yt))])
+        atomic_write_text(d / "Test" / "GT-final_test.csv", text)
+        return d
+
     def read_split(self, d: Path, split: str):
         h, w, c = self.spec.input_shape
         entries: list[tuple[Path, int]] = []
