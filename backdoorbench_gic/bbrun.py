@@ -190,7 +190,8 @@ class DrawnFit:
         hash_images(h, images)
         if h.hexdigest() == self._key:
             return
-        self.g, described = self.fit(images)
+        with torch.enable_grad():  # the fit may start inside their torch.no_grad() code (or ours, in calibrate)
+            self.g, described = self.fit(images)
         self._key = h.hexdigest()
         line = (f"GIC: g fitted through the victim of {self.record.name} on {which} ({len(images)} images). "
                 f"{described}. The clean images {self.script} draws pass through it; its test data does not.")

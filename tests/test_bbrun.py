@@ -424,3 +424,21 @@ def test_cuda_on_cpu_serves_hard_coded_cuda_requests_on_the_cpu_and_is_undone(tm
     assert all(getattr(torch, name) is f for name, f in originals.items())
     assert torch.Tensor.cuda is tensor_cuda and torch.nn.Module.cuda is module_cuda
     assert "cuda" not in vars(torch.Tensor)  # the shim's override is removed, not left as an attribute
+
+
+def test_a_fit_that_starts_inside_no_grad_code_still_has_gradients(upstream):
+    # upstream npd.py reads every clean image (choose_by_class) before drawing: g is then fitted on our fallback
+    # draw at the first image, i.e. inside CalibratedImages' torch.no_grad() (or their own); the fit needs autograd
+    rec = load_attack_record(RECORD, upstream)
+    grad_enabled = []
+
+    def fit(images):
+        grad_enabled.append(torch.is_grad_enabled())
+        return (lambda x: x), "identity"
+
+    drawn = bbrun.DrawnFit(rec, fit, "npd.py", lambda: rec.clean_train.subset(range(4), name="clean_train"),
+                           announce=lambda line: None)
+    view = bbrun.CalibratedImages([(np.zeros((32, 32, 3), np.uint8), 0)], drawn, (3, 32, 32))
+    with torch.no_grad():
+        view[0]
+    assert grad_enabled == [True] and "our own draw" in drawn.lines[0]
