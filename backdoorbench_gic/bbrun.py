@@ -79,10 +79,17 @@ class RunReport:
     fits: list[str] = field(default_factory=list)  # one line per g fitted: on which images
     cuda_on_cpu: int | None = None  # CUDA requests made on the CPU instead (None: the shim was not installed)
     exit_code: int = 0
+    views: list[tuple[str, int, "CalibratedImages"]] = field(default_factory=list, repr=False)
 
-    def note_calibrated(self, where: str, n: int) -> None:
-        if (where, n) not in self.calibrated:  # their defenses load the record twice (__init__ and defense())
-            self.calibrated.append((where, n))
+    def note_calibrated(self, where: str, n: int, view: "CalibratedImages") -> None:
+        self.views.append((where, n, view))
+
+    def settle(self) -> None:
+        """``calibrated``: the wrapped datasets whose images their script really read through g (a wrap alone
+        calibrates nothing: upstream clp.py loads the record and never reads a clean image)."""
+        for where, n, view in self.views:
+            if view.used and (where, n) not in self.calibrated:  # their defenses load the record twice
+                self.calibrated.append((where, n))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -100,12 +107,13 @@ class CalibratedImages(torch.utils.data.Dataset):
         self.dataset = dataset
         self.calibrator = calibrator
         self.shape = tuple(int(v) for v in shape)  # (C, H, W)
+        self.used = 0  # images that went through g
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or name in ("dataset", "calibrator", "shape"):
+        if name.startswith("__") or name in ("dataset", "calibrator", "shape", "used"):
             raise AttributeError(name)
         return getattr(self.dataset, name)
 
@@ -121,6 +129,7 @@ class CalibratedImages(torch.utils.data.Dataset):
         from PIL import Image
 
         c, h, w = self.shape
+        self.used += 1
         if isinstance(img, torch.Tensor):  # float C x H x W in [0,1] (BackdoorBenchER's _vp arrays)
             with torch.no_grad():
                 return self.calibrator(img.float().unsqueeze(0))[0].to(img.dtype)
@@ -368,7 +377,8 @@ def _gic_hooks(stack: contextlib.ExitStack, report: RunReport, calibrator, shape
             return result  # a defense_result.pt read through the same function: no data to calibrate
         if not isinstance(clean.wrapped_dataset, CalibratedImages):
             clean.wrapped_dataset = CalibratedImages(clean.wrapped_dataset, calibrator, shape)
-            report.note_calibrated("load_attack_result()['clean_train']", len(clean.wrapped_dataset))
+            report.note_calibrated("load_attack_result()['clean_train']", len(clean.wrapped_dataset),
+                                   clean.wrapped_dataset)
         return result
 
     stack.enter_context(_attribute(sla, "load_attack_result", load_attack_result))
@@ -405,7 +415,7 @@ def _hook_reserved(stack, report, calibrator, drawn, shape, base, reserved_type)
                                 f"the images get_reserved_data() [{rtype}] returned ({how}), what {drawn.script} "
                                 "trains on")
             out.wrapped_dataset = CalibratedImages(inner, calibrator, shape)
-            report.note_calibrated(f"get_reserved_data() [{rtype}]", len(out.wrapped_dataset))
+            report.note_calibrated(f"get_reserved_data() [{rtype}]", len(out.wrapped_dataset), out.wrapped_dataset)
         return out
 
     stack.enter_context(_attribute(base, "get_reserved_data", get_reserved_data))
@@ -493,7 +503,8 @@ def run_script(script: str | os.PathLike, argv: list[str], bb_root: str | os.Pat
             report.exit_code = code if isinstance(code, int) else (0 if code is None else 1)
     if isinstance(calibrator, DrawnFit):
         report.fits = list(calibrator.lines)
+    report.settle()
     if calibrator is not None and not report.calibrated and report.exit_code == 0:
-        raise BBRunError(f"{path.name} never drew clean training images through load_attack_result or "
+        raise BBRunError(f"{path.name} never read a clean training image drawn through load_attack_result or "
                          "get_reserved_data, so GIC had nothing to calibrate")
     return report

@@ -442,3 +442,23 @@ def test_a_fit_that_starts_inside_no_grad_code_still_has_gradients(upstream):
     with torch.no_grad():
         view[0]
     assert grad_enabled == [True] and "our own draw" in drawn.lines[0]
+
+
+DATA_FREE = '''
+import os
+import sys
+
+sys.path.append(os.getcwd())
+from utils.save_load_attack import load_attack_result
+
+result = load_attack_result("record/badnet_bb/attack_result.pt")  # loads the record, reads no clean image (clp.py)
+'''
+
+
+def test_gic_is_refused_when_their_script_reads_no_clean_image(upstream, capsys):
+    (upstream / "defense" / "datafree.py").write_text(DATA_FREE)
+    code, out = bbgic(capsys, "bb-run", "defense/datafree.py", "--bb_root", upstream, "--result_file", RECORD, "--gic",
+                      *GIC_FLAGS)
+    assert code == 2 and "never read a clean training image" in out and "GIC calibrated" not in out, out
+    code, out = bbgic(capsys, "bb-run", "defense/datafree.py", "--bb_root", upstream)
+    assert code == 0, out
