@@ -23,7 +23,7 @@ requires, with a few targeted patches that are all undone when it returns (or fa
 - opt-in (``cuda_on_cpu=True``, ``bb-run --cuda_on_cpu``), on a machine without CUDA: tensors their code asks for
   on a CUDA device are made on the CPU (the ``device=`` argument of torch's tensor factories, :data:`CUDA_FACTORIES`;
   ``.cuda()`` on tensors and modules). For scripts that hard-code CUDA whatever ``--device`` says: i-bau.py:496
-  (``torch.zeros_like(images, device='cuda')``). ``.to('cuda')`` and ``torch.device('cuda')`` handed elsewhere
+  (``torch.zeros_like(images, device='cuda')``), upstream dbd.py's trainers (``.cuda(gpu)``). ``.to('cuda')`` and ``torch.device('cuda')`` handed elsewhere
   are not rewritten. Does nothing where CUDA is available.
 
 Their modules are imported from the checkout and dropped from ``sys.modules`` afterwards, as are the log handlers
