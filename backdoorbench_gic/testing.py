@@ -124,9 +124,8 @@ def make_gtsrb(dataset_dir: str | Path, per_class_train: int = 2, n_test: int = 
     from .data.datasets import GTSRB
 
     h, w = size
-    x, y = class_images(43 * per_class_train, 43, h, w, 3, seed)
-    order = np.argsort(y, kind="stable")
-    return GTSRB.write(dataset_dir, (x[order], y[order]), class_images(n_test, 43, h, w, 3, seed + 1))
+    train = class_images(43 * per_class_train, 43, h, w, 3, seed)  # write() groups them by class, in order
+    return GTSRB.write(dataset_dir, train, class_images(n_test, 43, h, w, 3, seed + 1))
 
 
 def make_tiny(dataset_dir: str | Path, num_classes: int = 200, per_class_train: int = 1, n_val: int = 20,

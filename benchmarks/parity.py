@@ -617,16 +617,19 @@ def cmd_report(spec: dict[str, Any], checkout: Path, out_dir: Path, stem: str = 
 
     rows = [json.loads(p.read_text()) for p in sorted((work_dir(checkout) / "runs").glob("*.json"))]
     here = str(Path(checkout).resolve())  # the published files name the checkout <checkout>, never this path
+
+    def publish(payload: dict[str, Any], markdown) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        payload = json.loads(json.dumps(payload, default=str).replace(here, "<checkout>"))
+        atomic_write_json(out_dir / f"{stem}.json", payload)
+        atomic_write_text(out_dir / f"{stem}.md", markdown(payload))
+
     if not rows:
         compat = compat_rows(checkout)
         if not compat:
             raise SystemExit("no finished runs and no compat results")
-        payload = {"name": spec["name"], "date": dt.date.today().isoformat(), "machine": machine_info(),
-                   "spec": spec, "compat": compat}
-        payload = json.loads(json.dumps(payload, default=str).replace(here, "<checkout>"))
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out_dir / f"{stem}.json", payload)
-        atomic_write_text(out_dir / f"{stem}.md", render_compat_only(spec, payload, stem))
+        publish({"name": spec["name"], "date": dt.date.today().isoformat(), "machine": machine_info(), "spec": spec,
+                 "compat": compat}, lambda payload: render_compat_only(spec, payload, stem))
         print(f"wrote {out_dir / (stem + '.md')} and {stem}.json (compat only: no parity runs)")
         return
     df = pd.DataFrame(rows)
@@ -664,18 +667,15 @@ def cmd_report(spec: dict[str, Any], checkout: Path, out_dir: Path, stem: str = 
         entry["config_differences"] = "; ".join(config_differences(spec, checkout, defense))
         summary.append(entry)
     sm = pd.DataFrame(summary)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / f"{stem}.csv", df.to_csv(index=False).replace(here, "<checkout>"))
     metric = work_dir(checkout) / "metric.json"
     noise = work_dir(checkout) / "noise.json"
-    payload = {"name": spec["name"], "date": dt.date.today().isoformat(), "machine": machine_info(),
-               "spec": spec, "summary": summary, "runs": rows,
-               "visual_metric": json.loads(metric.read_text()) if metric.is_file() else None,
-               "compat": compat_rows(checkout),
-               "noise": json.loads(noise.read_text()) if noise.is_file() else None}
-    payload = json.loads(json.dumps(payload, default=str).replace(here, "<checkout>"))
-    atomic_write_json(out_dir / f"{stem}.json", payload)
-    atomic_write_text(out_dir / f"{stem}.md", render(spec, sm, df, payload))
+    publish({"name": spec["name"], "date": dt.date.today().isoformat(), "machine": machine_info(),
+             "spec": spec, "summary": summary, "runs": rows,
+             "visual_metric": json.loads(metric.read_text()) if metric.is_file() else None,
+             "compat": compat_rows(checkout),
+             "noise": json.loads(noise.read_text()) if noise.is_file() else None},
+            lambda payload: render(spec, sm, df, payload))
+    atomic_write_text(out_dir / f"{stem}.csv", df.to_csv(index=False).replace(here, "<checkout>"))
     print(f"wrote {out_dir / (stem + '.md')}, {stem}.csv, {stem}.json")
 
 

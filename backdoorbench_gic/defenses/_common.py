@@ -55,6 +55,7 @@ class RoundsConfig(DefenseConfig):
     optim: str = "Adam"  # the outer optimizer (BackdoorBench's key)
     n_rounds: int = 5
     epochs: int | None = None  # refused: counted in n_rounds
+    train_mode: bool = False  # BackdoorBench's sau and i-bau: BatchNorm in eval mode throughout
 
     def validate(self) -> None:
         super().validate()
@@ -71,6 +72,10 @@ class RoundsDefense(Defense):
 
     def build_optimizer(self, run: Run) -> torch.optim.Optimizer:
         return make_optimizer(self.parameters(run), self.config, name=self.config.optim)
+
+    @property
+    def train_mode(self) -> bool:
+        return self.config.train_mode
 
 
 def input_scale(model: torch.nn.Module, budget_space: str, device: torch.device) -> torch.Tensor:

@@ -62,7 +62,6 @@ class IBAUConfig(RoundsConfig):
     fp_lr: float = 0.1
     pert_reg: float = 0.001
     budget_space: BudgetSpace = "normalized"
-    train_mode: bool = False  # BackdoorBench's: BatchNorm in eval mode throughout (module docstring)
 
     def validate(self) -> None:
         super().validate()
@@ -133,10 +132,6 @@ class IBAU(RoundsDefense):
         d.grad = None
         optimizer.step()
         return float(loss.detach()), logits.detach()
-
-    @property
-    def train_mode(self) -> bool:
-        return self.config.train_mode
 
     def setup(self, run: Run) -> None:
         run.scale = input_scale(run.net, self.config.budget_space, run.device)

@@ -89,7 +89,6 @@ class SAUConfig(RoundsConfig):
     adv_lr: float = 0.2
     adv_steps: int = 5
     pgd_init: Literal["max", "random", "zero"] = "max"
-    train_mode: bool = False
     budget_space: BudgetSpace = "pixel"  # BackdoorBench's: see the module docstring
     clamp_images: bool = True  # ours: perturbed images stay in [0, 1]; False leaves them unclamped, as their sau.py
     formulation: Literal["paper", "backdoorbench"] = "paper"  # which objective: see the module docstring
@@ -163,11 +162,13 @@ class SAU(RoundsDefense):
     augment = False
 
     def shared_adversarial_examples(self, model: torch.nn.Module, reference: torch.nn.Module, x: torch.Tensor,
-                                    y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+                                    y: torch.Tensor, generator: torch.Generator | None = None,
+                                    ref_clean_pred: torch.Tensor | None = None) -> torch.Tensor:
         """PGD for shared adversarial examples of ``model`` and ``reference`` (pixels in [0,1], detached).
 
         The returned images differ from ``x`` by at most ``trigger_norm`` in ``norm_type``, measured in
-        normalised units (``budget_space: normalized``: ``|x~ - x| / std``) or in pixels.
+        normalised units (``budget_space: normalized``: ``|x~ - x| / std``) or in pixels. ``ref_clean_pred``
+        (the ``backdoorbench`` formulation: ``reference``'s predictions on ``x``) is computed when not given.
         """
         cfg = self.config
         generator = generator if generator is not None else make_generator(cfg.random_seed)
@@ -186,30 +187,30 @@ class SAU(RoundsDefense):
             delta = keep_valid(x, project(delta, cfg.norm_type, cfg.trigger_norm), scale, clamp)
             if theirs:
                 with torch.no_grad(), autocast(x.device, cfg.amp):
-                    clean_pred, ref_clean_pred = model(x).argmax(1), reference(x).argmax(1)
+                    clean_pred = model(x).argmax(1)
+                    if ref_clean_pred is None:
+                        ref_clean_pred = reference(x).argmax(1)
+            all_shared = False
             for _ in range(cfg.adv_steps):
                 delta.requires_grad_(True)
                 x_adv = perturb_pixels(x, delta, scale, clamp)
                 with autocast(x.device, cfg.amp):
                     logits, ref = model(x_adv), reference(x_adv)
-                if theirs:  # descend their objective with a sign step, whatever the norm (their Shared_PGD)
-                    objective, n_shared = backdoorbench_pgd_loss(logits, ref, y, clean_pred, ref_clean_pred,
-                                                                 cfg.beta_1, cfg.beta_2)
-                    (grad,) = torch.autograd.grad(objective, delta)
-                    with torch.no_grad():
-                        delta = delta.detach() - cfg.adv_lr * grad.sign()
-                        delta = keep_valid(x, project(delta, cfg.norm_type, cfg.trigger_norm), scale, clamp)
-                    if n_shared == y.shape[0]:
-                        break
-                    continue
-                objective = cfg.beta_2 * shared_loss(logits, ref, y)
-                if cfg.beta_1:
-                    objective = objective + cfg.beta_1 * (F.cross_entropy(logits.float(), y)
-                                                          + F.cross_entropy(ref.float(), y))
+                if theirs:  # a sign step down their objective, whatever the norm (their Shared_PGD)
+                    loss, n_shared = backdoorbench_pgd_loss(logits, ref, y, clean_pred, ref_clean_pred, cfg.beta_1,
+                                                            cfg.beta_2)
+                    objective, step_norm, all_shared = -loss, "L_inf", n_shared == y.shape[0]
+                else:
+                    objective, step_norm = cfg.beta_2 * shared_loss(logits, ref, y), cfg.norm_type
+                    if cfg.beta_1:
+                        objective = objective + cfg.beta_1 * (F.cross_entropy(logits.float(), y)
+                                                              + F.cross_entropy(ref.float(), y))
                 (grad,) = torch.autograd.grad(objective, delta)
                 with torch.no_grad():
-                    delta = ascent_step(delta.detach(), grad, cfg.norm_type, cfg.adv_lr)
+                    delta = ascent_step(delta.detach(), grad, step_norm, cfg.adv_lr)
                     delta = keep_valid(x, project(delta, cfg.norm_type, cfg.trigger_norm), scale, clamp)
+                if all_shared:  # their early stop: every sample was shared before this step
+                    break
         finally:
             model.train(was_training)
         return perturb_pixels(x, delta.detach(), scale, clamp).detach()
@@ -220,19 +221,18 @@ class SAU(RoundsDefense):
             p.requires_grad_(False)
         run.shared, run.shared_rates = 0, []
 
-    @property
-    def train_mode(self) -> bool:
-        return self.config.train_mode
-
     def step(self, run: Run, net: torch.nn.Module, batch: Batch):
         """Generate shared adversarial examples of the batch, then ``outer_steps`` updates that unlearn them."""
         cfg, device = self.config, run.device
         x, y = to_device(batch.x, device), batch.y
-        x_adv = self.shared_adversarial_examples(net, run.reference, x, y, run.generator)
         theirs = cfg.formulation == "backdoorbench"
+        ref_clean_pred = None
+        if theirs:  # the frozen model's clean predictions: the PGD's and the unlearning term's
+            with torch.no_grad(), autocast(device, cfg.amp):
+                ref_clean_pred = run.reference(x.float()).argmax(1)
+        x_adv = self.shared_adversarial_examples(net, run.reference, x, y, run.generator, ref_clean_pred)
         with torch.no_grad(), autocast(device, cfg.amp):
             ref_adv = run.reference(x_adv).float()
-            ref_clean_pred = run.reference(x).argmax(1) if theirs and cfg.lmd_3 else None
         for step in range(cfg.outer_steps):
             with autocast(device, cfg.amp):
                 logits = net(x) if cfg.lmd_1 or step == 0 else None
